@@ -1,0 +1,103 @@
+"""The whale protocol (../shared/data/README.md): split a labelled set from a seed, train on the
+gallery part only, answer the held-out queries, score MAP@5 beside two reference points:
+
+* ``constant_new_whale``: answer ``new_whale`` first for everyone (scores the share of new queries);
+* ``pretrained_gem``: the untrained ImageNet backbone with GeM (no fine-tuning), without a
+  threshold and with the best threshold chosen *on the test queries* (an oracle: an upper bound
+  for that baseline, which makes beating it a stricter test).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import NEW_WHALE
+from .checkpoint import atomic_write, load_model
+from .data import Sample, whale_split
+from .evaluate import rank_queries, score
+from .metrics import calibrate_threshold, map_at_k
+from .model import ModelConfig, create_model, preprocessing_for
+from .train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+COLUMNS = {
+    "constant_new_whale": "constant new_whale",
+    "pretrained_gem": "pretrained + GeM",
+    "pretrained_gem_oracle_threshold": "pretrained + GeM, best test threshold",
+    "engine_no_threshold": "trained, no threshold",
+    "engine": "trained, calibrated threshold",
+}
+
+
+def zero_shot_scores(backbone: str, image_size: int | None, gallery: Sequence[Sample],
+                     queries: Sequence[Sample]) -> tuple[float, float]:
+    """MAP@5 of the untrained pretrained backbone + GeM: (no threshold, oracle threshold)."""
+    model = create_model(ModelConfig(backbone, embedding_dim=0), pretrained=True)
+    ranking = rank_queries(model, preprocessing_for(model, image_size), gallery, queries)
+    truths = [q.identity for q in queries]
+    _, oracle = calibrate_threshold(ranking.identities, ranking.scores, truths)
+    return score(ranking, truths, None), oracle
+
+
+def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int) -> dict | None:
+    """One seed of the protocol; the result on the main process, None on the others."""
+    split = whale_split(samples, seed)
+    run_config = replace(config, out=str(Path(config.out) / f"seed{seed}"), seed=seed)
+    checkpoint = train(run_config, split.gallery)
+    from .distributed import setup
+    if not setup(config.device).is_main:
+        return None
+    model, preprocessing, payload = load_model(checkpoint)
+    ranking = rank_queries(model, preprocessing, split.gallery, split.queries)
+    truths = [q.identity for q in split.queries]
+    zero_shot, zero_shot_oracle = zero_shot_scores(config.backbone, config.image_size,
+                                                   split.gallery, split.queries)
+    return {
+        "seed": seed, "queries": len(truths), "new_queries": truths.count(NEW_WHALE),
+        "gallery_images": len(split.gallery), "threshold": payload["threshold"],
+        "constant_new_whale": map_at_k([[NEW_WHALE]] * len(truths), truths),
+        "pretrained_gem": zero_shot, "pretrained_gem_oracle_threshold": zero_shot_oracle,
+        "engine_no_threshold": score(ranking, truths, None),
+        "engine": score(ranking, truths, payload["threshold"]),
+    }
+
+
+def summarise(results: Sequence[dict]) -> dict:
+    """Mean and spread (sample standard deviation; 0 for one seed) of every MAP@5 column."""
+    summary = {}
+    for key in COLUMNS:
+        values = np.array([r[key] for r in results])
+        summary[key] = {"mean": float(values.mean()),
+                        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+    return summary
+
+
+def format_table(results: Sequence[dict]) -> str:
+    seeds = [r["seed"] for r in results]
+    header = f"{'MAP@5 (whale protocol)':40s}" + "".join(f"{'seed ' + str(s):>9s}" for s in seeds)
+    header += f"{'mean ± std':>16s}"
+    lines = [header, "-" * len(header)]
+    summary = summarise(results)
+    for key, title in COLUMNS.items():
+        cells = "".join(f"{r[key]:9.3f}" for r in results)
+        lines.append(f"{title:40s}{cells}{summary[key]['mean']:9.3f} ± {summary[key]['std']:.3f}")
+    return "\n".join(lines)
+
+
+def run(config: TrainConfig, samples: Sequence[Sample], seeds: Sequence[int],
+        data_name: str) -> list[dict]:
+    results = [r for r in (run_seed(config, samples, s) for s in seeds) if r is not None]
+    if results:
+        report = {"data": data_name, "config": config.__dict__, "seeds": list(seeds),
+                  "results": results, "summary": summarise(results)}
+        path = Path(config.out) / "protocol.json"
+        atomic_write(path, lambda temp: temp.write_text(json.dumps(report, indent=2)))
+        print(format_table(results))
+        print(f"(written to {path})")
+    return results

@@ -1,0 +1,348 @@
+"""Training: one ``TrainConfig`` drives the whole run.
+
+Two stages, so the protocol's test queries are never seen before the final score:
+  1. *select*: carve validation queries out of the training data (``data.validation_split``),
+     train, and after every epoch search the validation queries with the same index code that
+     serves users; keep the epoch with the best MAP@5 and the ``new_whale`` threshold that
+     maximised it.
+  2. *refit* (default on): train a fresh model on all the training data for that many epochs, and
+     give it the calibrated threshold. With 1-3 images per identity, the images lent to validation
+     are too many to leave out of the final model.
+Each epoch writes ``last.pt`` (resumable) atomically; the result is ``model.pt``.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from pytorch_metric_learning.samplers import MPerClassSampler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
+from .data import Sample, identities_of, require_identities, validation_split
+from .embed import ImageDataset
+from .evaluate import evaluate_queries
+from .losses import LossSpec, create_loss
+from .model import DEFAULT_BACKBONE, EmbeddingModel, ModelConfig, Preprocessing, create_model, \
+    model_spec, preprocessing_for
+from .transforms import train_transform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; stored in the checkpoint."""
+
+    out: str = "runs/model"
+    backbone: str = DEFAULT_BACKBONE
+    pretrained: bool = True
+    embedding_dim: int = 512
+    image_size: int | None = None  # None: the backbone's native size
+    loss: str = "arcface"
+    epochs: int = 20
+    warmup_epochs: int = 2  # backbone frozen: the new neck and loss weights settle first
+    batch_size: int = 32
+    m_per_identity: int = 2  # pair-based losses only
+    lr: float = 2e-4  # backbone
+    head_lr: float = 2e-3  # GeM + neck
+    loss_lr: float = 1e-2  # ArcFace class weights
+    weight_decay: float = 1e-4
+    flip: bool = False
+    val_new_fraction: float = 0.2
+    refit: bool = True
+    seed: int = 0
+    num_workers: int = 2
+    device: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class Selection:
+    """What stage 1 decided."""
+
+    best_epoch: int = -1
+    best_map5: float = -1.0
+    threshold: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+class LossHead(nn.Module):
+    """Model and loss in one module, so one DDP wrapper keeps all their gradients in sync."""
+
+    def __init__(self, model: EmbeddingModel, spec: LossSpec):
+        super().__init__()
+        self.model, self.loss, self.miner = model, spec.loss, spec.miner
+        self.backbone_frozen = False
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(not self.backbone_frozen and torch.is_grad_enabled()):
+            features = self.model.forward_features(images)
+        embeddings = self.model.forward_head(features).float()
+        tuples = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, tuples)
+
+
+class Trainer:
+    """One model being trained on one set of samples: epochs, optimiser, schedule, state."""
+
+    def __init__(self, config: TrainConfig, samples: Sequence[Sample], epochs: int,
+                 ctx: distributed.Context, model: EmbeddingModel | None = None):
+        self.config, self.ctx, self.epochs = config, ctx, epochs
+        self.identities = identities_of(samples)
+        self.model = model or create_model(ModelConfig(config.backbone, config.embedding_dim),
+                                           pretrained=config.pretrained)
+        self.preprocessing = preprocessing_for(self.model, config.image_size)
+        self.spec = create_loss(config.loss, len(self.identities), self.model.embedding_dim)
+        self.head = LossHead(self.model, self.spec).to(ctx.device)
+        self.loader = self._loader(samples)
+        self.optimizer = torch.optim.AdamW([
+            {"params": self.model.backbone.parameters(), "lr": config.lr},
+            {"params": list(self.model.pool.parameters()) + list(self.model.neck.parameters()),
+             "lr": config.head_lr},
+            {"params": self.spec.loss.parameters(), "lr": config.loss_lr, "weight_decay": 0.0},
+        ], weight_decay=config.weight_decay)
+        self.steps_per_epoch = len(self.loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler(enabled=ctx.device.type == "cuda")
+        self.epoch = 0
+        self._wrapped: nn.Module | None = None
+        self._wrapped_frozen: bool | None = None
+
+    def _loader(self, samples: Sequence[Sample]) -> DataLoader:
+        cfg, ctx = self.config, self.ctx
+        index_of = {name: i for i, name in enumerate(self.identities)}
+        labels = [index_of[s.identity] for s in samples]
+        dataset = ImageDataset([s.path for s in samples],
+                               train_transform(self.preprocessing, cfg.flip), labels)
+        per_rank = max(1, min(cfg.batch_size, len(samples) // ctx.world_size))
+        if self.spec.pair_based:
+            m = cfg.m_per_identity
+            # MPerClassSampler needs m * identities >= the global batch, a multiple of m
+            per_rank = min(per_rank, m * len(self.identities) // ctx.world_size)
+            per_rank = max(m, per_rank // m * m)
+            global_batch = per_rank * ctx.world_size
+            length = max(global_batch, len(samples) // global_batch * global_batch)
+            base = MPerClassSampler(labels, m, batch_size=global_batch, length_before_new_iter=length)
+            sampler = distributed.RankShardSampler(base, per_rank, ctx, cfg.seed)
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                         shuffle=True, seed=cfg.seed, drop_last=True)
+        # drop_last: BatchNorm in the neck cannot normalise a batch of one
+        return DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
+                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                          pin_memory=ctx.device.type == "cuda")
+
+    def _lr_factor(self, step: int) -> float:
+        """Constant while the backbone is frozen, then cosine decay to 1% over the rest."""
+        warmup = self.config.warmup_epochs * self.steps_per_epoch
+        total = max(1, self.epochs * self.steps_per_epoch - warmup)
+        if step < warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / total)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _module_for(self, frozen: bool) -> nn.Module:
+        """The (DDP-wrapped, when distributed) module; rebuilt when the frozen set changes,
+        since DDP fixes the parameters it syncs at construction."""
+        if self._wrapped is None or self._wrapped_frozen != frozen:
+            for p in self.model.backbone.parameters():
+                p.requires_grad_(not frozen)
+            self.head.backbone_frozen = frozen
+            self._wrapped = self.head
+            if self.ctx.distributed:
+                ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+                self._wrapped = DistributedDataParallel(self.head, device_ids=ids)
+            self._wrapped_frozen = frozen
+        return self._wrapped
+
+    def train_epoch(self) -> float:
+        """One pass over the data; returns the mean loss (averaged over ranks)."""
+        frozen = self.epoch < self.config.warmup_epochs
+        module = self._module_for(frozen)
+        self.head.train()
+        if frozen:
+            self.model.backbone.eval()  # keep ImageNet BatchNorm statistics while frozen
+        if self.ctx.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.loader.sampler.set_epoch(self.epoch)
+        total, count = 0.0, 0
+        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch",
+                   leave=False, disable=not self.ctx.is_main)
+        for images, labels in bar:
+            images = images.to(self.ctx.device, non_blocking=True)
+            labels = labels.to(self.ctx.device, non_blocking=True)
+            with torch.autocast(self.ctx.device.type, enabled=self.ctx.device.type == "cuda"):
+                loss = module(images, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            total, count = total + float(loss.detach()), count + 1
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        self.epoch += 1
+        return distributed.mean_across_ranks(self.ctx, total / max(count, 1))
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "loss_state": self.spec.loss.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch}
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.spec.loss.load_state_dict(state["loss_state"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = state["epoch"]
+
+
+def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
+                       metrics: dict | None = None) -> dict:
+    state_dict = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+    return {**model_spec(trainer.model, trainer.preprocessing),
+            "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
+            "threshold": threshold, "identities": trainer.identities,
+            "train_config": asdict(trainer.config), "stage": stage, "epoch": trainer.epoch,
+            "metrics": metrics or {}}
+
+
+class EpochLog:
+    """``log.csv``: one row per epoch, readable in a spreadsheet."""
+
+    COLUMNS = ["stage", "epoch", "train_loss", "val_map5", "val_map5_no_threshold", "threshold",
+               "lr_backbone", "seconds"]
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and not path.exists():
+            with path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(self.COLUMNS)
+
+    def write(self, **row) -> None:
+        if self.enabled:
+            with self.path.open("a", newline="") as handle:
+                csv.writer(handle).writerow([row.get(c, "") for c in self.COLUMNS])
+
+
+def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distributed.Context,
+                   out: Path, epoch_log: EpochLog, resume: dict | None) -> Selection:
+    split = validation_split(samples, seed=config.seed, new_fraction=config.val_new_fraction)
+    if not split.queries and ctx.is_main:
+        log.warning("no validation queries (every identity has one image and "
+                    "--val-new-fraction is 0): the last epoch is kept, with no new_whale threshold")
+    require_identities(split.gallery, 2, "training after the validation carve-out")
+    if ctx.is_main:
+        log.info("select: %d training images of %d identities; %d validation queries "
+                 "(%d pseudo-new)", len(split.gallery), len(identities_of(split.gallery)),
+                 len(split.queries), sum(q.identity == "new_whale" for q in split.queries))
+    trainer = Trainer(config, split.gallery, config.epochs, ctx)
+    selection = Selection()
+    if resume is not None:
+        trainer.model.load_state_dict(resume["state_dict"])
+        trainer.load_state(resume["trainer"])
+        selection = Selection(**resume["selection"])
+    while trainer.epoch < config.epochs:
+        started = time.time()
+        loss = trainer.train_epoch()
+        row = {"stage": "select", "epoch": trainer.epoch, "train_loss": round(loss, 5),
+               "lr_backbone": trainer.scheduler.get_last_lr()[0]}
+        if ctx.is_main and not split.queries:
+            selection.best_epoch = trainer.epoch  # nothing to validate on: keep the last epoch
+        elif ctx.is_main:
+            result = evaluate_queries(trainer.model, trainer.preprocessing, split.gallery,
+                                      split.queries, device=ctx.device, progress=False)
+            row.update(val_map5=round(result.map5, 5), threshold=round(result.threshold, 5),
+                       val_map5_no_threshold=round(result.map5_no_threshold, 5))
+            if result.map5 > selection.best_map5:
+                selection.best_epoch, selection.best_map5 = trainer.epoch, result.map5
+                selection.threshold = result.threshold
+                save_checkpoint(out / "best.pt", checkpoint_payload(
+                    trainer, result.threshold, "select", {"val_map5": result.map5}))
+        if ctx.is_main:
+            row["seconds"] = round(time.time() - started, 1)
+            selection.history.append(row)
+            epoch_log.write(**row)
+            log.info("select epoch %d/%d  loss %.4f  val MAP@5 %s (no threshold %s, threshold %s)"
+                     "  %.0fs", trainer.epoch, config.epochs, loss, row.get("val_map5", "-"),
+                     row.get("val_map5_no_threshold", "-"), row.get("threshold", "-"),
+                     row["seconds"])
+            save_checkpoint(out / "last.pt", {**checkpoint_payload(trainer, None, "select"),
+                                              "trainer": trainer.state(),
+                                              "selection": asdict(selection)})
+        distributed.barrier(ctx)
+    return distributed.broadcast(ctx, selection)
+
+
+def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Selection,
+               ctx: distributed.Context, out: Path, epoch_log: EpochLog,
+               resume: dict | None) -> None:
+    epochs = max(selection.best_epoch, config.warmup_epochs + 1)
+    if ctx.is_main:
+        log.info("refit: %d epochs on all %d images of %d identities", epochs, len(samples),
+                 len(identities_of(samples)))
+    trainer = Trainer(config, samples, epochs, ctx)
+    if resume is not None:
+        trainer.model.load_state_dict(resume["state_dict"])
+        trainer.load_state(resume["trainer"])
+    while trainer.epoch < epochs:
+        started = time.time()
+        loss = trainer.train_epoch()
+        if ctx.is_main:
+            epoch_log.write(stage="refit", epoch=trainer.epoch, train_loss=round(loss, 5),
+                            lr_backbone=trainer.scheduler.get_last_lr()[0],
+                            seconds=round(time.time() - started, 1))
+            log.info("refit epoch %d/%d  loss %.4f  %.0fs", trainer.epoch, epochs, loss,
+                     time.time() - started)
+            save_checkpoint(out / "last.pt", {**checkpoint_payload(trainer, None, "refit"),
+                                              "trainer": trainer.state(),
+                                              "selection": asdict(selection)})
+        distributed.barrier(ctx)
+    if ctx.is_main:
+        save_checkpoint(out / "model.pt", checkpoint_payload(
+            trainer, selection.threshold, "refit", {"val_map5": selection.best_map5}))
+
+
+def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | None = None) -> Path:
+    """Train on ``samples`` (never the test queries); returns the path of ``model.pt``."""
+    require_identities(samples, 2)
+    ctx = distributed.setup(config.device)
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    epoch_log = EpochLog(out / "log.csv", ctx.is_main)
+    state = load_checkpoint(resume) if resume else None
+    if state is not None:
+        config = TrainConfig.from_dict({**state["train_config"], "out": config.out,
+                                        "num_workers": config.num_workers, "device": config.device})
+        if ctx.is_main:
+            log.info("resuming %s at stage %s, epoch %d", resume, state["stage"], state["epoch"])
+    if state is None or state["stage"] == "select":
+        selection = _run_selection(config, samples, ctx, out, epoch_log, state)
+        state = None
+    else:
+        selection = Selection(**state["selection"])
+    if ctx.is_main:
+        log.info("selected epoch %d: validation MAP@5 %.4f, new_whale threshold %s",
+                 selection.best_epoch, selection.best_map5, selection.threshold)
+    if config.refit:
+        _run_refit(config, samples, selection, ctx, out, epoch_log, state)
+    elif ctx.is_main:
+        best = load_checkpoint(out / "best.pt")
+        save_checkpoint(out / "model.pt", best)
+    distributed.barrier(ctx)
+    return out / "model.pt"

@@ -1,0 +1,42 @@
+"""albumentations pipelines, built only from a model's stored ``Preprocessing``.
+
+They keep the whole object in view (resize the longer side, pad to square; mild affine, no
+heavy random crops): a whale's fluke edge or a character's stroke is the identity.
+"""
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+from .model import Preprocessing
+
+_INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR,
+                  "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
+
+
+def _resize_and_pad(pre: Preprocessing) -> list[A.BasicTransform]:
+    interpolation = _INTERPOLATION.get(pre.interpolation, cv2.INTER_CUBIC)
+    return [A.LongestMaxSize(max_size=pre.image_size, interpolation=interpolation),
+            A.PadIfNeeded(min_height=pre.image_size, min_width=pre.image_size,
+                          border_mode=cv2.BORDER_REPLICATE)]
+
+
+def _normalise(pre: Preprocessing) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0), ToTensorV2()]
+
+
+def eval_transform(pre: Preprocessing) -> A.Compose:
+    return A.Compose(_resize_and_pad(pre) + _normalise(pre))
+
+
+def train_transform(pre: Preprocessing, flip: bool = False) -> A.Compose:
+    """Mild augmentation; ``flip`` only where a mirror image shows the same identity."""
+    augment = [
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
+                 border_mode=cv2.BORDER_REPLICATE, p=0.7),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+    ]
+    if flip:
+        augment.append(A.HorizontalFlip(p=0.5))
+    return A.Compose(_resize_and_pad(pre) + augment + _normalise(pre))

@@ -1,0 +1,98 @@
+"""Metrics against hand-computed cases and naive reference implementations."""
+import numpy as np
+import pytest
+
+from retrieval import NEW_WHALE
+from retrieval.metrics import (average_precision_at_k, calibrate_threshold, insert_new_whale,
+                               map_at_k, map_at_r, recall_at_k)
+
+
+def test_average_precision_is_one_over_rank_of_first_hit():
+    assert average_precision_at_k(["a", "b", "c", "d", "e"], "a") == 1.0
+    assert average_precision_at_k(["a", "b", "c", "d", "e"], "c") == pytest.approx(1 / 3)
+    assert average_precision_at_k(["a", "b", "c", "d", "e"], "e") == pytest.approx(1 / 5)
+    assert average_precision_at_k(["a", "b", "c", "d", "e"], "z") == 0.0
+    # only the first occurrence counts, and only within k
+    assert average_precision_at_k(["x", "a", "a", "b", "c"], "a") == 0.5
+    assert average_precision_at_k(["a", "b", "c", "d", "e", "f"], "f") == 0.0
+
+
+def test_map_at_5_hand_computed_kaggle_example():
+    predictions = [["w1", NEW_WHALE, "w2", "w3", "w4"],
+                   [NEW_WHALE, "w1", "w2", "w3", "w4"],
+                   ["w5", "w6", "w7", "w8", "w9"],
+                   ["w2", "w3", "w1", "w4", NEW_WHALE]]
+    truths = ["w1", "w1", NEW_WHALE, NEW_WHALE]
+    assert map_at_k(predictions, truths) == pytest.approx((1 + 0.5 + 0 + 0.2) / 4)
+
+
+def test_map_rejects_mismatched_lengths():
+    with pytest.raises(ValueError):
+        map_at_k([["a"]], ["a", "b"])
+
+
+def test_recall_at_k():
+    predictions = [["a", "b", "c"], ["b", "a", "c"], ["c", "b", "a"]]
+    assert recall_at_k(predictions, ["a", "a", "a"], 1) == pytest.approx(1 / 3)
+    assert recall_at_k(predictions, ["a", "a", "a"], 2) == pytest.approx(2 / 3)
+    assert recall_at_k(predictions, ["a", "a", "a"], 3) == 1.0
+
+
+def test_insert_new_whale_before_first_identity_under_threshold():
+    ids, scores = ["a", "b", "c", "d", "e"], [0.9, 0.8, 0.5, 0.4, 0.3]
+    assert insert_new_whale(ids, scores, 0.6) == ["a", "b", NEW_WHALE, "c", "d"]
+    assert insert_new_whale(ids, scores, 0.95) == [NEW_WHALE, "a", "b", "c", "d"]
+    assert insert_new_whale(ids, scores, 0.1) == ids
+    assert insert_new_whale(ids, scores, None) == ids
+    assert insert_new_whale(["a", "b"], [0.9, 0.2], 0.5, k=5) == ["a", NEW_WHALE, "b"]
+
+
+def test_map_at_r_hand_computed():
+    # query label 1 with R=3 relevant: hits at positions 1 and 3 -> (1/1 + 2/3) / 3
+    value = map_at_r(np.array([[1, 0, 1, 1]]), np.array([1]), np.array([3]))
+    assert value == pytest.approx((1 + 2 / 3) / 3)
+
+
+def test_map_at_r_matches_pytorch_metric_learning():
+    """Same MAP@R and Recall@1 as pytorch-metric-learning's AccuracyCalculator."""
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(20), 6)
+    vectors = rng.normal(size=(len(labels), 16)) + 1.5 * rng.normal(size=(20, 16))[labels]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    order = np.argsort(-similarity, axis=1)
+    neighbour_labels = labels[order]
+    relevant = np.bincount(labels)[labels] - 1
+    ours = map_at_r(neighbour_labels, labels, relevant)
+    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"),
+                              k="max_bin_count")
+    theirs = calc.get_accuracy(torch.tensor(vectors, dtype=torch.float32), torch.tensor(labels))
+    assert ours == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
+    assert np.mean(neighbour_labels[:, 0] == labels) == pytest.approx(theirs["precision_at_1"])
+
+
+def _brute_force_best_map(ranked, scores, truths, thresholds):
+    return max(map_at_k([insert_new_whale(i, s, t) for i, s in zip(ranked, scores)], truths)
+               for t in thresholds)
+
+
+def test_calibrated_threshold_is_optimal_against_brute_force():
+    rng = np.random.default_rng(1)
+    names = [f"id{i}" for i in range(30)]
+    ranked, truths = [], []
+    scores = np.sort(rng.uniform(0, 1, size=(200, 5)), axis=1)[:, ::-1]
+    for q in range(200):
+        ids = list(rng.choice(names, size=5, replace=False))
+        ranked.append(ids)
+        roll = rng.uniform()
+        truths.append(NEW_WHALE if roll < 0.3 else ids[int(rng.integers(5))] if roll < 0.8 else "other")
+    threshold, best = calibrate_threshold(ranked, scores, truths)
+    achieved = map_at_k([insert_new_whale(i, s, threshold) for i, s in zip(ranked, scores)], truths)
+    assert achieved == pytest.approx(best)
+    grid = np.concatenate([np.linspace(-0.1, 1.1, 241), scores.ravel()])
+    assert best == pytest.approx(_brute_force_best_map(ranked, scores, truths, grid))
+    assert best > map_at_k([i for i in ranked], truths)  # a threshold helps with 30% new queries

@@ -1,0 +1,92 @@
+"""The embedding model: GeM against a naive reference, offline ImageNet weights, the factory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from retrieval.model import GeM, ModelConfig, create_model, preprocessing_for
+from retrieval.pretrained import load_offline_weights, offline_weights_file
+from retrieval.transforms import eval_transform
+
+TABBY, TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 281, 282, 285, 967
+
+
+def naive_gem(features: torch.Tensor, p: float) -> torch.Tensor:
+    n, c, h, w = features.shape
+    out = torch.empty(n, c)
+    for i in range(n):
+        for j in range(c):
+            values = features[i, j].clamp(min=1e-6).flatten()
+            out[i, j] = (values ** p).sum() / (h * w)
+    return out ** (1 / p)
+
+
+def test_gem_matches_naive_reference_and_limits():
+    features = torch.rand(2, 3, 4, 5) * 3
+    for p in (1.0, 3.0, 7.5):
+        assert torch.allclose(GeM(p)(features), naive_gem(features, p), atol=1e-5)
+    assert torch.allclose(GeM(1.0)(features), features.mean(dim=(2, 3)), atol=1e-6)
+    high = GeM(60.0)(features)
+    assert torch.allclose(high, features.amax(dim=(2, 3)), rtol=0.05)
+
+
+def test_gem_exponent_is_learned():
+    gem = GeM(3.0)
+    gem(torch.rand(2, 3, 4, 4)).sum().backward()
+    assert gem.p.grad is not None and gem.p.grad.abs() > 0
+
+
+@pytest.fixture(scope="module")
+def imagenet_classifier():
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    assert load_offline_weights(model, "tf_efficientnet_lite0")
+    return model.eval()
+
+
+def _classify(model, image: np.ndarray) -> torch.Tensor:
+    pre = preprocessing_for(create_model(ModelConfig(embedding_dim=0), pretrained=False))
+    tensor = eval_transform(pre)(image=image)["image"][None]
+    with torch.no_grad():
+        return model(tensor).softmax(dim=1)[0]
+
+
+def test_offline_weights_classify_real_photos(imagenet_classifier):
+    """Google's weights, renamed onto timm, still see a cat and an espresso."""
+    from skimage import data
+
+    assert offline_weights_file("tf_efficientnet_lite0") is not None
+    cat = _classify(imagenet_classifier, data.chelsea())
+    assert int(cat.argmax()) in {TABBY, TIGER_CAT, EGYPTIAN_CAT}
+    assert float(cat[[TABBY, TIGER_CAT, EGYPTIAN_CAT]].sum()) > 0.6
+    coffee = _classify(imagenet_classifier, data.coffee())
+    assert int(coffee.argmax()) == ESPRESSO
+
+
+def test_preprocessing_comes_from_the_backbone_config():
+    model = create_model(ModelConfig(), pretrained=False)
+    pre = preprocessing_for(model)
+    assert pre.image_size == 224 and pre.mean == (0.5, 0.5, 0.5) and pre.interpolation == "bicubic"
+    assert preprocessing_for(model, 96).image_size == 96
+
+
+def test_embeddings_are_unit_vectors_of_configured_size():
+    model = create_model(ModelConfig(embedding_dim=64), pretrained=True).eval()
+    out = model(torch.randn(3, 3, 64, 64))
+    assert out.shape == (3, 64)
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+    zero_shot = create_model(ModelConfig(embedding_dim=0), pretrained=True).eval()
+    assert zero_shot(torch.randn(2, 3, 64, 64)).shape == (2, 1280)
+
+
+def test_other_timm_backbones_build_without_offline_weights():
+    model = create_model(ModelConfig("resnet18", embedding_dim=32), pretrained=False).eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 32)
+    assert offline_weights_file("resnet18") is None
+
+
+def test_unknown_backbone_is_a_clear_error():
+    from retrieval.errors import UserError
+    with pytest.raises(UserError, match="unknown backbone 'no_such_net'"):
+        create_model(ModelConfig("no_such_net"), pretrained=False)

@@ -1,0 +1,104 @@
+"""Train an embedding model on a labelled gallery.
+
+  python train_embed.py --gallery DIR [--labels train.csv] --out runs/model
+  python train_embed.py --gallery ../shared/data/omniglot/images_background_small1 \
+      --whale-protocol 0 --out runs/omniglot      # split, train, score MAP@5 vs references
+
+Under ``torchrun --nproc_per_node=N train_embed.py ...`` it trains with DDP.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from retrieval.errors import run_cli
+from retrieval.losses import LOSSES
+from retrieval.model import DEFAULT_BACKBONE
+from retrieval.train import TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--gallery", required=True,
+                      help="folder of images: one sub-folder per identity, or (with --labels) the "
+                           "folder holding the images named in the CSV")
+    data.add_argument("--labels", help="Kaggle-style CSV with columns Image,Id (new_whale rows "
+                                       "are never a training identity)")
+    data.add_argument("--strict", action="store_true",
+                      help="fail on an unreadable image instead of skipping it with a warning")
+    data.add_argument("--whale-protocol", type=int, nargs="+", metavar="SEED",
+                      help="instead of training on the whole gallery, run the whale protocol for "
+                           "these seeds: train on the split's gallery, score MAP@5 on its queries "
+                           "beside the reference points (table + protocol.json in --out)")
+    model = p.add_argument_group("model")
+    model.add_argument("--backbone", default=DEFAULTS.backbone,
+                       help=f"timm model name (default {DEFAULT_BACKBONE}, whose ImageNet weights "
+                            "ship offline; others download from timm's hub)")
+    model.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                       help="start from random weights instead of ImageNet")
+    model.add_argument("--embedding-dim", type=int, default=DEFAULTS.embedding_dim,
+                       help="size of the embedding (default %(default)s)")
+    model.add_argument("--image-size", type=int,
+                       help="input side in pixels (default: the backbone's native size, 224 for "
+                            "the default); smaller trains faster on a CPU")
+    train = p.add_argument_group("training")
+    train.add_argument("--loss", choices=list(LOSSES), default=DEFAULTS.loss,
+                       help="metric-learning loss (default %(default)s)")
+    train.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
+                       help="epochs of the selection stage (default %(default)s)")
+    train.add_argument("--warmup-epochs", type=int, default=DEFAULTS.warmup_epochs,
+                       help="first epochs with the backbone frozen (default %(default)s)")
+    train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                       help="images per batch per process (default %(default)s)")
+    train.add_argument("--m-per-identity", type=int, default=DEFAULTS.m_per_identity,
+                       help="images per identity in a batch, pair-based losses (default %(default)s)")
+    train.add_argument("--lr", type=float, default=DEFAULTS.lr,
+                       help="backbone learning rate (default %(default)s)")
+    train.add_argument("--head-lr", type=float, default=DEFAULTS.head_lr,
+                       help="GeM + neck learning rate (default %(default)s)")
+    train.add_argument("--loss-lr", type=float, default=DEFAULTS.loss_lr,
+                       help="learning rate of the loss's class weights (default %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay,
+                       help="AdamW weight decay (default %(default)s)")
+    train.add_argument("--flip", action="store_true",
+                       help="augment with horizontal flips (only if a mirror image shows the same "
+                            "identity: not for whale flukes or characters)")
+    train.add_argument("--val-new-fraction", type=float, default=DEFAULTS.val_new_fraction,
+                       help="share of training identities held back as pseudo-new validation "
+                            "queries (default %(default)s)")
+    train.add_argument("--no-refit", dest="refit", action="store_false",
+                       help="keep the best validation model instead of retraining on all data")
+    train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed (default 0)")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default=DEFAULTS.out,
+                     help="output folder: model.pt, best.pt, last.pt, log.csv (default %(default)s)")
+    run.add_argument("--resume", help="continue from a last.pt written by an interrupted run")
+    run.add_argument("--workers", dest="num_workers", type=int, default=DEFAULTS.num_workers,
+                     help="DataLoader worker processes (default %(default)s)")
+    run.add_argument("--device", choices=["cpu", "cuda"],
+                     help="force a device (default: cuda when available)")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    from retrieval import protocol
+    from retrieval.data import drop_unreadable, read_gallery
+    from retrieval.train import train
+
+    config = TrainConfig.from_dict(vars(args))
+    samples = drop_unreadable(read_gallery(args.gallery, args.labels), strict=args.strict)
+    if args.whale_protocol:
+        protocol.run(config, samples, args.whale_protocol, data_name=str(args.gallery))
+    else:
+        path = train(config, samples, resume=args.resume)
+        logging.getLogger("train_embed").info("model written to %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
