@@ -33,7 +33,9 @@ def parse_args() -> argparse.Namespace:
     data.add_argument("--whale-protocol", type=int, nargs="+", metavar="SEED",
                       help="instead of training on the whole gallery, run the whale protocol for "
                            "these seeds: train on the split's gallery, score MAP@5 on its queries "
-                           "beside the reference points (table + protocol.json in --out)")
+                           "beside the reference points (table + protocol.json in --out); each "
+                           "seed's split is written to --out/seedN (gallery.csv, queries/, "
+                           "queries_truth.csv) for build_index.py and query.py")
     model = p.add_argument_group("model")
     model.add_argument("--backbone", default=DEFAULTS.backbone,
                        help=f"timm model name (default {DEFAULT_BACKBONE}, whose ImageNet weights "
@@ -93,7 +95,7 @@ def main() -> int:
     config = TrainConfig.from_dict(vars(args))
     samples = drop_unreadable(read_gallery(args.gallery, args.labels), strict=args.strict)
     if args.whale_protocol:
-        protocol.run(config, samples, args.whale_protocol, data_name=str(args.gallery))
+        protocol.run(config, samples, args.whale_protocol, data_root=args.gallery)
     else:
         path = train(config, samples, resume=args.resume)
         logging.getLogger("train_embed").info("model written to %s", path)

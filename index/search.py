@@ -3,7 +3,8 @@
 The single search path of the project: validation during training, the protocol evaluation,
 build_index.py and query.py all go through ``GalleryIndex.search``. Inner product on unit vectors
 is cosine similarity. An identity's score is its best image's similarity; ``new_whale`` is placed
-by ``retrieval.metrics.insert_new_whale`` from those scores.
+by ``retrieval.metrics.insert_new_whale`` from those scores. The FAISS structure underneath (exact
+or approximate, CPU or GPU) is chosen in ``index.types`` and changes nothing in this API.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from typing import Sequence
 
 import faiss
 import numpy as np
+
+from . import types
+from .types import IndexSpec
 
 log = logging.getLogger(__name__)
 
@@ -26,48 +30,74 @@ class IdentityRanking:
     best_rows: np.ndarray  # (Q, k) int64 row in the gallery table, -1 where none
 
 
-def _to_gpu_if_available(index: faiss.Index) -> faiss.Index:
-    """Move a flat index to every GPU faiss sees (sharded over several); CPU otherwise."""
-    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
-        return index
-    options = faiss.GpuMultipleClonerOptions()
-    options.shard = True
-    return faiss.index_cpu_to_all_gpus(index, co=options)
-
-
 class GalleryIndex:
-    """Exact inner-product search over gallery embeddings, answering with identities."""
+    """Inner-product search over gallery embeddings, answering with identities.
 
-    def __init__(self, embeddings: np.ndarray, identities: Sequence[str]):
+    ``GalleryIndex(embeddings, identities)`` builds an exact (flat) index, as validation needs;
+    ``index_type`` picks another structure (see ``index.types``). ``from_faiss`` wraps an index read
+    from disk. Row ``i`` of the gallery is FAISS id ``i`` whatever the type.
+    """
+
+    def __init__(self, embeddings: np.ndarray, identities: Sequence[str],
+                 index_type: str | IndexSpec = "flat"):
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or len(embeddings) != len(identities):
             raise ValueError(f"{len(identities)} identities for embeddings of shape {embeddings.shape}")
         if len(embeddings) == 0:
             raise ValueError("an index needs at least one gallery embedding")
+        spec = index_type if isinstance(index_type, IndexSpec) else \
+            types.resolve(index_type, len(embeddings), embeddings.shape[1])
+        self._attach(types.build(embeddings, spec), identities, spec)
+
+    @classmethod
+    def from_faiss(cls, cpu_index: faiss.Index, identities: Sequence[str],
+                   spec: IndexSpec) -> "GalleryIndex":
+        """Wrap an already filled CPU index (e.g. read from disk) without copying its vectors."""
+        if cpu_index.ntotal != len(identities):
+            raise ValueError(f"{len(identities)} identities for an index of {cpu_index.ntotal} vectors")
+        if cpu_index.ntotal == 0:
+            raise ValueError("an index needs at least one gallery embedding")
+        self = cls.__new__(cls)
+        self._attach(cpu_index, identities, spec)
+        return self
+
+    def _attach(self, cpu_index: faiss.Index, identities: Sequence[str], spec: IndexSpec) -> None:
+        self.spec = spec
         self.identities = np.asarray(identities, dtype=object)
-        self.dim = embeddings.shape[1]
-        cpu_index = faiss.IndexFlatIP(self.dim)
-        cpu_index.add(embeddings)
-        self.faiss_index = _to_gpu_if_available(cpu_index)
+        self.dim = int(cpu_index.d)
+        types.apply_search_params(cpu_index, spec)
+        self.cpu_index = cpu_index  # what gets written to disk
+        self.faiss_index = types.to_devices(cpu_index, spec)  # what gets searched
         _, counts = np.unique(self.identities.astype(str), return_counts=True)
         self.max_images_per_identity = int(counts.max())
         self.num_identities = len(counts)
 
     def __len__(self) -> int:
-        return int(self.faiss_index.ntotal)
+        return int(self.cpu_index.ntotal)
 
     def search(self, queries: np.ndarray, k: int = 5) -> IdentityRanking:
         """The ``k`` best identities per query (fewer only if the gallery has fewer).
 
         Asking FAISS for ``k * max_images_per_identity`` neighbours guarantees ``k`` distinct
-        identities among them whenever the gallery has that many.
+        identities among them whenever the gallery has that many (for approximate types: among
+        the neighbours they find).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries of shape {queries.shape} for an index of dimension {self.dim}")
         n_neighbours = min(len(self), k * self.max_images_per_identity)
-        similarities, rows = self.faiss_index.search(queries, n_neighbours)
+        index = self._index_for(n_neighbours)
+        types.prepare_search(index, self.spec, n_neighbours)
+        similarities, rows = index.search(queries, n_neighbours)
         return fold_into_identities(similarities, rows, self.identities, k)
+
+    def _index_for(self, n_neighbours: int) -> faiss.Index:
+        """The GPU copy, unless it cannot answer that many neighbours (then the CPU original)."""
+        if self.faiss_index is not self.cpu_index and n_neighbours > types.GPU_MAX_K:
+            log.warning("%d neighbours per query exceed the GPU limit of %d: searching on the CPU",
+                        n_neighbours, types.GPU_MAX_K)
+            return self.cpu_index
+        return self.faiss_index
 
 
 def fold_into_identities(similarities: np.ndarray, rows: np.ndarray, identities: np.ndarray,

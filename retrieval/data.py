@@ -172,6 +172,13 @@ class QuerySplit:
     queries: list[Sample]
 
 
+def _draw_new_identities(names: Sequence[str], fraction: float,
+                         rng: np.random.Generator) -> set[str]:
+    """``round(fraction * n)`` identities drawn without replacement: the (pseudo-)new ones."""
+    n_new = int(round(fraction * len(names)))
+    return {names[i] for i in rng.choice(len(names), size=n_new, replace=False)}
+
+
 def whale_split(samples: Sequence[Sample], seed: int, new_fraction: float = 0.25,
                 max_gallery: int = 3) -> QuerySplit:
     """The whale protocol of ../shared/data/README.md, deterministic from ``seed``.
@@ -182,8 +189,7 @@ def whale_split(samples: Sequence[Sample], seed: int, new_fraction: float = 0.25
     groups = group_by_identity(samples)
     names = sorted(groups)
     rng = np.random.default_rng(seed)
-    n_new = int(round(new_fraction * len(names)))
-    new = set(names[i] for i in rng.choice(len(names), size=n_new, replace=False))
+    new = _draw_new_identities(names, new_fraction, rng)
     gallery, queries = [], []
     for name in names:
         images = groups[name]
@@ -207,8 +213,7 @@ def validation_split(samples: Sequence[Sample], seed: int, new_fraction: float =
     groups = group_by_identity(samples)
     names = sorted(groups)
     rng = np.random.default_rng(seed)
-    n_new = int(round(new_fraction * len(names)))
-    new = set(names[i] for i in rng.choice(len(names), size=n_new, replace=False))
+    new = _draw_new_identities(names, new_fraction, rng)
     gallery, queries = [], []
     for name in names:
         images = [groups[name][i] for i in rng.permutation(len(groups[name]))]

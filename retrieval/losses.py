@@ -22,11 +22,13 @@ class LossSpec:
 
 def _arcface(num_classes: int, dim: int) -> LossSpec:
     # margin in degrees (28.6 deg = 0.5 rad, the paper's value); scale 30 suits small data sets
-    return LossSpec(losses.ArcFaceLoss(num_classes, dim, margin=28.6, scale=30), None, False)
+    loss = losses.ArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=28.6, scale=30)
+    return LossSpec(loss, None, False)
 
 
 def _subcenter_arcface(num_classes: int, dim: int) -> LossSpec:
-    loss = losses.SubCenterArcFaceLoss(num_classes, dim, margin=28.6, scale=30, sub_centers=3)
+    loss = losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=28.6,
+                                       scale=30, sub_centers=3)
     return LossSpec(loss, None, False)
 
 

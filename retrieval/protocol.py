@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from . import NEW_WHALE
 from .checkpoint import atomic_write, load_model
-from .data import Sample, whale_split
+from .data import QuerySplit, Sample, whale_split
 from .evaluate import rank_queries, score
 from .metrics import calibrate_threshold, map_at_k
 from .model import ModelConfig, create_model, preprocessing_for
@@ -45,7 +47,24 @@ def zero_shot_scores(backbone: str, image_size: int | None, gallery: Sequence[Sa
     return score(ranking, truths, None), oracle
 
 
-def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int) -> dict | None:
+def export_split(split: QuerySplit, data_root: Path, out: Path) -> None:
+    """Write the split as a user would have it: ``gallery.csv`` (Image paths relative to the data
+    root, Id), the query images copied to ``queries/`` and their truth in ``queries_truth.csv``,
+    so build_index.py / query.py / the submission scorer can replay the protocol."""
+    gallery = pd.DataFrame({"Image": [s.path.relative_to(data_root).as_posix() for s in split.gallery],
+                            "Id": [s.identity for s in split.gallery]})
+    atomic_write(out / "gallery.csv", lambda temp: gallery.to_csv(temp, index=False))
+    queries = out / "queries"
+    queries.mkdir(parents=True, exist_ok=True)
+    names = [f"{i:04d}{s.path.suffix}" for i, s in enumerate(split.queries)]
+    for name, sample in zip(names, split.queries):
+        shutil.copyfile(sample.path, queries / name)
+    truth = pd.DataFrame({"Image": names, "Id": [s.identity for s in split.queries]})
+    atomic_write(out / "queries_truth.csv", lambda temp: truth.to_csv(temp, index=False))
+
+
+def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
+             data_root: Path | None = None) -> dict | None:
     """One seed of the protocol; the result on the main process, None on the others."""
     split = whale_split(samples, seed)
     run_config = replace(config, out=str(Path(config.out) / f"seed{seed}"), seed=seed)
@@ -53,6 +72,8 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int) -> dict 
     from .distributed import setup
     if not setup(config.device).is_main:
         return None
+    if data_root is not None:
+        export_split(split, Path(data_root), Path(run_config.out))
     model, preprocessing, payload = load_model(checkpoint)
     ranking = rank_queries(model, preprocessing, split.gallery, split.queries)
     truths = [q.identity for q in split.queries]
@@ -91,10 +112,11 @@ def format_table(results: Sequence[dict]) -> str:
 
 
 def run(config: TrainConfig, samples: Sequence[Sample], seeds: Sequence[int],
-        data_name: str) -> list[dict]:
-    results = [r for r in (run_seed(config, samples, s) for s in seeds) if r is not None]
+        data_root: str | Path) -> list[dict]:
+    results = [r for r in (run_seed(config, samples, s, Path(data_root)) for s in seeds)
+               if r is not None]
     if results:
-        report = {"data": data_name, "config": config.__dict__, "seeds": list(seeds),
+        report = {"data": str(data_root), "config": config.__dict__, "seeds": list(seeds),
                   "results": results, "summary": summarise(results)}
         path = Path(config.out) / "protocol.json"
         atomic_write(path, lambda temp: temp.write_text(json.dumps(report, indent=2)))

@@ -50,13 +50,13 @@ class TrainConfig:
     embedding_dim: int = 512
     image_size: int | None = None  # None: the backbone's native size
     loss: str = "arcface"
-    epochs: int = 20
-    warmup_epochs: int = 2  # backbone frozen: the new neck and loss weights settle first
-    batch_size: int = 32
+    epochs: int = 15
+    warmup_epochs: int = 1  # backbone frozen: the new neck and loss weights settle first
+    batch_size: int = 16
     m_per_identity: int = 2  # pair-based losses only
-    lr: float = 2e-4  # backbone
-    head_lr: float = 2e-3  # GeM + neck
-    loss_lr: float = 1e-2  # ArcFace class weights
+    lr: float = 1e-3  # backbone
+    head_lr: float = 3e-3  # GeM + neck
+    loss_lr: float = 3e-2  # ArcFace class weights
     weight_decay: float = 1e-4
     flip: bool = False
     val_new_fraction: float = 0.2
@@ -227,9 +227,10 @@ class EpochLog:
     COLUMNS = ["stage", "epoch", "train_loss", "val_map5", "val_map5_no_threshold", "threshold",
                "lr_backbone", "seconds"]
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, append: bool):
+        """``append`` continues the log of a resumed run; otherwise a fresh log is started."""
         self.path, self.enabled = path, enabled
-        if enabled and not path.exists():
+        if enabled and not (append and path.exists()):
             with path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(self.COLUMNS)
 
@@ -324,8 +325,8 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
     torch.manual_seed(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    epoch_log = EpochLog(out / "log.csv", ctx.is_main)
     state = load_checkpoint(resume) if resume else None
+    epoch_log = EpochLog(out / "log.csv", ctx.is_main, append=state is not None)
     if state is not None:
         config = TrainConfig.from_dict({**state["train_config"], "out": config.out,
                                         "num_workers": config.num_workers, "device": config.device})

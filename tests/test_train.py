@@ -9,15 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from retrieval import protocol
 from retrieval.checkpoint import load_checkpoint, load_model, save_checkpoint
 from retrieval.errors import UserError
+from retrieval.submission import score_submission
 from retrieval.train import TrainConfig, Trainer, train
 
-from .conftest import ORL, ROOT
+from .conftest import OMNIGLOT, ROOT
 
 TINY = dict(image_size=48, embedding_dim=64, batch_size=16, num_workers=0, warmup_epochs=1)
 
@@ -37,9 +39,9 @@ def orl_subset(orl_samples):
 def test_short_training_on_omniglot_beats_both_references(omniglot_samples, tmp_path):
     """The whale protocol on real data, seed 0: a short CPU run must beat the constant new_whale
     answer and the untrained pretrained backbone + GeM (even with its oracle threshold)."""
-    config = TrainConfig(out=str(tmp_path), image_size=64, epochs=12, warmup_epochs=1,
-                         batch_size=16, num_workers=0, lr=5e-4, head_lr=3e-3, loss_lr=3e-2)
-    result = protocol.run_seed(config, omniglot_samples, seed=0)
+    config = TrainConfig(out=str(tmp_path), image_size=96, epochs=10, warmup_epochs=1,
+                         num_workers=0)
+    result = protocol.run_seed(config, omniglot_samples, seed=0, data_root=OMNIGLOT)
     rows = read_log(tmp_path / "seed0")
     losses = [float(r["train_loss"]) for r in rows if r["stage"] == "select"]
     assert min(losses[-3:]) < losses[0] * 0.8, losses
@@ -47,6 +49,26 @@ def test_short_training_on_omniglot_beats_both_references(omniglot_samples, tmp_
     assert result["engine"] > result["constant_new_whale"]
     assert result["engine"] > result["pretrained_gem"], result
     assert result["engine"] > result["pretrained_gem_oracle_threshold"], result
+    replay_as_a_user(tmp_path / "seed0", result)
+
+
+def replay_as_a_user(run: Path, result: dict) -> None:
+    """The README chain on the exported split: build_index.py, query.py --submission, then the
+    scorer must give exactly the protocol's MAP@5 (one search path, one stored threshold)."""
+    truth = pd.read_csv(run / "queries_truth.csv")
+    assert len(truth) == 136 and (truth["Id"] == "new_whale").sum() == 34
+    assert len(pd.read_csv(run / "gallery.csv")) == result["gallery_images"]
+    python = [sys.executable]
+    for command in (
+        [str(ROOT / "build_index.py"), "--gallery", str(OMNIGLOT), "--labels",
+         str(run / "gallery.csv"), "--model", str(run / "model.pt"), "--out", str(run / "index")],
+        [str(ROOT / "query.py"), str(run / "queries"), "--index", str(run / "index"),
+         "--submission", str(run / "submission.csv")],
+    ):
+        done = subprocess.run(python + command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert score_submission(run / "submission.csv", run / "queries_truth.csv") == \
+        pytest.approx(result["engine"])
 
 
 def test_checkpoint_rebuilds_model_and_preprocessing(orl_subset, tmp_path):
@@ -78,7 +100,8 @@ def test_resume_continues_where_the_run_stopped(orl_subset, tmp_path, monkeypatc
     train(config, orl_subset, resume=tmp_path / "last.pt")
     epochs = [int(r["epoch"]) for r in read_log(tmp_path)]
     assert epochs == [1, 2, 3]  # no epoch trained twice
-    assert load_checkpoint(tmp_path / "model.pt")["epoch"] == 3
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+    assert (tmp_path / "model.pt").is_file()
 
 
 def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):

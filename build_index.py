@@ -1,0 +1,77 @@
+"""Embed a labelled gallery and write a searchable index folder for query.py.
+
+  python build_index.py --gallery DIR [--labels train.csv] [--model runs/model/model.pt] --out runs/index
+  python build_index.py --gallery NEW_DIR --out runs/index --append      # embed only new images
+  python build_index.py --out runs/index --remove-identity w_123abc       # drop one identity
+  torchrun --nproc_per_node=N build_index.py --gallery DIR ...           # N processes embed shards
+
+Without --model the index uses the zero-shot model (pretrained backbone + GeM, no fine-tuning,
+no new_whale threshold). The folder holds the FAISS index, the gallery table, the raw vectors and
+manifest.json (model fingerprint and preprocessing, TTA, threshold); it is replaced atomically.
+"""
+from __future__ import annotations
+
+import argparse
+
+from index.store import DEFAULT_INDEX_DIR
+from index.types import CHOICES as INDEX_TYPES
+from retrieval.errors import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("gallery")
+    data.add_argument("--gallery",
+                      help="folder of images: one sub-folder per identity, or (with --labels) the "
+                           "folder holding the images named in the CSV")
+    data.add_argument("--labels", help="Kaggle-style CSV with columns Image,Id (new_whale rows are "
+                                       "not an identity and are left out)")
+    data.add_argument("--strict", action="store_true",
+                      help="fail on an unreadable image instead of skipping it with a warning")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", metavar="CKPT",
+                       help="model.pt written by train_embed.py (its preprocessing and new_whale "
+                            "threshold go into the index); default: the zero-shot pretrained model")
+    model.add_argument("--image-size", type=int,
+                       help="input side in pixels for the zero-shot model only (default: the "
+                            "backbone's native size); a checkpoint brings its own")
+    model.add_argument("--tta", choices=["none", "flip"],
+                       help="test-time augmentation: 'flip' averages each image with its mirror "
+                            "(only where a mirror shows the same identity); recorded in the index "
+                            "and applied to queries too (default: none, or the index's own with --append)")
+    index = p.add_argument_group("index")
+    index.add_argument("--out", default=DEFAULT_INDEX_DIR,
+                       help="index folder to write, replaced atomically (default %(default)s)")
+    index.add_argument("--index-type", choices=INDEX_TYPES,
+                       help="flat: exact (default); hnsw / ivf: faster approximate search for big "
+                            "galleries; ivfpq: compressed, approximate scores; auto: by gallery size "
+                            "(with --append: the index's own unless given)")
+    index.add_argument("--append", action="store_true",
+                       help="add the gallery's images that the index does not hold yet, embedded "
+                            "with the index's own model; nothing already there is re-embedded")
+    index.add_argument("--remove-identity", dest="remove", action="append", default=[], metavar="ID",
+                       help="drop every image of this identity from the index at --out (repeatable; "
+                            "nothing is re-embedded)")
+    run = p.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=64,
+                     help="images per batch per process (default %(default)s)")
+    run.add_argument("--workers", type=int,
+                     help="DataLoader worker processes per process (default: none on a machine of "
+                          "2 cores or fewer, where they only compete with the model; else up to 4)")
+    run.add_argument("--device", choices=["cpu", "cuda"],
+                     help="force a device for embedding (default: cuda when available)")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bars (for logs)")
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    from retrieval.indexing import BuildOptions, run
+
+    run(BuildOptions(**vars(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

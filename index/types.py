@@ -1,0 +1,188 @@
+"""Which FAISS structure holds the gallery: exact, or faster / smaller at a measured recall cost.
+
+Every type searches unit vectors by inner product (= cosine similarity) and answers through the
+same ``GalleryIndex.search``; only speed, memory and recall differ:
+
+* ``flat`` (IndexFlatIP) -- exact brute force, the default. Recall 1.0 by definition; cost grows
+  linearly with the gallery (2 KB per 512-d vector, every query reads all of them). Batched
+  queries run as one matrix product, so on a CPU flat stays the fastest *throughput* up to 100k
+  vectors; only single-query latency grows (~50 ms at 100k x 512 on 2 busy cores).
+* ``hnsw`` (IndexHNSWFlat, M=32, efSearch=256) -- a navigable graph over the raw vectors: ~20x
+  lower single-query latency than flat at 100k vectors (2-5 ms), exact similarities for the
+  neighbours it finds, and recall just under exact. Memory: raw vectors plus ~256 bytes of links
+  each; slow to build (minutes per 100k on 2 cores); CPU only (FAISS has no GPU HNSW).
+* ``ivf`` (IndexIVFFlat, nprobe = nlist/4) -- k-means cells over the raw vectors; a query scans the
+  ``nprobe`` nearest cells. Fast to build, runs on GPUs, exact similarities for what it finds.
+
+  Measured (bench/index_speed.py, tests/test_index_types.py) on synthetic galleries of 1-4 noisy
+  images per identity, recall@5 of the true identity relative to flat: hnsw 0.98 (efSearch 128:
+  0.93) and ivf 0.985 (nprobe = nlist/10: 0.96) at 100k x 512; both >= 0.95 at 3k x 128. Such
+  isotropic data is the hard case for both (every other identity is equally far); trained
+  embeddings, with similar-looking identities near each other, are easier. ``efSearch`` and
+  ``nprobe`` are read from the manifest (``index.params``) whenever an index is loaded, so they
+  can be raised there for more recall without a rebuild.
+* ``ivfpq`` (IndexIVFPQ) -- cells plus product-quantised codes (d/8 bytes per vector, 16x smaller
+  than flat at 8 bits). For galleries that do not fit in memory. The similarities are PQ
+  *estimates* (errors of a few hundredths), so the ``new_whale`` threshold, calibrated on exact
+  similarities, is applied to approximate scores: expect a lower MAP@5 than the other types.
+* ``auto`` -- picks by gallery size: flat below ``FLAT_MAX`` vectors (``FLAT_MAX_GPU`` with GPUs,
+  where brute force stays fast far longer), then hnsw (ivf on GPUs: no GPU HNSW) up to
+  ``GRAPH_MAX``, ivfpq above.
+
+The resolved type and its parameters are stored in the index manifest; appends rebuild with the
+same requested type (``auto`` may then move to another type as the gallery grows).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retrieval.errors import UserError
+
+log = logging.getLogger(__name__)
+
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+CHOICES = INDEX_TYPES + ("auto",)
+
+FLAT_MAX = 100_000  # exact search below this on a CPU: ~10 ms per query at 512-d, no recall loss
+FLAT_MAX_GPU = 1_000_000
+GRAPH_MAX = 2_000_000  # above this, raw vectors (+ HNSW links) stop fitting comfortably in RAM
+
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 256  # 128 lost ~7% recall@5 on 100k x 512 synthetic data
+MIN_POINTS_PER_CELL = 39  # FAISS's k-means wants at least 39 training points per centroid
+PQ_MIN_VECTORS = 1000  # below this PQ cannot train even 4-bit codes well (and is pointless)
+GPU_MAX_K = 2048  # FAISS GPU indexes answer at most this many neighbours per query
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A resolved index type and its parameters (what the manifest stores under ``index``)."""
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+    requested: str = "flat"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "IndexSpec":
+        return cls(values["kind"], dict(values.get("params", {})), values.get("requested", values["kind"]))
+
+
+def resolve(requested: str, n_vectors: int, dim: int, gpus: int | None = None) -> IndexSpec:
+    """The concrete type for ``requested`` (``auto`` chooses by size) and parameters for ``n_vectors``."""
+    if requested not in CHOICES:
+        raise ValueError(f"unknown index type {requested!r}; choose one of {', '.join(CHOICES)}")
+    gpus = faiss.get_num_gpus() if gpus is None else gpus
+    kind = _auto_kind(n_vectors, gpus) if requested == "auto" else requested
+    if kind == "ivfpq" and n_vectors < PQ_MIN_VECTORS:
+        raise UserError(f"--index-type ivfpq compresses big galleries and needs at least "
+                        f"{PQ_MIN_VECTORS} vectors to train, this one has {n_vectors}: use flat")
+    return IndexSpec(kind, _params(kind, n_vectors, dim), requested)
+
+
+def _auto_kind(n_vectors: int, gpus: int) -> str:
+    if n_vectors < (FLAT_MAX_GPU if gpus else FLAT_MAX):
+        return "flat"
+    if n_vectors < GRAPH_MAX:
+        return "ivf" if gpus else "hnsw"
+    return "ivfpq"
+
+
+def _n_cells(n_vectors: int) -> int:
+    """~4 sqrt(N) cells (FAISS's usual advice), never fewer than 39 training points per cell."""
+    return max(1, min(int(4 * math.sqrt(n_vectors)), n_vectors // MIN_POINTS_PER_CELL))
+
+
+def _params(kind: str, n_vectors: int, dim: int) -> dict[str, Any]:
+    if kind == "hnsw":
+        return {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
+    if kind in ("ivf", "ivfpq"):
+        nlist = _n_cells(n_vectors)
+        params: dict[str, Any] = {"nlist": nlist, "nprobe": min(nlist, max(8, math.ceil(nlist / 4)))}
+        if kind == "ivfpq":
+            params.update(_pq_params(n_vectors, dim))
+        return params
+    return {}
+
+
+def _pq_params(n_vectors: int, dim: int) -> dict[str, int]:
+    """8-dimensional sub-vectors (or the nearest divisor of ``dim``); 8-bit codes when there are
+    enough vectors to train 256 centroids per sub-quantiser, fewer bits on small galleries."""
+    sub_dim = next(s for s in (8, 4, 16, 2, 32, 1) if dim % s == 0)
+    bits = int(np.clip(math.floor(math.log2(max(n_vectors, 2) / MIN_POINTS_PER_CELL)), 4, 8))
+    return {"m": dim // sub_dim, "nbits": bits}
+
+
+def build(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    """A trained CPU index holding ``vectors`` (ids = row numbers). Built on the CPU so the same
+    file is written whatever the machine; ``to_devices`` moves it for searching."""
+    dim = vectors.shape[1]
+    p = spec.params
+    if spec.kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, p["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = p["efConstruction"]
+        index.hnsw.efSearch = p["efSearch"]
+    elif spec.kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, p["nlist"], faiss.METRIC_INNER_PRODUCT)
+    elif spec.kind == "ivfpq":
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, p["nlist"], p["m"], p["nbits"],
+                                 faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"unknown index type {spec.kind!r}")
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    apply_search_params(index, spec)
+    return index
+
+
+def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
+    """The manifest's search-time parameters win over whatever the FAISS file holds."""
+    if "nprobe" in spec.params:
+        faiss.extract_index_ivf(index).nprobe = int(spec.params["nprobe"])
+    if "efSearch" in spec.params:
+        index.hnsw.efSearch = int(spec.params["efSearch"])
+
+
+def to_devices(index: faiss.Index, spec: IndexSpec) -> faiss.Index:
+    """The index for searching: on every GPU FAISS sees (sharded across several), else as is.
+
+    HNSW has no GPU implementation; a type the GPU cloner refuses (e.g. IVFPQ with too many
+    sub-quantisers for shared memory) stays on the CPU with a warning rather than failing.
+    """
+    gpus = faiss.get_num_gpus()
+    if gpus == 0 or spec.kind == "hnsw" or not hasattr(faiss, "index_cpu_to_all_gpus"):
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    options.useFloat16 = spec.kind == "ivfpq"  # float16 lookup tables: more sub-quantisers fit
+    try:
+        moved = faiss.index_cpu_to_all_gpus(index, co=options)
+    except RuntimeError as err:
+        log.warning("%s index stays on the CPU: FAISS cannot put it on the GPU (%s)", spec.kind, err)
+        return index
+    if "nprobe" in spec.params:
+        faiss.GpuParameterSpace().set_index_parameter(moved, "nprobe", spec.params["nprobe"])
+    log.info("%s index on %d GPU(s)", spec.kind, gpus)
+    return moved
+
+
+def prepare_search(index: faiss.Index, spec: IndexSpec, n_neighbours: int) -> None:
+    """HNSW must explore at least as many candidates as it returns.
+
+    Set on the index rather than passed as ``search(..., params=)``: pytorch-metric-learning
+    imports ``faiss.contrib.torch_utils``, whose replacement ``search`` takes no ``params``.
+    """
+    if spec.kind == "hnsw":
+        index.hnsw.efSearch = max(int(spec.params["efSearch"]), n_neighbours)

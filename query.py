@@ -1,0 +1,74 @@
+"""Who is in this photo? Rank a gallery index's identities for one image or a folder of images.
+
+  python query.py photo.jpg --index runs/index                  # ranked identities, similarity,
+                                                                # nearest gallery image of each
+  python query.py test/ --submission submission.csv             # Kaggle file (Image,Id)
+  python query.py test/ --json > answers.json
+  python query.py test/ --html report.html                      # thumbnails, self-contained
+
+The model, preprocessing, TTA and new_whale threshold come from the index (build_index.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from index.store import DEFAULT_INDEX_DIR
+from retrieval.errors import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("query", metavar="IMG|DIR", help="an image, or a folder whose images are all queried")
+    p.add_argument("-k", type=int, default=5,
+                   help="identities per answer, new_whale included (default %(default)s)")
+    p.add_argument("--index", default=DEFAULT_INDEX_DIR,
+                   help="index folder written by build_index.py (default %(default)s)")
+    p.add_argument("--threshold", type=float,
+                   help="new_whale goes before the first identity scoring under this similarity "
+                        "(default: the threshold stored in the index, from its checkpoint)")
+    p.add_argument("--model", metavar="CKPT",
+                   help="the checkpoint the index was built from, if it has moved since "
+                        "(default: the path recorded in the index)")
+    out = p.add_argument_group("output (default: text on stdout)")
+    out.add_argument("--json", action="store_true", help="print the answers as JSON on stdout")
+    out.add_argument("--submission", metavar="CSV",
+                     help="write a Kaggle submission: header Image,Id, one row per query image "
+                          "sorted by name, space-separated labels")
+    out.add_argument("--html", metavar="FILE",
+                     help="write a self-contained HTML page: each query beside its top-k gallery "
+                          "thumbnails, identities and similarities")
+    run = p.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=64, help="images per batch (default %(default)s)")
+    run.add_argument("--workers", type=int,
+                     help="DataLoader worker processes (default: none for one batch or on a "
+                          "machine of 2 cores or fewer, else up to 4)")
+    run.add_argument("--device", choices=["cpu", "cuda"],
+                     help="force a device (default: cuda when available)")
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    from retrieval.query import format_text, run_query, to_json
+
+    result = run_query(args.query, args.index, k=args.k, threshold=args.threshold, model=args.model,
+                       batch_size=args.batch_size, workers=args.workers, device=args.device)
+    if args.submission:
+        from retrieval.submission import write_submission
+        rows = write_submission(args.submission, result.answers)
+        print(f"wrote {rows} rows to {args.submission}", file=sys.stderr)
+    if args.html:
+        from retrieval.report import write_report
+        write_report(args.html, result)
+        print(f"wrote {args.html}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(to_json(result), indent=2))
+    elif not (args.submission or args.html):
+        print(format_text(result))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,290 @@
+"""Building and editing a gallery index: what build_index.py does, as functions.
+
+* a fresh build embeds every readable gallery image and writes a new index folder;
+* ``append`` embeds only images whose path the index does not hold yet, with the index's own
+  model / preprocessing / TTA (another model is refused: its vectors would not be comparable);
+* ``remove`` drops identities. Neither re-embeds anything: the index keeps its raw vectors and
+  the FAISS structure is rebuilt from them, which is exact (append == fresh build of the same
+  images) and lets ``auto`` move to a bigger-gallery type.
+
+Under ``torchrun --nproc_per_node=N`` rank 0 plans (reads the index and the gallery), every rank
+embeds a contiguous shard, and rank 0 gathers the vectors in order and writes the one index.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+
+from .data import Sample
+from .encoder import Encoder, EncoderSpec, default_workers, load_encoder
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class BuildOptions:
+    """Everything build_index.py accepts (``None`` where the existing index decides)."""
+
+    out: str
+    gallery: str | None = None
+    labels: str | None = None
+    model: str | None = None
+    tta: str | None = None
+    index_type: str | None = None
+    append: bool = False
+    remove: list[str] = field(default_factory=list)
+    batch_size: int = 64
+    workers: int | None = None  # None: encoder.default_workers()
+    image_size: int | None = None
+    strict: bool = False
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Plan:
+    """What rank 0 decided, sent to every rank: which model, which images are new."""
+
+    encoder: EncoderSpec
+    new: list[Sample]
+    index_type: str
+
+
+@dataclass
+class Current:
+    """The existing index's content that survives this edit (rank 0 only)."""
+
+    manifest: Any = None
+    paths: list[str] = field(default_factory=list)
+    identities: list[str] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+
+
+def run(opts: BuildOptions) -> Any:
+    """Build or edit the index at ``opts.out``; the manifest on rank 0, None on other ranks."""
+    from . import distributed
+    from index.store import writer_lock
+
+    _check_options(opts)
+    ctx = distributed.setup(opts.device)
+    try:
+        lock = writer_lock(opts.out) if ctx.is_main else contextlib.nullcontext()
+        with lock:
+            return _run_locked(opts, ctx)
+    finally:
+        distributed.teardown()
+
+
+def _run_locked(opts: BuildOptions, ctx) -> Any:
+    current = Current()
+    if opts.append or opts.remove:
+        current = _on_main(ctx, lambda: _read_current(opts), share=False) or Current()
+    if opts.gallery is None:  # --remove-identity alone: nothing to embed
+        return _on_main(ctx, lambda: _write(opts, current, None, [], None, opts.index_type),
+                        share=False)
+    loaded: list[Encoder] = []
+    plan = _on_main(ctx, lambda: _plan(opts, current, loaded))
+    encoder = loaded[0] if loaded else load_encoder(plan.encoder)
+    kept, vectors = _embed_sharded(ctx, encoder, plan.new, opts)
+    if not ctx.is_main:
+        return None
+    return _write(opts, current, encoder, kept, vectors, plan.index_type)
+
+
+def _check_options(opts: BuildOptions) -> None:
+    if opts.gallery is None and not opts.remove:
+        raise UserError("nothing to do: pass --gallery DIR to build (or --append to) an index, "
+                        "or --remove-identity ID to edit one")
+    if opts.remove and opts.gallery is not None and not opts.append:
+        raise UserError("--remove-identity edits an existing index: use it alone, or with "
+                        "--append to add images in the same run (a fresh build takes no removals)")
+    if opts.gallery is None and (opts.model or opts.tta or opts.image_size):
+        raise UserError("--model / --tta / --image-size only apply when embedding images: "
+                        "--remove-identity alone re-embeds nothing; drop them")
+
+
+def _on_main(ctx, work: Callable[[], T], share: bool = True) -> T | None:
+    """Run ``work`` on rank 0 only. Its UserError reaches every rank (so a bad input stops all of
+    them with the same one-line message instead of leaving them waiting); its result too when
+    ``share``, else the other ranks get None (big results, like the index's vectors, stay put)."""
+    from . import distributed
+
+    result: Any = None
+    if ctx.is_main:
+        try:
+            result = work()
+        except UserError as err:
+            result = err
+    shared = distributed.broadcast(ctx, result if share or isinstance(result, UserError) else None)
+    if isinstance(shared, UserError):
+        raise shared
+    return result if ctx.is_main else shared
+
+
+def _read_current(opts: BuildOptions) -> Current:
+    """The index being edited, minus the identities to remove."""
+    from index.store import load_index
+
+    out = Path(opts.out)
+    if not out.exists() and opts.append and not opts.remove:
+        log.info("no index at %s yet: --append builds a new one", out)
+        return Current()
+    stored = load_index(out)
+    vectors = stored.vectors()
+    keep = np.ones(len(stored.paths), dtype=bool)
+    present = set(stored.identities)
+    for identity in opts.remove:
+        if identity not in present:
+            examples = ", ".join(sorted(present)[:3])
+            raise UserError(f"identity {identity!r} is not in index {out} ({len(present)} identities, "
+                            f"e.g. {examples}): check the name (identities are case-sensitive)")
+        keep &= np.asarray(stored.identities) != identity
+    log.info("removing %d image(s) of %d identit(y/ies)", int((~keep).sum()), len(opts.remove))
+    return Current(stored.manifest, [p for p, k in zip(stored.paths, keep) if k],
+                   [i for i, k in zip(stored.identities, keep) if k], vectors[keep])
+
+
+def _plan(opts: BuildOptions, current: Current, encoder_box: list[Encoder]) -> Plan:
+    """Rank 0: list the images to embed (cheap checks first), load the model (the index's own
+    when appending) and keep it in ``encoder_box``: only the picklable plan goes to other ranks."""
+    from .data import read_gallery
+
+    indexed = dict(zip(current.paths, current.identities))
+    samples = _new_samples(read_gallery(opts.gallery, opts.labels), indexed)
+    spec = _encoder_spec(opts, current)
+    encoder = load_encoder(spec)
+    if current.manifest is not None:
+        from index.store import check_fingerprint
+        check_fingerprint(current.manifest, Path(opts.out), encoder.fingerprint,
+                          "append with the model the index was built with (drop --model, or pass "
+                          "that checkpoint), or rebuild the index without --append")
+    encoder_box.append(encoder)
+    index_type = opts.index_type or (current.manifest.index["requested"] if current.manifest else "flat")
+    return Plan(spec, samples, index_type)
+
+
+def _encoder_spec(opts: BuildOptions, current: Current) -> EncoderSpec:
+    if current.manifest is None:
+        return EncoderSpec(opts.model, opts.image_size, tta=opts.tta or "none")
+    manifest = current.manifest
+    if opts.tta is not None and opts.tta != manifest.tta:
+        raise UserError(f"index {opts.out} was built with --tta {manifest.tta}: appending with "
+                        f"--tta {opts.tta} would mix incomparable vectors; drop --tta")
+    size = manifest.model["preprocessing"]["image_size"]
+    if opts.image_size is not None and opts.image_size != size:
+        raise UserError(f"index {opts.out} was built at --image-size {size}: appending at "
+                        f"{opts.image_size} would mix incomparable vectors; drop --image-size")
+    return EncoderSpec.of_index(manifest, opts.model)
+
+
+def _new_samples(samples: Sequence[Sample], indexed: dict[str, str]) -> list[Sample]:
+    """Gallery samples whose (absolute) path is not indexed yet, each path once. An indexed image
+    now listed under another identity keeps its old label, with a warning saying how to relabel."""
+    new, seen, already, relabelled = [], set(indexed), 0, 0
+    for sample in samples:
+        path = os.path.abspath(sample.path)  # absolute, but symlinks kept as the user named them
+        if path in indexed:
+            already += 1
+            relabelled += indexed[path] != sample.identity
+        if path in seen:
+            continue
+        seen.add(path)
+        new.append(Sample(Path(path), sample.identity))
+    if already:
+        log.info("%d image(s) already in the index are kept as they are (not re-embedded)", already)
+    if relabelled:
+        log.warning("%d indexed image(s) now carry another identity and keep their old one: "
+                    "--remove-identity the old identity, then --append, to relabel", relabelled)
+    return new
+
+
+def _embed_sharded(ctx, encoder: Encoder, samples: list[Sample],
+                   opts: BuildOptions) -> tuple[list[Sample], np.ndarray | None]:
+    """Each rank checks and embeds its contiguous shard; rank 0 gets them all, in order.
+    A rank's UserError is raised on that rank and on rank 0 (after the gather, so none hangs)."""
+    n = len(samples)
+    shard = samples[ctx.rank * n // ctx.world_size:(ctx.rank + 1) * n // ctx.world_size]
+    started = time.perf_counter()
+    try:
+        part: Any = _embed_shard(ctx, encoder, shard, opts)
+    except UserError as err:
+        part = err
+    parts = _gather_on_main(ctx, part)
+    for failed in [part] + (parts or []):
+        if isinstance(failed, UserError):
+            raise failed
+    if parts is None:
+        return [], None
+    kept = [s for shard_samples, _ in parts for s in shard_samples]
+    seconds = time.perf_counter() - started
+    log.info("embedded %d image(s) in %.1f s (%.1f images/s, %d process(es))", len(kept), seconds,
+             len(kept) / max(seconds, 1e-9), ctx.world_size)
+    return kept, np.concatenate([v for _, v in parts]) if kept else None
+
+
+def _embed_shard(ctx, encoder: Encoder, shard: list[Sample],
+                 opts: BuildOptions) -> tuple[list[Sample], np.ndarray]:
+    from .data import drop_unreadable
+
+    kept = drop_unreadable(shard, strict=opts.strict)
+    workers = default_workers(len(kept), opts.batch_size) if opts.workers is None else opts.workers
+    vectors = encoder.encode([s.path for s in kept], batch_size=opts.batch_size, num_workers=workers,
+                             device=ctx.device, progress=opts.progress and ctx.is_main,
+                             desc="embedding gallery")
+    return kept, vectors
+
+
+def _gather_on_main(ctx, obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (in rank order), None elsewhere."""
+    if not ctx.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: list[Sample],
+           vectors: np.ndarray | None, index_type: str | None = None) -> Any:
+    """Rank 0: merge what stays with what is new and write the folder (atomically)."""
+    from index.store import save_index
+
+    paths = current.paths + [str(s.path) for s in new]
+    identities = current.identities + [s.identity for s in new]
+    parts = [v for v in (current.vectors, vectors) if v is not None and len(v)]
+    if not paths:
+        raise UserError(_empty_message(opts, current))
+    manifest = current.manifest
+    if opts.append and not new and not opts.remove and manifest is not None and \
+            (index_type or manifest.index["requested"]) == manifest.index["requested"]:
+        log.info("nothing new to add: %s left unchanged", opts.out)
+        return manifest
+    written = save_index(
+        opts.out, np.concatenate(parts), paths, identities,
+        model=encoder.model_info() if encoder else manifest.model,
+        tta=encoder.tta if encoder else manifest.tta,
+        threshold=encoder.threshold if encoder else manifest.threshold,
+        index_type=index_type or (manifest.index["requested"] if manifest else "flat"),
+        created=manifest.created if manifest else None)
+    log.info("index %s: %d images of %d identities (%s); %d new", opts.out,
+             written.counts["images"], written.counts["identities"], written.index["kind"], len(new))
+    return written
+
+
+def _empty_message(opts: BuildOptions, current: Current) -> str:
+    if current.manifest is not None:
+        return (f"removing {', '.join(opts.remove)} would leave index {opts.out} empty: delete the "
+                "folder instead, or append other images in the same run")
+    return (f"no readable images in gallery {opts.gallery}: every image was skipped as unreadable "
+            "(see the warning above); fix or replace them")

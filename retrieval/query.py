@@ -1,0 +1,169 @@
+"""Answering photos against a stored gallery index: what query.py does, as functions.
+
+The index folder decides everything about the query side: its manifest names the model (checked by
+fingerprint), the preprocessing and TTA, and the ``new_whale`` threshold (overridable). Heavy
+libraries (torch, timm, albumentations) load only once a model is really needed, after the cheap
+checks on the inputs have passed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import NEW_WHALE
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hit:
+    """One answer: an identity with its best gallery image's similarity, or ``new_whale``."""
+
+    identity: str
+    similarity: float | None  # None for new_whale
+    gallery_image: str | None  # the identity's nearest gallery image; None for new_whale
+
+
+@dataclass
+class QueryAnswer:
+    image: str
+    hits: list[Hit]
+
+    @property
+    def labels(self) -> list[str]:
+        return [hit.identity for hit in self.hits]
+
+
+@dataclass
+class QueryResult:
+    answers: list[QueryAnswer]
+    threshold: float | None
+    index_dir: str
+    k: int
+
+
+def list_query_images(target: str | Path) -> list[Path]:
+    """One image, or the images directly inside a folder (sorted): Kaggle's test/ layout."""
+    from .data import IMAGE_EXTENSIONS, is_image
+
+    target = Path(target)
+    if target.is_file():
+        if not is_image(target):
+            raise UserError(f"{target} is not an image (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return [target]
+    if not target.exists():
+        raise UserError(f"query {target} does not exist: pass an image file or a folder of images")
+    images = sorted(p for p in target.iterdir() if is_image(p))
+    if not images:
+        raise UserError(f"no images directly inside {target} (extensions: "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}): pass an image or a folder of images")
+    return images
+
+
+def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: float | None = None,
+              model: str | None = None, batch_size: int = 64, workers: int | None = None,
+              device: str | None = None, progress: bool = True) -> QueryResult:
+    """Embed the query image(s) with the index's own model and rank the gallery's identities.
+
+    ``threshold`` overrides the index's ``new_whale`` threshold; ``model`` replaces the
+    checkpoint path recorded in the index (same weights required: checked by fingerprint).
+    """
+    from index.store import check_fingerprint, load_index
+
+    from .encoder import default_workers
+
+    if k < 1:
+        raise UserError(f"-k must be at least 1, got {k}")
+    images = list_query_images(target)
+    stored = load_index(index_dir)  # cheap checks first: all of them before any model loads
+    _check_readable(images)
+    encoder = _encoder_for(stored.manifest, model)
+    check_fingerprint(stored.manifest, Path(index_dir), encoder.fingerprint,
+                      "pass --model with the checkpoint the index was built from, or rebuild the "
+                      "index with build_index.py --model for this one")
+    if workers is None:
+        workers = default_workers(len(images), batch_size)
+    vectors = encoder.encode(images, batch_size=batch_size, num_workers=workers,
+                             device=_device(device), progress=progress and len(images) > batch_size,
+                             desc="embedding queries")
+    ranking = stored.gallery.search(vectors, k)
+    if threshold is None:
+        threshold = stored.manifest.threshold
+    answers = [QueryAnswer(str(image), hits_for(ids, scores, rows, stored.paths, threshold, k))
+               for image, ids, scores, rows in zip(images, ranking.identities, ranking.scores,
+                                                   ranking.best_rows)]
+    return QueryResult(answers, threshold, str(index_dir), k)
+
+
+def _encoder_for(manifest, model: str | None):
+    from .encoder import EncoderSpec, load_encoder
+
+    spec = EncoderSpec.of_index(manifest, model)
+    if spec.checkpoint is not None and not Path(spec.checkpoint).is_file():
+        raise UserError(f"the index's model {spec.checkpoint} does not exist (moved?): pass --model "
+                        "with the checkpoint the index was built from")
+    return load_encoder(spec)
+
+
+def _device(name: str | None):
+    if name is None:
+        return None
+    import torch
+    return torch.device(name)
+
+
+def _check_readable(images: Sequence[Path]) -> None:
+    """Decode each query once up front: a bad file is named in one line, not a worker traceback."""
+    from .data import load_image
+
+    for image in images:
+        load_image(image)
+
+
+def hits_for(identities: Sequence[str], scores: np.ndarray, rows: np.ndarray,
+             gallery_paths: Sequence[str], threshold: float | None, k: int) -> list[Hit]:
+    """The top-``k`` answer with ``new_whale`` placed by ``threshold`` (as Kaggle scores it)."""
+    from .metrics import insert_new_whale
+
+    labels = insert_new_whale(identities, scores, threshold, k)
+    position = {identity: i for i, identity in enumerate(identities)}
+    hits = []
+    for label in labels:
+        if label == NEW_WHALE and label not in position:
+            hits.append(Hit(NEW_WHALE, None, None))
+            continue
+        i = position[label]
+        hits.append(Hit(label, float(scores[i]), gallery_paths[int(rows[i])]))
+    return hits
+
+
+def format_text(result: QueryResult) -> str:
+    """Human-readable: per query, the ranked identities, similarity, nearest gallery image."""
+    lines = []
+    for answer in result.answers:
+        lines.append(answer.image)
+        for rank, hit in enumerate(answer.hits, start=1):
+            if hit.similarity is None:
+                lines.append(f"  {rank}. {hit.identity:<24s} {'':>7s}  (every identity below "
+                             f"scores under the threshold {result.threshold:.4f})")
+            else:
+                lines.append(f"  {rank}. {hit.identity:<24s} {hit.similarity:7.4f}  {hit.gallery_image}")
+    if result.threshold is None:
+        lines.append("(no new_whale threshold: the index's model has none; pass --threshold)")
+    return "\n".join(lines)
+
+
+def to_json(result: QueryResult) -> dict[str, Any]:
+    return {"index": result.index_dir, "k": result.k, "threshold": result.threshold,
+            "results": [{"image": a.image, "answers": [_hit_json(h) for h in a.hits]}
+                        for a in result.answers]}
+
+
+def _hit_json(hit: Hit) -> dict[str, Any]:
+    similarity = None if hit.similarity is None else round(hit.similarity, 6)
+    return {**asdict(hit), "similarity": similarity}

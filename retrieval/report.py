@@ -1,0 +1,85 @@
+"""A self-contained HTML page to eyeball answers: each query beside its top-k gallery images.
+
+Every image is inlined as a base64 JPEG thumbnail, so the page can be mailed or archived alone.
+A gallery image seen by many queries is encoded once.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL = 128  # pixels, longer side
+MAX_QUERIES = 500  # beyond this the page gets too heavy to open; the first ones are shown
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1em; }
+table { border-collapse: collapse; }
+td { border: 1px solid #ccc; padding: 4px; text-align: center; vertical-align: top; font-size: 12px; }
+td.query { background: #eef; }
+td.new { background: #fee; width: 128px; }
+.name { max-width: 128px; overflow-wrap: anywhere; }
+"""
+
+
+@lru_cache(maxsize=4096)
+def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str | None:
+    """A data: URI of a JPEG thumbnail, or None if the file cannot be read (moved, corrupt)."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+    except (OSError, ValueError) as err:
+        log.warning("no thumbnail for %s (%s)", path, err)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _image_cell(path: str | None, lines: list[str], css: str = "") -> str:
+    uri = thumbnail_uri(path) if path else None
+    picture = f'<img src="{uri}" alt="{html.escape(Path(path).name)}"><br>' if uri else ""
+    text = "<br>".join(f'<span class="name">{html.escape(line)}</span>' for line in lines)
+    return f'<td class="{css}">{picture}{text}</td>'
+
+
+def render(result) -> str:
+    """The page for a ``retrieval.query.QueryResult``."""
+    threshold = "none" if result.threshold is None else f"{result.threshold:.4f}"
+    answers = result.answers[:MAX_QUERIES]
+    rows = []
+    for answer in answers:
+        cells = [_image_cell(answer.image, [Path(answer.image).name], "query")]
+        for rank, hit in enumerate(answer.hits, start=1):
+            if hit.similarity is None:
+                cells.append(_image_cell(None, [f"{rank}. {hit.identity}",
+                                                f"below threshold {threshold}"], "new"))
+            else:
+                cells.append(_image_cell(hit.gallery_image, [f"{rank}. {hit.identity}",
+                                                             f"{hit.similarity:.4f}"]))
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    shown = f"first {len(answers)} of {len(result.answers)}" if len(answers) < len(result.answers) \
+        else f"{len(answers)}"
+    header = "<tr><th>query</th>" + "".join(f"<th>{i}</th>" for i in range(1, result.k + 1)) + "</tr>"
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>query report</title>"
+            f"<style>{_STYLE}</style></head><body>\n"
+            f"<h1>Query report</h1><p>index {html.escape(result.index_dir)}; {shown} queries; "
+            f"top {result.k}; new_whale threshold {threshold}</p>\n"
+            f"<table>{header}\n" + "\n".join(rows) + "\n</table></body></html>\n")
+
+
+def write_report(path: str | Path, result) -> None:
+    from .checkpoint import atomic_write
+
+    if len(result.answers) > MAX_QUERIES:
+        log.warning("the report shows the first %d of %d queries", MAX_QUERIES, len(result.answers))
+    page = render(result)
+    atomic_write(path, lambda temp: temp.write_text(page, encoding="utf-8"))

@@ -1,0 +1,263 @@
+"""build_index.py and query.py on real images (ORL faces at 64 px): round trips, edits that equal
+a rebuild, the submission and HTML outputs, torchrun, and one-line errors for bad input."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import build_index
+import query
+from index import GalleryIndex, load_index
+from retrieval import NEW_WHALE
+from retrieval.checkpoint import load_model
+from retrieval.embed import embed_images
+from retrieval.errors import UserError
+from retrieval.indexing import BuildOptions, run
+from retrieval.query import run_query
+
+from .index_helpers import (IMAGE_SIZE, assert_one_line_error, check_html, copy_gallery,
+                            make_checkpoint, run_cli, single_threaded, torchrun)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from single_threaded()
+
+
+KNOWN = [f"s{i}" for i in range(1, 9)]  # in the gallery
+LATER = ["s9", "s10", "s11"]  # appended later
+UNKNOWN = ["s30", "s31", "s32"]  # never in the gallery: their queries should be new_whale-ish
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, orl_samples):
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = make_checkpoint(root / "model.pt", seed=0, threshold=0.5)
+    other = make_checkpoint(root / "other.pt", seed=1, threshold=0.3)
+    gallery = copy_gallery(orl_samples, root / "gallery", KNOWN + LATER, per_identity=3)
+    queries = root / "queries"
+    copy_gallery(orl_samples, root / "q", KNOWN[:5] + UNKNOWN, per_identity=1, skip=5)
+    queries.mkdir()
+    for image in sorted((root / "q").rglob("*.pgm")):  # a flat test/ folder, Kaggle style
+        shutil.copy(image, queries / f"{image.parent.name}_{image.name}")
+    return argparse.Namespace(root=root, ckpt=ckpt, other=other, gallery=gallery, queries=queries)
+
+
+def build(out, gallery, **options):
+    defaults = dict(out=str(out), gallery=str(gallery) if gallery else None, workers=0,
+                    batch_size=16, progress=False)
+    return run(BuildOptions(**{**defaults, **options}))
+
+
+@pytest.fixture(scope="module")
+def index_dir(data):
+    out = data.root / "index"
+    build(out, data.gallery, model=str(data.ckpt))
+    return out
+
+
+def test_build_load_query_round_trip_equals_direct_search(data, index_dir):
+    stored = load_index(index_dir)
+    m = stored.manifest
+    assert m.threshold == 0.5 and m.tta == "none" and m.model["checkpoint"] == str(data.ckpt)
+    assert m.model["preprocessing"]["image_size"] == IMAGE_SIZE and m.dim == 32
+    assert m.counts == {"images": 33, "identities": 11}
+    model, preprocessing, payload = load_model(data.ckpt)
+    assert m.fingerprint == payload["fingerprint"]
+    gallery_paths = sorted(str(p) for p in data.gallery.rglob("*.pgm"))
+    assert stored.paths == gallery_paths
+    query_paths = sorted(data.queries.iterdir())
+    direct = GalleryIndex(embed_images(model, gallery_paths, preprocessing, progress=False),
+                          [p.split("/")[-2] for p in gallery_paths]).search(
+        embed_images(model, query_paths, preprocessing, progress=False), 5)
+    result = run_query(data.queries, index_dir, k=5, threshold=-1.0)  # -1: never new_whale
+    assert [a.image for a in result.answers] == [str(p) for p in query_paths]
+    assert [a.labels for a in result.answers] == direct.identities
+    for answer, scores, rows in zip(result.answers, direct.scores, direct.best_rows):
+        np.testing.assert_allclose([h.similarity for h in answer.hits], scores, atol=1e-5)
+        assert [h.gallery_image for h in answer.hits] == [gallery_paths[r] for r in rows]
+    # the stored threshold places new_whale; --threshold overrides it
+    default = run_query(data.queries, index_dir)
+    assert default.threshold == 0.5
+    for answer, scores in zip(default.answers, direct.scores):
+        expected = sum(s >= 0.5 for s in scores)
+        assert (NEW_WHALE in answer.labels) == (expected < 5)
+        if expected < 5:
+            assert answer.labels.index(NEW_WHALE) == expected
+    assert all(a.labels[0] == NEW_WHALE for a in run_query(data.queries, index_dir, threshold=2.0).answers)
+
+
+def test_append_and_remove_equal_a_fresh_build(data, tmp_path, orl_samples):
+    gallery = copy_gallery(orl_samples, tmp_path / "gallery", KNOWN, per_identity=3)
+    build(tmp_path / "edited", gallery, model=str(data.ckpt))
+    copy_gallery(orl_samples, gallery, LATER, per_identity=3)  # new photos arrive
+    build(tmp_path / "edited", gallery, append=True)  # model, tta, size: the index's own
+    build(tmp_path / "fresh", gallery, model=str(data.ckpt))
+    assert_same_index(tmp_path / "edited", tmp_path / "fresh", data.queries)
+
+    build(tmp_path / "edited", None, remove=["s3", "s10"])
+    for identity in ("s3", "s10"):
+        shutil.rmtree(gallery / identity)
+    build(tmp_path / "fresh", gallery, model=str(data.ckpt))
+    assert_same_index(tmp_path / "edited", tmp_path / "fresh", data.queries)
+    assert load_index(tmp_path / "edited").manifest.counts == {"images": 27, "identities": 9}
+
+
+def assert_same_index(a_dir, b_dir, queries):
+    a, b = load_index(a_dir), load_index(b_dir)
+    assert a.paths == b.paths and a.identities == b.identities
+    np.testing.assert_allclose(a.vectors(), b.vectors(), atol=1e-5)
+    assert a.manifest.model == b.manifest.model and a.manifest.threshold == b.manifest.threshold
+    ra, rb = run_query(queries, a_dir), run_query(queries, b_dir)
+    assert [x.labels for x in ra.answers] == [x.labels for x in rb.answers]
+
+
+def test_append_does_not_re_embed_what_is_there(data, tmp_path, monkeypatch):
+    build(tmp_path / "idx", data.gallery, model=str(data.ckpt))
+    from retrieval.encoder import Encoder
+    embedded = []
+    original = Encoder.encode
+    monkeypatch.setattr(Encoder, "encode",
+                        lambda self, paths, **kw: embedded.extend(paths) or original(self, paths, **kw))
+    build(tmp_path / "idx", data.gallery, append=True)
+    assert embedded == []
+
+
+def test_append_refuses_another_model_or_preprocessing(data, index_dir):
+    with pytest.raises(UserError, match="built by another model .*rebuild the index without --append"):
+        build(index_dir, data.gallery, append=True, model=str(data.other))
+    with pytest.raises(UserError, match="built with --tta none"):
+        build(index_dir, data.gallery, append=True, tta="flip")
+    with pytest.raises(UserError, match="identity 'nobody' is not in index"):
+        build(index_dir, None, remove=["nobody"])
+    assert load_index(index_dir).manifest.counts["images"] == 33  # untouched
+
+
+def test_zero_shot_index_with_flip_tta_applies_it_to_queries(data, tmp_path, orl_samples):
+    gallery = copy_gallery(orl_samples, tmp_path / "gallery", KNOWN[:4], per_identity=2)
+    build(tmp_path / "idx", gallery, tta="flip", image_size=IMAGE_SIZE)
+    stored = load_index(tmp_path / "idx")
+    assert stored.manifest.tta == "flip" and stored.manifest.threshold is None
+    assert stored.manifest.model["source"] == "pretrained" and stored.manifest.dim == 1280
+    image = sorted(gallery.rglob("*.pgm"))[0]
+    answer = run_query(image, tmp_path / "idx").answers[0]
+    assert answer.hits[0].gallery_image == str(image)  # itself, only if flipped both ways
+    assert answer.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_kaggle_layout_gallery_with_nested_identities(data, tmp_path, omniglot_samples):
+    """train/ + train.csv (Image,Id); Omniglot's identities contain a slash; new_whale rows are
+    not an identity."""
+    from .conftest import make_kaggle_layout
+
+    chosen = [s for s in omniglot_samples if s.identity in
+              {"Alphabet_of_the_Magi/character01", "Greek/character02"}][::5]
+    images, labels = make_kaggle_layout(chosen, tmp_path / "kaggle", extra_rows=[("x.png", NEW_WHALE)])
+    build(tmp_path / "idx", images, labels=str(labels), model=str(data.ckpt))
+    stored = load_index(tmp_path / "idx")
+    assert stored.identities == [s.identity for s in chosen]  # CSV order = sorted file names
+    assert stored.paths == [str(images / f"{i:05d}.png") for i in range(len(chosen))]
+    answer = run_query(images / "00000.png", tmp_path / "idx", k=2, threshold=-1).answers[0]
+    assert answer.hits[0].identity == chosen[0].identity
+    assert answer.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_query_cli_outputs_submission_html_and_json(data, index_dir, tmp_path):
+    submission, report = tmp_path / "submission.csv", tmp_path / "report.html"
+    result = run_cli("query.py", data.queries, "--index", index_dir, "--json",
+                     "--submission", submission, "--html", report)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert answers["threshold"] == 0.5 and answers["k"] == 5
+    by_name = {r["image"].split("/")[-1]: [h["identity"] for h in r["answers"]] for r in answers["results"]}
+    check_submission(submission, by_name, allowed=set(KNOWN + LATER) | {NEW_WHALE})
+    check_html(report, expected_images=len(by_name) * 6 - sum(NEW_WHALE in v for v in by_name.values()))
+
+
+def check_submission(path, expected: dict[str, list[str]], allowed: set[str]) -> None:
+    lines = path.read_text().split("\n")
+    assert lines[0] == "Image,Id" and lines[-1] == ""  # header, trailing newline, nothing else
+    rows = lines[1:-1]
+    assert len(rows) == len(expected)
+    names = []
+    for line in rows:
+        name, ids = line.split(",")
+        labels = ids.split(" ")
+        assert len(labels) == 5 and len(set(labels)) == 5 and set(labels) <= allowed, line
+        assert labels == expected[name]
+        names.append(name)
+    assert names == sorted(expected)
+    with open(path, newline="") as handle:  # also valid CSV for pandas / Kaggle
+        assert list(csv.reader(handle))[0] == ["Image", "Id"]
+
+
+def test_query_cli_single_image_prints_ranked_identities(data, index_dir):
+    image = sorted(data.queries.iterdir())[0]
+    result = run_cli("query.py", image, "--index", index_dir, "-k", "3", "--threshold", "-1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().split("\n")
+    assert lines[0] == str(image) and len(lines) == 4
+    for rank, line in enumerate(lines[1:], start=1):
+        number, identity, similarity, gallery_image = line.split()
+        assert number == f"{rank}." and identity in KNOWN + LATER
+        assert -1 <= float(similarity) <= 1 and gallery_image.split("/")[-2] == identity
+
+
+def test_build_cli_removes_an_identity_without_loading_a_model(data, index_dir, tmp_path):
+    shutil.copytree(index_dir, tmp_path / "idx")
+    result = run_cli("build_index.py", "--out", tmp_path / "idx", "--remove-identity", "s1",
+                     "--remove-identity", "s2")
+    assert result.returncode == 0, result.stderr
+    stored = load_index(tmp_path / "idx")
+    assert stored.manifest.counts == {"images": 27, "identities": 9}
+    assert not {"s1", "s2"} & set(stored.identities)
+    assert stored.manifest.created == load_index(index_dir).manifest.created
+
+
+def test_torchrun_two_processes_build_the_same_index(data, tmp_path):
+    result = torchrun("build_index.py", "--gallery", data.gallery, "--model", data.ckpt,
+                      "--out", tmp_path / "ddp", "--workers", "0", "--batch-size", "8", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_index(tmp_path / "ddp", data.root / "index", data.queries)
+
+
+@pytest.mark.parametrize("make_args, fragments", [
+    (lambda d: ["query.py", d.root / "missing.jpg", "--index", d.root / "index"], ["does not exist"]),
+    (lambda d: ["query.py", d.queries, "--index", d.root / "no_index"],
+     ["index folder", "does not exist", "build_index.py"]),
+    (lambda d: ["build_index.py", "--gallery", d.root / "empty", "--out", d.root / "x"],
+     ["no images found"]),
+    (lambda d: ["query.py", d.queries, "--index", d.root / "index", "--model", d.other],
+     ["built by another model"]),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(data, index_dir, make_args, fragments):
+    (data.root / "empty" / "s1").mkdir(parents=True, exist_ok=True)
+    assert_one_line_error(run_cli(*make_args(data)), *fragments)
+
+
+def test_cli_refuses_a_truncated_index(data, index_dir, tmp_path):
+    shutil.copytree(index_dir, tmp_path / "damaged")
+    faiss_file = tmp_path / "damaged" / "index.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:1000])
+    result = run_cli("query.py", data.queries, "--index", tmp_path / "damaged")
+    assert_one_line_error(result, "index.faiss is truncated", "rebuild it with build_index.py")
+
+
+@pytest.mark.parametrize("module", [build_index, query])
+def test_every_cli_flag_has_help(module):
+    for action in module.build_parser()._actions:
+        assert action.help, action.dest
+
+
+def test_query_errors_on_inputs_come_before_any_heavy_import(data):
+    """A missing index is reported without loading torch, timm or albumentations."""
+    result = run_cli("-X", "importtime", "query.py", data.queries, "--index", data.root / "no_index")
+    assert_one_line_error(result, "does not exist")
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "faiss" in imported and not imported & {"torch", "timm", "albumentations", "pandas"}

@@ -1,0 +1,133 @@
+"""Index types: approximate ones keep recall close to exact, and every type answers the same API."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index import GalleryIndex
+from index.store import load_index, save_index
+from index.types import FLAT_MAX, FLAT_MAX_GPU, GRAPH_MAX, resolve
+
+from retrieval.errors import UserError
+
+from .index_helpers import clustered_vectors, single_threaded
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from single_threaded()
+
+
+MODEL = {"fingerprint": "synthetic", "source": "pretrained", "checkpoint": None,
+         "model_config": {}, "preprocessing": {"image_size": 64}}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """~3000 vectors of 1200 identities (1-4 images each), 128-d, one query per identity."""
+    return clustered_vectors(1200, 128, seed=0, spread=0.2)
+
+
+@pytest.fixture(scope="module")
+def exact(synthetic):
+    gallery, labels, queries, _ = synthetic
+    return GalleryIndex(gallery, labels).search(queries, 5)
+
+
+def recall_at_5(ranking, truth) -> float:
+    return float(np.mean([t in ids for ids, t in zip(ranking.identities, truth)]))
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_keeps_95_percent_of_exact_recall(synthetic, exact, kind):
+    gallery, labels, queries, truth = synthetic
+    assert 2500 < len(gallery) < 3500
+    index = GalleryIndex(gallery, labels, kind)
+    assert index.spec.kind == kind
+    ranking = index.search(queries, 5)
+    assert recall_at_5(exact, truth) > 0.9  # the task is learnable: a meaningful reference
+    assert recall_at_5(ranking, truth) >= 0.95 * recall_at_5(exact, truth)
+    if kind == "hnsw":  # the graph finds nearly the same identities as brute force
+        overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ranking.identities, exact.identities)])
+        assert overlap >= 0.95
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_every_type_answers_the_same_api_and_survives_save_load(synthetic, kind, tmp_path):
+    gallery, labels, queries, _ = synthetic
+    index = GalleryIndex(gallery, labels, kind)
+    ranking = index.search(queries[:50], 5)
+    assert ranking.scores.shape == ranking.best_rows.shape == (50, 5)
+    assert all(len(ids) == 5 for ids in ranking.identities)
+    for ids, rows in zip(ranking.identities, ranking.best_rows):
+        assert [labels[r] for r in rows] == ids  # each best row is an image of that identity
+    assert np.all(np.diff(ranking.scores, axis=1) <= 1e-6)  # best first
+    paths = [f"/g/{i:05d}.png" for i in range(len(gallery))]  # sorted: rows keep their order
+    save_index(tmp_path / "index", gallery, paths, labels, model=MODEL, tta="none", threshold=None,
+               index_type=kind)
+    stored = load_index(tmp_path / "index")
+    assert stored.manifest.index["kind"] == kind
+    again = stored.gallery.search(queries[:50], 5)
+    assert again.identities == ranking.identities
+    np.testing.assert_allclose(again.scores, ranking.scores, atol=1e-6)
+
+
+def test_ivfpq_scores_are_estimates_but_ranks_stay_useful(synthetic, exact):
+    gallery, labels, queries, truth = synthetic
+    ranking = GalleryIndex(gallery, labels, "ivfpq").search(queries, 5)
+    assert recall_at_5(ranking, truth) >= 0.8 * recall_at_5(exact, truth)
+
+
+def test_auto_picks_by_gallery_size_and_gpus():
+    assert resolve("auto", 1000, 512, gpus=0).kind == "flat"
+    assert resolve("auto", FLAT_MAX, 512, gpus=0).kind == "hnsw"
+    assert resolve("auto", FLAT_MAX, 512, gpus=1).kind == "flat"
+    assert resolve("auto", FLAT_MAX_GPU, 512, gpus=1).kind == "ivf"
+    assert resolve("auto", GRAPH_MAX, 512, gpus=0).kind == "ivfpq"
+    assert resolve("auto", 1000, 512, gpus=0).requested == "auto"
+    with pytest.raises(ValueError, match="unknown index type"):
+        resolve("annoy", 10, 8)
+
+
+def test_small_galleries_get_trainable_parameters():
+    """IVF cells never outnumber what k-means can train; PQ bits shrink with few vectors."""
+    for n in (1000, 5000, 200_000):
+        params = resolve("ivfpq", n, 1280, gpus=0).params
+        assert 1 <= params["nlist"] <= n // 39 and params["nprobe"] <= params["nlist"]
+        assert 1280 % params["m"] == 0 and 4 <= params["nbits"] <= 8
+    vectors, labels, _, _ = clustered_vectors(20, 16, seed=1)
+    for kind in ("flat", "ivf", "hnsw", "auto"):
+        assert len(GalleryIndex(vectors, labels, kind)) == len(vectors)
+    with pytest.raises(UserError, match="ivfpq .* at least 1000 vectors"):
+        GalleryIndex(vectors, labels, "ivfpq")
+
+
+def test_search_parameters_come_from_the_manifest(synthetic, tmp_path):
+    """efSearch / nprobe can be raised in manifest.json without a rebuild."""
+    import json
+
+    import faiss
+
+    gallery, labels, _, _ = synthetic
+    paths = [f"/g/{i:05d}.png" for i in range(len(gallery))]
+    save_index(tmp_path / "ivf", gallery, paths, labels, model=MODEL, tta="none", threshold=None,
+               index_type="ivf")
+    manifest_path = tmp_path / "ivf" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert faiss.extract_index_ivf(load_index(tmp_path / "ivf").gallery.cpu_index).nprobe == \
+        manifest["index"]["params"]["nprobe"]
+    manifest["index"]["params"]["nprobe"] = manifest["index"]["params"]["nlist"]
+    manifest_path.write_text(json.dumps(manifest))
+    stored = load_index(tmp_path / "ivf")
+    assert faiss.extract_index_ivf(stored.gallery.cpu_index).nprobe == manifest["index"]["params"]["nlist"]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_search_works_after_pytorch_metric_learning_patches_faiss(synthetic, kind):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search
+    (training validation runs in such a process)."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    gallery, labels, queries, _ = synthetic
+    ranking = GalleryIndex(gallery, labels, kind).search(queries[:5], 5)
+    assert all(len(ids) == 5 for ids in ranking.identities)
