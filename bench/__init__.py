@@ -1,0 +1,1 @@
+"""Benchmarks of the retrieval engine: ``python -m bench --help`` (see bench/README.md)."""

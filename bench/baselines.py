@@ -1,0 +1,99 @@
+"""Models that are not the engine but are trained on the same images: the softmax classifier the
+seed whale projects used, and a minimal hand-written training loop (the speed suite's yardstick).
+
+Both reuse the engine's model factory, preprocessing, augmentation and image decoding, so the only
+difference measured is the method (classifier vs metric learning) or the loop (Trainer vs bare).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from retrieval.data import Sample, identities_of
+from retrieval.embed import ImageDataset
+from retrieval.metrics import map_at_k
+from retrieval.model import ModelConfig, create_model, preprocessing_for
+from retrieval.train import TrainConfig
+from retrieval.transforms import eval_transform, train_transform
+
+
+@dataclass
+class SoftmaxResult:
+    map5: float
+    train_seconds: float
+    epochs: int
+    final_loss: float
+
+
+def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample],
+                             queries: Sequence[Sample]) -> SoftmaxResult:
+    """Backbone + GeM + Linear over the gallery identities, cross-entropy, ``config.epochs``
+    epochs with the engine's optimiser settings (AdamW, per-group learning rates, frozen-backbone
+    warm-up, cosine decay). The answer to a query is its top-5 classes; ``new_whale`` is never
+    answered (what a plain classifier does), so every new query scores 0.
+    """
+    torch.manual_seed(config.seed)
+    model = create_model(ModelConfig(config.backbone, embedding_dim=0), pretrained=config.pretrained)
+    preprocessing = preprocessing_for(model, config.image_size)
+    classes = identities_of(gallery)
+    index_of = {name: i for i, name in enumerate(classes)}
+    classifier = nn.Linear(model.embedding_dim, len(classes))
+    dataset = ImageDataset([s.path for s in gallery], train_transform(preprocessing, config.flip),
+                           [index_of[s.identity] for s in gallery])
+    batch = max(2, min(config.batch_size, len(gallery)))
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, generator=generator,
+                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+    optimizer = torch.optim.AdamW([
+        {"params": model.backbone.parameters(), "lr": config.lr},
+        {"params": list(model.pool.parameters()) + list(classifier.parameters()),
+         "lr": config.head_lr},
+    ], weight_decay=config.weight_decay)
+    steps = len(loader)
+    warmup = config.warmup_epochs * steps
+    total = max(1, config.epochs * steps - warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 if s < warmup else
+                                                  0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / total))))
+    criterion = nn.CrossEntropyLoss()
+    started = time.perf_counter()
+    loss_value = float("nan")
+    for epoch in range(config.epochs):
+        frozen = epoch < config.warmup_epochs
+        for p in model.backbone.parameters():
+            p.requires_grad_(not frozen)
+        model.train()
+        classifier.train()
+        if frozen:
+            model.backbone.eval()
+        losses = []
+        for images, labels in loader:
+            with torch.set_grad_enabled(not frozen):
+                features = model.forward_features(images)
+            logits = classifier(model.pool(features))
+            loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+        loss_value = float(np.mean(losses)) if losses else float("nan")
+    seconds = time.perf_counter() - started
+    model.eval()
+    classifier.eval()
+    answers = []
+    query_loader = DataLoader(ImageDataset([q.path for q in queries], eval_transform(preprocessing)),
+                              batch_size=64)
+    with torch.no_grad():
+        for images in query_loader:
+            logits = classifier(model.pool(model.forward_features(images)))
+            top = logits.topk(min(5, len(classes)), dim=1).indices
+            answers.extend([[classes[i] for i in row] for row in top.tolist()])
+    return SoftmaxResult(map_at_k(answers, [q.identity for q in queries]), seconds,
+                         config.epochs, loss_value)

@@ -1,0 +1,150 @@
+"""Open-set retrieval protocol: Recall@1 and MAP@R on identities never seen in training.
+
+  python -m bench open-set --data omniglot --epochs 5 --seeds 0
+
+``retrieval.data.open_set_split``: the first half of the sorted identities trains (through
+``retrieval.train.train``, the code users run), the second half is the test set: every test image
+is a query against all the other test images. Recall@1 (= precision_at_1) and MAP@R come from
+pytorch-metric-learning's ``AccuracyCalculator`` (k="max_bin_count", reference = query set with
+the query itself excluded: ``ref_includes_query=True``). ``--seeds`` are training seeds: the split
+itself has no randomness.
+
+Training uses ``TrainConfig(refit=False)`` by default: the selection model (best validation epoch)
+is scored. Refit would double the CPU time, and here it buys little: the threshold it exists to
+carry is not used by this protocol, and with 10-20 images per identity the images lent to
+validation are a small share of the training set (``--refit`` to do it anyway).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import Report, data_path, format_table, mean_std, pm
+
+LOSSES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
+METRICS = {"precision_at_1": "Recall@1", "mean_average_precision_at_r": "MAP@R"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="omniglot", help="omniglot | orl | a folder-per-identity path")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--epochs", type=int, default=5, help="selection-stage epochs")
+    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    p.add_argument("--refit", action="store_true", help="train with refit=True (see above)")
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workdir", help="where checkpoints go (default: a temp dir, deleted after)")
+
+
+def open_set_metrics(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Recall@1 and MAP@R of every vector against all the others (self excluded)."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    calculator = AccuracyCalculator(include=tuple(METRICS), k="max_bin_count", device=None)
+    result = calculator.get_accuracy(np.ascontiguousarray(vectors, dtype=np.float32), labels,
+                                     np.ascontiguousarray(vectors, dtype=np.float32), labels,
+                                     ref_includes_query=True)
+    return {key: float(result[key]) for key in METRICS}
+
+
+def label_array(samples) -> np.ndarray:
+    names = sorted({s.identity for s in samples})
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[s.identity] for s in samples], dtype=np.int64)
+
+
+def train_config(args, loss: str, seed: int, out: Path):
+    from retrieval.train import TrainConfig
+
+    defaults = TrainConfig()
+    return TrainConfig(out=str(out), backbone=args.backbone or defaults.backbone,
+                       image_size=args.image_size, loss=loss, epochs=args.epochs,
+                       warmup_epochs=max(0, min(defaults.warmup_epochs, args.epochs - 1)),
+                       refit=args.refit, seed=seed, num_workers=args.workers, device="cpu")
+
+
+def evaluate_checkpoint(checkpoint, test) -> dict[str, float]:
+    from retrieval.checkpoint import load_model
+    from retrieval.embed import embed_images
+
+    model, preprocessing, _ = load_model(checkpoint)
+    vectors = embed_images(model, [s.path for s in test], preprocessing, progress=False)
+    return open_set_metrics(vectors, label_array(test))
+
+
+def pretrained_metrics(args, test) -> dict[str, float]:
+    from retrieval.embed import embed_images
+    from retrieval.model import DEFAULT_BACKBONE, ModelConfig, create_model, preprocessing_for
+
+    model = create_model(ModelConfig(args.backbone or DEFAULT_BACKBONE, embedding_dim=0), pretrained=True)
+    vectors = embed_images(model, [s.path for s in test], preprocessing_for(model, args.image_size),
+                           progress=False)
+    return open_set_metrics(vectors, label_array(test))
+
+
+def run(args) -> dict:
+    from retrieval.data import open_set_split, read_folder_gallery
+    from retrieval.train import train
+
+    samples = read_folder_gallery(data_path(args.data))
+    train_samples, test = open_set_split(samples)
+    report = Report("open_set", args, args.seeds)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-openset-"))
+    rows: dict[str, list[dict]] = {"pretrained + GeM (no fine-tuning)": [pretrained_metrics(args, test)]}
+    try:
+        for loss in args.losses:
+            for seed in args.seeds:
+                out = workdir / f"{loss}-{seed}"
+                started = time.perf_counter()
+                try:
+                    checkpoint = train(train_config(args, loss, seed, out), train_samples)
+                except Exception as err:  # record it, go on with the other losses
+                    message = f"{type(err).__name__}: {err}"
+                    rows.setdefault(f"engine {loss}", []).append({"seed": seed, "error": message})
+                    print(f"{loss} seed {seed}: FAILED {message}", flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
+                    continue
+                seconds = time.perf_counter() - started
+                metrics = {**evaluate_checkpoint(checkpoint, test), "seed": seed,
+                           "train_seconds": round(seconds, 1)}
+                rows.setdefault(f"engine {loss}", []).append(metrics)
+                print(f"{loss} seed {seed}: Recall@1 {metrics['precision_at_1']:.3f} "
+                      f"MAP@R {metrics['mean_average_precision_at_r']:.3f} ({seconds:.0f}s training)",
+                      flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+                _write(report, args, rows, train_samples, test)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summary, table = _write(report, args, rows, train_samples, test)
+    print(table)
+    return {"rows": rows, "summary": summary}
+
+
+def _write(report, args, rows, train_samples, test):
+    summary = {name: {key: mean_std([r[key] for r in runs if key in r])
+                      for key in list(METRICS) + ["train_seconds"] if any(key in r for r in runs)}
+               for name, runs in rows.items()}
+    headers = ["open-set (test half, query vs rest)", "Recall@1", "MAP@R", "train s", "runs"]
+    table_rows = [[name, pm(s.get("precision_at_1")), pm(s.get("mean_average_precision_at_r")),
+                   f"{s['train_seconds']['mean']:.0f}" if "train_seconds" in s else "-",
+                   s["precision_at_1"]["n"] if "precision_at_1" in s else 0]
+                  for name, s in summary.items()]
+    failures = sorted({f"{name}: {r['error']}" for name, runs in rows.items() for r in runs
+                       if "error" in r})
+    title = (f"{args.data}: train {len({s.identity for s in train_samples})} identities / "
+             f"{len(train_samples)} images, test {len({s.identity for s in test})} identities / "
+             f"{len(test)} images; image {args.image_size}px, {args.epochs} epochs, "
+             f"refit={args.refit}, seeds {' '.join(map(str, args.seeds))}")
+    table = format_table(headers, table_rows, title)
+    table += "".join(f"\nFAILED {f}" for f in failures)
+    report.write(f"open_set_{Path(str(args.data)).name}_{args.image_size}px_{args.epochs}ep", getattr(args, "out", None),
+                 data=str(args.data), train_images=len(train_samples), test_images=len(test),
+                 runs=rows, summary=summary, table=table)
+    return summary, table

@@ -1,0 +1,526 @@
+"""Speed, as ratios measured within one run (robust to a loaded machine; absolutes are not).
+
+  python -m bench speed                       # all parts, CPU, one thread
+  python -m bench speed --parts embed train   # a subset
+  python -m bench speed --index-sizes 10000 100000 1000000 --index-types flat ivf
+
+Parts:
+  embed   gallery path (decode + preprocess + forward, ``retrieval.embed.embed_images``) images/s
+          ÷ the same model's bare forward on random tensors of the same shape and batch
+  search  ``index.GalleryIndex.search`` (k=5 identities, neighbour folding) ÷ bare FAISS
+          IndexFlatIP search on the same vectors (k=5, and k = the neighbours GalleryIndex asks for)
+  knn     exact top-5: FAISS flat vs numpy matmul + argpartition vs scikit-learn NearestNeighbors
+          (brute), same vectors, with agreement of their top-5 sets
+  train   images/s of ``retrieval.train.Trainer.train_epoch`` ÷ a minimal hand-written PyTorch
+          loop with the same model, loss (ArcFace), batch size, images and augmentation
+  query   ``query.py`` on one image, as a fresh process: cold (first run) and warm (median of the
+          next runs, files in the page cache)
+  index   HNSW / IVF recall@5 and queries/s by gallery size: runs bench/index_speed.py
+  scale   --scale-size vectors (default 1M x 512, float32, generated in chunks: ~2 GB): flat
+          through GalleryIndex vs bare FAISS, and IVF trained on a 64k sample (built directly in
+          FAISS: GalleryIndex's IVF trains k-means on every vector, ~4000 cells at 1M, which is
+          not affordable on one shared core); HNSW is left out (146 s per 100k measured: ~30 min)
+Repetitions are interleaved (A B A B ...) and the best of each is kept, so a burst of load from
+other jobs hits both sides of a ratio alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import ROOT, Report, data_path, format_table
+
+PARTS = ("embed", "search", "knn", "train", "query", "index", "scale")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--data", default="omniglot", help="images for embed / train / query")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--embed-images", type=int, default=256, help="images embedded per repetition")
+    p.add_argument("--embed-batch", type=int, default=64)
+    p.add_argument("--train-images", type=int, default=160, help="images per timed training epoch")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (embed, train)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repetitions of each side")
+    p.add_argument("--gallery", type=int, nargs="+", default=[10_000, 100_000],
+                   help="synthetic gallery sizes (vectors) for search / knn")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--query-runs", type=int, default=4, help="query.py runs (first = cold)")
+    p.add_argument("--index-sizes", type=int, nargs="+", default=[10_000],
+                   help="gallery sizes for bench/index_speed.py (1000000 takes long: see README)")
+    p.add_argument("--index-types", nargs="+", default=["flat", "hnsw", "ivf"])
+    p.add_argument("--scale-size", type=int, default=1_000_000, help="vectors for the scale part")
+    p.add_argument("--scale-queries", type=int, default=1000,
+                   help="batched queries for the scale part (FAISS flat is ~7x slower per query "
+                        "in batches of 200 than of 1000 here: keep batches large)")
+
+
+def _best_interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Seconds of each callable, run in turn ``repeats`` times (after one untimed round)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    if warmup:
+        for fn in fns.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+# ----------------------------------------------------------------------------- embed
+
+def bench_embed(args) -> dict:
+    import torch
+
+    from retrieval.data import read_folder_gallery
+    from retrieval.embed import ImageDataset, embed_images
+    from retrieval.model import ModelConfig, create_model, preprocessing_for
+    from retrieval.transforms import eval_transform
+    from torch.utils.data import DataLoader
+
+    samples = read_folder_gallery(data_path(args.data))
+    step = max(1, len(samples) // args.embed_images)
+    paths = [s.path for s in samples[::step][:args.embed_images]]
+    model = create_model(ModelConfig(embedding_dim=512), pretrained=True).eval()
+    pre = preprocessing_for(model, args.image_size)
+    cpu = torch.device("cpu")
+    batches = [min(args.embed_batch, len(paths) - i) for i in range(0, len(paths), args.embed_batch)]
+    randoms = [torch.randn(b, 3, pre.image_size, pre.image_size) for b in sorted(set(batches))]
+    by_size = {r.shape[0]: r for r in randoms}
+
+    def gallery_path():
+        embed_images(model, paths, pre, batch_size=args.embed_batch, num_workers=args.workers,
+                     device=cpu, progress=False)
+
+    @torch.no_grad()
+    def bare_forward():
+        for b in batches:
+            model(by_size[b])
+
+    def decode_only():
+        loader = DataLoader(ImageDataset(paths, eval_transform(pre)), batch_size=args.embed_batch,
+                            num_workers=args.workers)
+        for _ in loader:
+            pass
+
+    times = _best_interleaved({"embed_images": gallery_path, "bare_forward": bare_forward,
+                               "decode_preprocess_only": decode_only}, args.repeats)
+    rate = {k: len(paths) / min(v) for k, v in times.items()}
+    return {"images": len(paths), "batch": args.embed_batch, "image_size": pre.image_size,
+            "workers": args.workers, "seconds": times,
+            "images_per_s": {k: round(v, 1) for k, v in rate.items()},
+            "ratio_embed_over_bare": round(rate["embed_images"] / rate["bare_forward"], 3)}
+
+
+# ----------------------------------------------------------------------------- search / knn
+
+def _synthetic(n_vectors: int, dim: int, n_queries: int, seed: int = 0):
+    sys.path.insert(0, str(ROOT))
+    from tests.index_helpers import clustered_vectors  # the tests' synthetic gallery
+
+    gallery, labels, queries, truth = clustered_vectors(max(1, n_vectors * 2 // 5), dim, seed,
+                                                        spread=0.25)
+    rng = np.random.default_rng(seed + 1)
+    pick = rng.choice(len(queries), size=min(n_queries, len(queries)), replace=False)
+    return gallery, labels, queries[pick], truth[pick]
+
+
+def bench_search(args, n: int) -> dict:
+    import faiss
+
+    from index import GalleryIndex
+
+    gallery, labels, queries, _ = _synthetic(n, args.dim, args.queries)
+    engine = GalleryIndex(gallery, labels)
+    bare = faiss.IndexFlatIP(args.dim)
+    bare.add(gallery)
+    wide = min(len(engine), 5 * engine.max_images_per_identity)
+    fns = {"GalleryIndex.search(k=5)": lambda: engine.search(queries, 5),
+           "faiss flat search(k=5)": lambda: bare.search(queries, 5),
+           f"faiss flat search(k={wide})": lambda: bare.search(queries, wide)}
+    times = _best_interleaved(fns, args.repeats)
+    single = queries[:100]
+    one = {"GalleryIndex.search(k=5)": lambda: [engine.search(q[None], 5) for q in single],
+           "faiss flat search(k=5)": lambda: [bare.search(q[None], 5) for q in single]}
+    single_times = _best_interleaved(one, args.repeats, warmup=False)
+    qps = {k: len(queries) / min(v) for k, v in times.items()}
+    ms = {k: 1000 * min(v) / len(single) for k, v in single_times.items()}
+    return {"gallery": len(gallery), "dim": args.dim, "queries": len(queries),
+            "neighbours_asked_by_engine": wide, "batch_queries_per_s": {k: round(v, 1) for k, v in qps.items()},
+            "single_query_ms": {k: round(v, 3) for k, v in ms.items()},
+            "ratio_engine_over_bare_k5": round(qps["GalleryIndex.search(k=5)"] / qps["faiss flat search(k=5)"], 3),
+            "ratio_engine_over_bare_same_k": round(qps["GalleryIndex.search(k=5)"] / qps[f"faiss flat search(k={wide})"], 3),
+            "ratio_single_query_engine_over_bare": round(ms["faiss flat search(k=5)"] / ms["GalleryIndex.search(k=5)"], 3)}
+
+
+def bench_knn(args, n: int) -> dict:
+    import faiss
+    from sklearn.neighbors import NearestNeighbors
+
+    gallery, _, queries, _ = _synthetic(n, args.dim, args.queries)
+    k = 5
+    flat = faiss.IndexFlatIP(args.dim)
+    flat.add(gallery)
+    knn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine").fit(gallery)
+
+    def numpy_topk():
+        sims = queries @ gallery.T
+        part = np.argpartition(-sims, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
+        return np.take_along_axis(part, order, axis=1)
+
+    results = {}
+    fns = {"faiss IndexFlatIP": lambda: results.__setitem__("faiss", flat.search(queries, k)[1]),
+           "numpy matmul + argpartition": lambda: results.__setitem__("numpy", numpy_topk()),
+           "sklearn NearestNeighbors(brute, cosine)":
+               lambda: results.__setitem__("sklearn", knn.kneighbors(queries, return_distance=False))}
+    times = _best_interleaved(fns, args.repeats)
+    qps = {name: len(queries) / min(t) for name, t in times.items()}
+    base = qps["faiss IndexFlatIP"]
+    agree = {name: round(float(np.mean([len(set(a) & set(b)) / k for a, b in
+                                        zip(results[name], results["faiss"])])), 4)
+             for name in ("numpy", "sklearn")}
+    return {"gallery": len(gallery), "dim": args.dim, "queries": len(queries), "k": k,
+            "queries_per_s": {name: round(v, 1) for name, v in qps.items()},
+            "ratio_over_faiss": {name: round(v / base, 3) for name, v in qps.items()},
+            "top5_agreement_with_faiss": agree}
+
+
+# ----------------------------------------------------------------------------- train
+
+def bench_train(args) -> dict:
+    import torch
+    from pytorch_metric_learning import losses
+    from torch.utils.data import DataLoader
+
+    from retrieval import distributed
+    from retrieval.data import identities_of, read_folder_gallery
+    from retrieval.embed import ImageDataset
+    from retrieval.model import ModelConfig, create_model, preprocessing_for
+    from retrieval.train import TrainConfig, Trainer
+    from retrieval.transforms import train_transform
+
+    samples = read_folder_gallery(data_path(args.data))
+    groups: dict[str, list] = {}
+    for s in samples:
+        groups.setdefault(s.identity, []).append(s)
+    per_identity = 8
+    chosen = [s for group in list(groups.values())[: max(2, args.train_images // per_identity)]
+              for s in group[:per_identity]][: args.train_images]
+    config = TrainConfig(out=tempfile.mkdtemp(prefix="bench-speed-"), image_size=args.image_size,
+                         loss="arcface", epochs=1000, warmup_epochs=0, batch_size=args.train_batch,
+                         num_workers=args.workers, device="cpu", seed=0)
+    torch.manual_seed(0)
+    ctx = distributed.setup("cpu")
+    trainer = Trainer(config, chosen, config.epochs, ctx)
+
+    # the minimal loop: same architecture and weights, same loss and optimiser, same data
+    model = create_model(ModelConfig(config.backbone, config.embedding_dim), pretrained=True)
+    pre = preprocessing_for(model, config.image_size)
+    classes = identities_of(chosen)
+    index_of = {c: i for i, c in enumerate(classes)}
+    loss_fn = losses.ArcFaceLoss(len(classes), model.embedding_dim, margin=28.6, scale=30)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=1e-3,
+                                  weight_decay=1e-4)
+    loader = DataLoader(ImageDataset([s.path for s in chosen], train_transform(pre),
+                                     [index_of[s.identity] for s in chosen]),
+                        batch_size=config.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.workers, persistent_workers=args.workers > 0)
+    counted = {"bare": 0}
+
+    def bare_epoch():
+        model.train()
+        for images, labels in loader:
+            loss = loss_fn(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            counted["bare"] += len(labels)
+
+    def trainer_epoch():
+        trainer.train_epoch()
+
+    images_per_epoch = len(trainer.loader) * trainer.loader.batch_size
+    times = _best_interleaved({"Trainer.train_epoch": trainer_epoch, "minimal loop": bare_epoch},
+                              args.repeats)
+    bare_images = len(loader) * config.batch_size
+    rate = {"Trainer.train_epoch": images_per_epoch / min(times["Trainer.train_epoch"]),
+            "minimal loop": bare_images / min(times["minimal loop"])}
+    import shutil
+    shutil.rmtree(config.out, ignore_errors=True)
+    return {"images": len(chosen), "identities": len(classes), "batch": config.batch_size,
+            "image_size": pre.image_size, "workers": args.workers, "loss": "arcface",
+            "backbone_frozen": False, "seconds": times,
+            "images_per_s": {k: round(v, 2) for k, v in rate.items()},
+            "ratio_trainer_over_minimal": round(rate["Trainer.train_epoch"] / rate["minimal loop"], 3)}
+
+
+# ----------------------------------------------------------------------------- query.py
+
+def bench_query(args) -> dict:
+    script = ROOT / "query.py"
+    if not script.is_file() or not (ROOT / "build_index.py").is_file():
+        return {"skipped": "query.py or build_index.py is absent"}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONUNBUFFERED": "1"}
+    gallery = data_path("orl")
+    image = sorted(p for p in (gallery / "s1").iterdir() if p.suffix.lower() == ".pgm")[0]
+    with tempfile.TemporaryDirectory(prefix="bench-query-") as temp:
+        index_dir = Path(temp) / "index"
+        started = time.perf_counter()
+        build = subprocess.run([sys.executable, "build_index.py", "--gallery", str(gallery),
+                                "--image-size", str(args.image_size), "--out", str(index_dir)],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        build_s = time.perf_counter() - started
+        if build.returncode != 0:
+            return {"skipped": f"build_index.py failed (exit {build.returncode}): "
+                               f"{build.stderr.strip().splitlines()[-1:] }"}
+        runs = []
+        for _ in range(args.query_runs):
+            started = time.perf_counter()
+            result = subprocess.run([sys.executable, "query.py", str(image), "--index", str(index_dir)],
+                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            runs.append(time.perf_counter() - started)
+            if result.returncode != 0:
+                return {"skipped": f"query.py failed (exit {result.returncode}): "
+                                   f"{result.stderr.strip().splitlines()[-1:]}"}
+        imports = subprocess.run([sys.executable, "-c", "import time; t=time.perf_counter(); "
+                                  "import torch, timm, faiss, albumentations; "
+                                  "print(time.perf_counter()-t)"], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=300)
+    return {"gallery": "orl_faces (400 images, zero-shot model)", "image_size": args.image_size,
+            "query_image": str(image.relative_to(gallery.parent)), "build_index_s": round(build_s, 2),
+            "runs_s": [round(r, 3) for r in runs], "cold_s": round(runs[0], 3),
+            "warm_s": round(statistics.median(runs[1:]), 3) if len(runs) > 1 else None,
+            "import_torch_timm_faiss_albumentations_s":
+                round(float(imports.stdout.strip() or "nan"), 3),
+            "first_line": result.stdout.strip().splitlines()[:2]}
+
+
+# ----------------------------------------------------------------------------- index types
+
+def bench_index(args) -> list[dict]:
+    script = ROOT / "bench" / "index_speed.py"
+    if not script.is_file():
+        return [{"skipped": "bench/index_speed.py is absent"}]
+    out = Path(args.out) if getattr(args, "out", None) else ROOT / "bench" / "results"
+    rows = []
+    for n in args.index_sizes:
+        command = [sys.executable, str(script), "--n", str(n), "--types", *args.index_types,
+                   "--out", str(out)]
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        seconds = time.perf_counter() - started
+        print(result.stdout, end="", flush=True)
+        if result.returncode != 0:
+            rows.append({"n": n, "failed": result.stderr.strip().splitlines()[-1:]})
+            continue
+        written = [line for line in result.stdout.splitlines() if line.startswith("(written to ")]
+        path = Path(written[-1][len("(written to "):-1]) if written else None
+        report = json.loads(path.read_text()) if path and path.is_file() else {}
+        rows.append({"n": n, "json": str(path), "seconds": round(seconds, 1),
+                     "gallery": report.get("gallery"), "results": report.get("results", [])})
+    return rows
+
+
+# ----------------------------------------------------------------------------- scale
+
+def _clustered_float32(n_vectors: int, dim: int, n_queries: int, seed: int = 0, spread: float = 0.25,
+                       chunk: int = 100_000):
+    """Like tests/index_helpers.clustered_vectors (identity centres, 1-4 noisy images each, one
+    noisy query per identity) but float32 and in chunks, so 1M x 512 needs ~2 GB, not ~16 GB."""
+    rng = np.random.default_rng(seed)
+    n_identities = max(1, n_vectors * 2 // 5)
+    counts = rng.integers(1, 5, size=n_identities)
+    labels = np.repeat(np.arange(n_identities), counts)[:n_vectors]
+    centres = rng.standard_normal((n_identities, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    gallery = np.empty((len(labels), dim), dtype=np.float32)
+    scale = np.float32(spread * 4 / np.sqrt(dim))
+    for start in range(0, len(labels), chunk):
+        block = centres[labels[start:start + chunk]] + scale * rng.standard_normal(
+            (min(chunk, len(labels) - start), dim), dtype=np.float32)
+        gallery[start:start + chunk] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    truth = rng.choice(labels, size=n_queries, replace=False)
+    queries = centres[truth] + scale * rng.standard_normal((n_queries, dim), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    names = np.array([f"id{i:07d}" for i in range(n_identities)], dtype=object)
+    return gallery, names[labels], queries, names[truth]
+
+
+def bench_scale(args) -> dict:
+    import faiss
+
+    from index import GalleryIndex
+
+    started = time.perf_counter()
+    gallery, labels, queries, truth = _clustered_float32(args.scale_size, args.dim, args.scale_queries)
+    generate_s = time.perf_counter() - started
+    rows = {}
+
+    def measure(name, build, search_batch, search_one, answer_identities):
+        t = time.perf_counter()
+        index = build()
+        build_s = time.perf_counter() - t
+        search_one(index, queries[:10])  # warm-up (first-call costs)
+        t = time.perf_counter()
+        result = search_batch(index)
+        batch_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for q in queries[:20]:
+            search_one(index, q[None])
+        single_ms = (time.perf_counter() - t) / 20 * 1000
+        ids = answer_identities(result)
+        rows[name] = {"build_s": round(build_s, 2), "batch_queries_per_s": round(len(queries) / batch_s, 1),
+                      "single_query_ms": round(single_ms, 2),
+                      "recall_at_5": float(np.mean([t in set(i) for i, t in zip(ids, truth)]))}
+        return index, ids
+
+    def bare_flat():
+        index = faiss.IndexFlatIP(args.dim)
+        index.add(gallery)
+        return index
+
+    def top5_identities(rows_):
+        return [list(dict.fromkeys(labels[r][r >= 0]))[:5] for r in rows_]
+
+    engine, engine_ids = measure("GalleryIndex flat", lambda: GalleryIndex(gallery, labels),
+                                 lambda ix: ix.search(queries, 5), lambda ix, q: ix.search(q, 5),
+                                 lambda r: r.identities)
+    wide = 5 * engine.max_images_per_identity
+    del engine
+    measure("bare faiss IndexFlatIP", bare_flat, lambda ix: ix.search(queries, wide)[1],
+            lambda ix, q: ix.search(q, 5), top5_identities)
+    nlist, sample = 1024, min(len(gallery), 64 * 1024)
+
+    def ivf():
+        quantizer = faiss.IndexFlatIP(args.dim)
+        index = faiss.IndexIVFFlat(quantizer, args.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        pick = np.random.default_rng(1).choice(len(gallery), size=sample, replace=False)
+        index.train(gallery[np.sort(pick)])
+        index.add(gallery)
+        index.nprobe = 64
+        ivf.quantizer = quantizer  # keep it alive
+        return index
+
+    _, ivf_ids = measure(f"faiss IVFFlat nlist={nlist} nprobe=64, trained on {sample}", ivf,
+                         lambda ix: ix.search(queries, wide)[1], lambda ix, q: ix.search(q, 5),
+                         top5_identities)
+    return {"gallery": len(gallery), "dim": args.dim, "queries": len(queries),
+            "generate_s": round(generate_s, 1), "gallery_gib": round(gallery.nbytes / 2 ** 30, 2),
+            "rows": rows,
+            "ivf_top5_overlap_with_exact": round(float(np.mean(
+                [len(set(a) & set(b)) / 5 for a, b in zip(ivf_ids, engine_ids)])), 4),
+            "hnsw": "not run: build measured at 146 s per 100k vectors on this machine, "
+                    "so ~30 min or more for 1M on one shared core"}
+
+
+# ----------------------------------------------------------------------------- run
+
+def run(args) -> dict:
+    report = Report("speed", args, seeds=[0])
+    results: dict = {}
+    tables = []
+
+    name = "speed" if set(args.parts) >= set(PARTS) - {"scale"} else "speed_" + "_".join(args.parts)
+
+    def save():
+        report.write(name, getattr(args, "out", None), results=results, table="\n\n".join(tables))
+
+    if "embed" in args.parts:
+        e = results["embed"] = bench_embed(args)
+        tables.append(format_table(["embedding (images/s)", "value"], [
+            ["embed_images (decode+preprocess+forward)", e["images_per_s"]["embed_images"]],
+            ["bare forward, random tensors", e["images_per_s"]["bare_forward"]],
+            ["decode + preprocess only", e["images_per_s"]["decode_preprocess_only"]],
+            ["ratio embed_images / bare forward", e["ratio_embed_over_bare"]]],
+            f"embed: {e['images']} images, batch {e['batch']}, {e['image_size']}px, "
+            f"{e['workers']} workers"))
+        print(tables[-1], flush=True)
+        save()
+    for n in args.gallery if "search" in args.parts else []:
+        s = bench_search(args, n)
+        results.setdefault("search", []).append(s)
+        rows = [[name, s["batch_queries_per_s"][name], s["single_query_ms"].get(name)]
+                for name in s["batch_queries_per_s"]]
+        rows.append(["ratio engine / bare (k=5)", s["ratio_engine_over_bare_k5"],
+                     s["ratio_single_query_engine_over_bare"]])
+        rows.append([f"ratio engine / bare (same k={s['neighbours_asked_by_engine']})",
+                     s["ratio_engine_over_bare_same_k"], None])
+        tables.append(format_table(["search", "batch q/s", "1-query ms"], rows,
+                                   f"search: {s['gallery']} x {s['dim']} gallery, {s['queries']} queries"))
+        print(tables[-1], flush=True)
+        save()
+    for n in args.gallery if "knn" in args.parts else []:
+        k = bench_knn(args, n)
+        results.setdefault("knn", []).append(k)
+        agree = {"faiss IndexFlatIP": 1.0, "numpy matmul + argpartition": k["top5_agreement_with_faiss"]["numpy"],
+                 "sklearn NearestNeighbors(brute, cosine)": k["top5_agreement_with_faiss"]["sklearn"]}
+        tables.append(format_table(["exact top-5", "q/s", "÷ faiss", "top-5 agreement"],
+                                   [[name, qps, k["ratio_over_faiss"][name], agree[name]]
+                                    for name, qps in k["queries_per_s"].items()],
+                                   f"knn: {k['gallery']} x {k['dim']}, {k['queries']} queries, batched"))
+        print(tables[-1], flush=True)
+        save()
+    if "train" in args.parts:
+        t = results["train"] = bench_train(args)
+        tables.append(format_table(["training (images/s)", "value"], [
+            ["Trainer.train_epoch", t["images_per_s"]["Trainer.train_epoch"]],
+            ["minimal PyTorch loop", t["images_per_s"]["minimal loop"]],
+            ["ratio Trainer / minimal", t["ratio_trainer_over_minimal"]]],
+            f"train: {t['images']} images of {t['identities']} identities, batch {t['batch']}, "
+            f"{t['image_size']}px, ArcFace, backbone trained, {t['workers']} workers"))
+        print(tables[-1], flush=True)
+        save()
+    if "query" in args.parts:
+        q = results["query"] = bench_query(args)
+        if "skipped" in q:
+            tables.append(f"query.py: skipped ({q['skipped']})")
+        else:
+            tables.append(format_table(["query.py, one image (s)", "value"], [
+                ["cold (first process)", q["cold_s"]], ["warm (median of next)", q["warm_s"]],
+                ["of which: import torch+timm+faiss+albumentations", q["import_torch_timm_faiss_albumentations_s"]],
+                ["build_index.py (400 images, once)", q["build_index_s"]]],
+                f"query: {q['gallery']}, {q['image_size']}px"))
+        print(tables[-1], flush=True)
+        save()
+    if "index" in args.parts:
+        results["index"] = bench_index(args)
+        rows = []
+        for block in results["index"]:
+            for r in block.get("results", []):
+                rows.append([f"{r['type']} @ {block['gallery']}", r["build_s"], r["batch_queries_per_s"],
+                             r["single_query_ms"], r["recall_at_k"], r.get("recall_vs_exact")])
+            if "failed" in block or "skipped" in block:
+                rows.append([f"n={block.get('n')}", None, None, None, None,
+                             str(block.get("failed") or block.get("skipped"))])
+        tables.append(format_table(["index type @ gallery", "build s", "batch q/s", "1-query ms",
+                                    "recall@5", "vs exact"], rows, "index types (bench/index_speed.py)"))
+        print(tables[-1], flush=True)
+        save()
+    if "scale" in args.parts:
+        sc = results["scale"] = bench_scale(args)
+        tables.append(format_table(["scale: exact vs IVF", "build s", "batch q/s", "1-query ms", "recall@5"],
+                                   [[n, r["build_s"], r["batch_queries_per_s"], r["single_query_ms"],
+                                     r["recall_at_5"]] for n, r in sc["rows"].items()],
+                                   f"scale: {sc['gallery']} x {sc['dim']} float32 ({sc['gallery_gib']} GiB), "
+                                   f"{sc['queries']} queries; IVF top-5 overlap with exact "
+                                   f"{sc['ivf_top5_overlap_with_exact']}; HNSW not run (build ~30 min)"))
+        print(tables[-1], flush=True)
+        save()
+    save()
+    return results
