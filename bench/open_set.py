@@ -80,9 +80,9 @@ def evaluate_checkpoint(checkpoint, test) -> dict[str, float]:
 
 def pretrained_metrics(args, test) -> dict[str, float]:
     from retrieval.embed import embed_images
-    from retrieval.model import DEFAULT_BACKBONE, ModelConfig, create_model, preprocessing_for
+    from retrieval.model import DEFAULT_BACKBONE, preprocessing_for, zero_shot_model
 
-    model = create_model(ModelConfig(args.backbone or DEFAULT_BACKBONE, embedding_dim=0), pretrained=True)
+    model = zero_shot_model(args.backbone or DEFAULT_BACKBONE)
     vectors = embed_images(model, [s.path for s in test], preprocessing_for(model, args.image_size),
                            progress=False)
     return open_set_metrics(vectors, label_array(test))

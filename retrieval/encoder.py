@@ -114,14 +114,14 @@ def _checkpoint_encoder(spec: EncoderSpec) -> Encoder:
 def _zero_shot_encoder(spec: EncoderSpec) -> Encoder:
     """The untrained reference model: ImageNet backbone + GeM, no neck, no threshold."""
     from .checkpoint import state_fingerprint
-    from .model import ModelConfig, create_model, preprocessing_for, spec_from_dict
+    from .model import create_model, preprocessing_for, spec_from_dict, zero_shot_model
 
     if spec.preprocessing is not None:
         config, preprocessing = spec_from_dict({"model_config": spec.model_config,
                                                 "preprocessing": spec.preprocessing})
         model = create_model(config, pretrained=True)
     else:
-        model = create_model(ModelConfig(embedding_dim=0), pretrained=True)
+        model = zero_shot_model()
         preprocessing = preprocessing_for(model, spec.image_size)
     fingerprint = state_fingerprint(model.state_dict())
     return Encoder(model.eval(), preprocessing, fingerprint, None, None, spec.tta)

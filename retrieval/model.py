@@ -109,6 +109,11 @@ def create_model(config: ModelConfig = ModelConfig(), pretrained: bool = True) -
     return EmbeddingModel(config, _create_backbone(config.backbone, pretrained))
 
 
+def zero_shot_model(backbone: str = DEFAULT_BACKBONE) -> EmbeddingModel:
+    """The untrained reference: ImageNet backbone + GeM, no neck, no fine-tuning."""
+    return create_model(ModelConfig(backbone, embedding_dim=0), pretrained=True)
+
+
 def preprocessing_for(model: EmbeddingModel, image_size: int | None = None) -> Preprocessing:
     """Preprocessing from the backbone's pretrained config; ``image_size`` overrides the size only
     (small images train faster on a CPU)."""

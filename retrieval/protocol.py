@@ -23,7 +23,7 @@ from .checkpoint import atomic_write, load_model
 from .data import QuerySplit, Sample, whale_split
 from .evaluate import rank_queries, score
 from .metrics import calibrate_threshold, map_at_k
-from .model import ModelConfig, create_model, preprocessing_for
+from .model import preprocessing_for, zero_shot_model
 from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ COLUMNS = {
 def zero_shot_scores(backbone: str, image_size: int | None, gallery: Sequence[Sample],
                      queries: Sequence[Sample]) -> tuple[float, float]:
     """MAP@5 of the untrained pretrained backbone + GeM: (no threshold, oracle threshold)."""
-    model = create_model(ModelConfig(backbone, embedding_dim=0), pretrained=True)
+    model = zero_shot_model(backbone)
     ranking = rank_queries(model, preprocessing_for(model, image_size), gallery, queries)
     truths = [q.identity for q in queries]
     _, oracle = calibrate_threshold(ranking.identities, ranking.scores, truths)
