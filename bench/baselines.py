@@ -20,7 +20,7 @@ from retrieval.data import Sample, identities_of
 from retrieval.embed import ImageDataset
 from retrieval.metrics import map_at_k
 from retrieval.model import ModelConfig, create_model, preprocessing_for
-from retrieval.train import TrainConfig
+from retrieval.train import TrainConfig, seed_everything
 from retrieval.transforms import eval_transform, train_transform
 
 
@@ -39,13 +39,13 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample],
     warm-up, cosine decay). The answer to a query is its top-5 classes; ``new_whale`` is never
     answered (what a plain classifier does), so every new query scores 0.
     """
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     model = create_model(ModelConfig(config.backbone, embedding_dim=0), pretrained=config.pretrained)
     preprocessing = preprocessing_for(model, config.image_size)
     classes = identities_of(gallery)
     index_of = {name: i for i, name in enumerate(classes)}
     classifier = nn.Linear(model.embedding_dim, len(classes))
-    dataset = ImageDataset([s.path for s in gallery], train_transform(preprocessing, config.flip),
+    dataset = ImageDataset([s.path for s in gallery], train_transform(preprocessing, config.flip, seed=config.seed),
                            [index_of[s.identity] for s in gallery])
     batch = max(2, min(config.batch_size, len(gallery)))
     generator = torch.Generator().manual_seed(config.seed)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch import nn
@@ -35,7 +37,7 @@ from .evaluate import evaluate_queries
 from .losses import LossSpec, create_loss
 from .model import DEFAULT_BACKBONE, EmbeddingModel, ModelConfig, Preprocessing, create_model, \
     model_spec, preprocessing_for
-from .transforms import train_transform
+from .transforms import seed_worker_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,8 @@ class Trainer:
         index_of = {name: i for i, name in enumerate(self.identities)}
         labels = [index_of[s.identity] for s in samples]
         dataset = ImageDataset([s.path for s in samples],
-                               train_transform(self.preprocessing, cfg.flip), labels)
+                               train_transform(self.preprocessing, cfg.flip,
+                                               seed=cfg.seed * 1009 + ctx.rank), labels)
         per_rank = max(1, min(cfg.batch_size, len(samples) // ctx.world_size))
         if self.spec.pair_based:
             m = cfg.m_per_identity
@@ -145,6 +148,7 @@ class Trainer:
         # drop_last: BatchNorm in the neck cannot normalise a batch of one
         return DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
                           num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                          worker_init_fn=seed_worker_transform,
                           pin_memory=ctx.device.type == "cuda")
 
     def _lr_factor(self, step: int) -> float:
@@ -318,11 +322,20 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
             trainer, selection.threshold, "refit", {"val_map5": selection.best_map5}))
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every random source a run draws from: torch (weights, shuffling, DataLoader worker
+    seeds), NumPy (pml's MPerClassSampler uses the global NumPy state) and Python's ``random``;
+    the augmentation pipeline gets its own seed in ``Trainer._loader``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | None = None) -> Path:
     """Train on ``samples`` (never the test queries); returns the path of ``model.pt``."""
     require_identities(samples, 2)
     ctx = distributed.setup(config.device)
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(resume) if resume else None

@@ -30,8 +30,13 @@ def eval_transform(pre: Preprocessing) -> A.Compose:
     return A.Compose(_resize_and_pad(pre) + _normalise(pre))
 
 
-def train_transform(pre: Preprocessing, flip: bool = False) -> A.Compose:
-    """Mild augmentation; ``flip`` only where a mirror image shows the same identity."""
+def train_transform(pre: Preprocessing, flip: bool = False, seed: int | None = None) -> A.Compose:
+    """Mild augmentation; ``flip`` only where a mirror image shows the same identity.
+
+    albumentations keeps its own random state, untouched by ``torch.manual_seed``: ``seed`` fixes
+    it (DataLoader workers re-seed their copy with ``seed_worker_transform``), so a training run
+    can be repeated exactly.
+    """
     augment = [
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
                  border_mode=cv2.BORDER_REPLICATE, p=0.7),
@@ -39,4 +44,16 @@ def train_transform(pre: Preprocessing, flip: bool = False) -> A.Compose:
     ]
     if flip:
         augment.append(A.HorizontalFlip(p=0.5))
-    return A.Compose(_resize_and_pad(pre) + augment + _normalise(pre))
+    return A.Compose(_resize_and_pad(pre) + augment + _normalise(pre), seed=seed)
+
+
+def seed_worker_transform(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker's copy of the augmentation its own seed,
+    derived from torch's per-worker seed (itself drawn from the seeded main process), so workers
+    neither repeat each other's augmentations nor differ between two runs of one seed."""
+    import torch.utils.data
+
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if isinstance(transform, A.Compose):
+        transform.set_random_seed(info.seed % 2**32)

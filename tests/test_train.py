@@ -82,6 +82,20 @@ def test_checkpoint_rebuilds_model_and_preprocessing(orl_subset, tmp_path):
     assert model(x).shape == (2, 64)
 
 
+@pytest.mark.parametrize("loss,workers", [("arcface", 0), ("triplet", 2)])
+def test_same_seed_trains_the_same_weights(orl_subset, tmp_path, loss, workers):
+    """Augmentation (albumentations' own RNG, per DataLoader worker), pml's sampler (global
+    NumPy) and torch are all seeded: one seed, one model; another seed, another model."""
+    def fingerprint(seed: int, name: str) -> str:
+        config = TrainConfig(out=str(tmp_path / name), epochs=2, refit=False, seed=seed, loss=loss,
+                             **{**TINY, "num_workers": workers})
+        return load_checkpoint(train(config, orl_subset))["fingerprint"]
+
+    first = fingerprint(0, "a")
+    assert fingerprint(0, "b") == first
+    assert fingerprint(1, "c") != first
+
+
 def test_resume_continues_where_the_run_stopped(orl_subset, tmp_path, monkeypatch):
     config = TrainConfig(out=str(tmp_path), epochs=3, refit=False, **TINY)
     original = Trainer.train_epoch
