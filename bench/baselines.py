@@ -1,8 +1,7 @@
-"""Models that are not the engine but are trained on the same images: the softmax classifier the
-seed whale projects used, and a minimal hand-written training loop (the speed suite's yardstick).
+"""The softmax classifier the seed whale projects used, trained on the same images as the engine.
 
-Both reuse the engine's model factory, preprocessing, augmentation and image decoding, so the only
-difference measured is the method (classifier vs metric learning) or the loop (Trainer vs bare).
+It reuses the engine's model factory, preprocessing, augmentation, optimiser settings and image
+decoding, so the only difference measured is the method (classifier vs metric learning).
 """
 from __future__ import annotations
 
@@ -19,25 +18,28 @@ from torch.utils.data import DataLoader
 from retrieval.data import Sample, identities_of
 from retrieval.embed import ImageDataset
 from retrieval.metrics import map_at_k
-from retrieval.model import ModelConfig, create_model, preprocessing_for
+from retrieval.model import EmbeddingModel, ModelConfig, Preprocessing, create_model, preprocessing_for
 from retrieval.train import TrainConfig, seed_everything
-from retrieval.transforms import eval_transform, train_transform
+from retrieval.transforms import eval_transform, seed_worker_transform, train_transform
 
 
 @dataclass
-class SoftmaxResult:
-    map5: float
+class SoftmaxClassifier:
+    """A trained classifier: ``model`` (backbone + GeM, no neck) feeds ``head`` (Linear over
+    ``classes``); ``model`` alone is also an embedding model (L2-normalised GeM features)."""
+    model: EmbeddingModel
+    head: nn.Linear
+    classes: list[str]
+    preprocessing: Preprocessing
     train_seconds: float
     epochs: int
     final_loss: float
 
 
-def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample],
-                             queries: Sequence[Sample]) -> SoftmaxResult:
+def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample]) -> SoftmaxClassifier:
     """Backbone + GeM + Linear over the gallery identities, cross-entropy, ``config.epochs``
     epochs with the engine's optimiser settings (AdamW, per-group learning rates, frozen-backbone
-    warm-up, cosine decay). The answer to a query is its top-5 classes; ``new_whale`` is never
-    answered (what a plain classifier does), so every new query scores 0.
+    warm-up, cosine decay), as the seed whale projects trained their classifiers.
     """
     seed_everything(config.seed)
     model = create_model(ModelConfig(config.backbone, embedding_dim=0), pretrained=config.pretrained)
@@ -45,12 +47,14 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample],
     classes = identities_of(gallery)
     index_of = {name: i for i, name in enumerate(classes)}
     classifier = nn.Linear(model.embedding_dim, len(classes))
-    dataset = ImageDataset([s.path for s in gallery], train_transform(preprocessing, config.flip, seed=config.seed),
+    dataset = ImageDataset([s.path for s in gallery],
+                           train_transform(preprocessing, config.flip, seed=config.seed),
                            [index_of[s.identity] for s in gallery])
     batch = max(2, min(config.batch_size, len(gallery)))
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, generator=generator,
-                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
+                        worker_init_fn=seed_worker_transform)
     optimizer = torch.optim.AdamW([
         {"params": model.backbone.parameters(), "lr": config.lr},
         {"params": list(model.pool.parameters()) + list(classifier.parameters()),
@@ -84,16 +88,21 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample],
             scheduler.step()
             losses.append(float(loss.detach()))
         loss_value = float(np.mean(losses)) if losses else float("nan")
-    seconds = time.perf_counter() - started
     model.eval()
     classifier.eval()
+    return SoftmaxClassifier(model, classifier, classes, preprocessing,
+                             time.perf_counter() - started, config.epochs, loss_value)
+
+
+@torch.no_grad()
+def top5_classes_map(trained: SoftmaxClassifier, queries: Sequence[Sample]) -> float:
+    """MAP@5 when the answer is the top-5 classes; ``new_whale`` is never answered (what a plain
+    classifier does), so every new query scores 0."""
     answers = []
-    query_loader = DataLoader(ImageDataset([q.path for q in queries], eval_transform(preprocessing)),
-                              batch_size=64)
-    with torch.no_grad():
-        for images in query_loader:
-            logits = classifier(model.pool(model.forward_features(images)))
-            top = logits.topk(min(5, len(classes)), dim=1).indices
-            answers.extend([[classes[i] for i in row] for row in top.tolist()])
-    return SoftmaxResult(map_at_k(answers, [q.identity for q in queries]), seconds,
-                         config.epochs, loss_value)
+    loader = DataLoader(ImageDataset([q.path for q in queries], eval_transform(trained.preprocessing)),
+                        batch_size=64)
+    for images in loader:
+        logits = trained.head(trained.model.pool(trained.model.forward_features(images)))
+        top = logits.topk(min(5, len(trained.classes)), dim=1).indices
+        answers.extend([[trained.classes[i] for i in row] for row in top.tolist()])
+    return map_at_k(answers, [q.identity for q in queries])

@@ -232,3 +232,12 @@ def quiet_logs(progress: bool = False) -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("PIL", "matplotlib", "timm", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def label_array(identities: Sequence[str]) -> "np.ndarray":
+    """Identity names -> int labels (sorted names), as pml's and OML's metric code want them."""
+    import numpy as np
+
+    names = sorted(set(identities))
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[i] for i in identities], dtype=np.int64)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import Report, data_path, format_table, mean_std, pm
+from .common import Report, data_path, format_table, label_array, mean_std, pm
+from .peers import PEERS, engine_train_seconds, train_peer
 
 LOSSES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
 METRICS = {"precision_at_1": "Recall@1", "mean_average_precision_at_r": "MAP@R"}
@@ -37,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=5, help="selection-stage epochs")
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     p.add_argument("--refit", action="store_true", help="train with refit=True (see above)")
+    p.add_argument("--no-softmax", dest="softmax", action="store_false",
+                   help="skip the softmax-classifier baseline (its GeM features as the embedding)")
+    p.add_argument("--peers", nargs="*", default=["pml", "oml"], choices=list(PEERS),
+                   help="peer libraries, trained for the engine's ArcFace time (default both)")
     p.add_argument("--backbone", default=None)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--workdir", help="where checkpoints go (default: a temp dir, deleted after)")
@@ -51,12 +56,6 @@ def open_set_metrics(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float
                                      np.ascontiguousarray(vectors, dtype=np.float32), labels,
                                      ref_includes_query=True)
     return {key: float(result[key]) for key in METRICS}
-
-
-def label_array(samples) -> np.ndarray:
-    names = sorted({s.identity for s in samples})
-    index = {n: i for i, n in enumerate(names)}
-    return np.array([index[s.identity] for s in samples], dtype=np.int64)
 
 
 def train_config(args, loss: str, seed: int, out: Path):
@@ -75,7 +74,7 @@ def evaluate_checkpoint(checkpoint, test) -> dict[str, float]:
 
     model, preprocessing, _ = load_model(checkpoint)
     vectors = embed_images(model, [s.path for s in test], preprocessing, progress=False)
-    return open_set_metrics(vectors, label_array(test))
+    return open_set_metrics(vectors, label_array([s.identity for s in test]))
 
 
 def pretrained_metrics(args, test) -> dict[str, float]:
@@ -85,7 +84,7 @@ def pretrained_metrics(args, test) -> dict[str, float]:
     model = zero_shot_model(args.backbone or DEFAULT_BACKBONE)
     vectors = embed_images(model, [s.path for s in test], preprocessing_for(model, args.image_size),
                            progress=False)
-    return open_set_metrics(vectors, label_array(test))
+    return open_set_metrics(vectors, label_array([s.identity for s in test]))
 
 
 def run(args) -> dict:
@@ -97,6 +96,7 @@ def run(args) -> dict:
     report = Report("open_set", args, args.seeds)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-openset-"))
     rows: dict[str, list[dict]] = {"pretrained + GeM (no fine-tuning)": [pretrained_metrics(args, test)]}
+    budgets: dict[int, float | None] = {}
     try:
         for loss in args.losses:
             for seed in args.seeds:
@@ -113,18 +113,56 @@ def run(args) -> dict:
                 seconds = time.perf_counter() - started
                 metrics = {**evaluate_checkpoint(checkpoint, test), "seed": seed,
                            "train_seconds": round(seconds, 1)}
+                if loss == "arcface":
+                    budgets[seed] = engine_train_seconds(checkpoint)
                 rows.setdefault(f"engine {loss}", []).append(metrics)
                 print(f"{loss} seed {seed}: Recall@1 {metrics['precision_at_1']:.3f} "
                       f"MAP@R {metrics['mean_average_precision_at_r']:.3f} ({seconds:.0f}s training)",
                       flush=True)
                 shutil.rmtree(out, ignore_errors=True)
                 _write(report, args, rows, train_samples, test)
+        for seed in args.seeds:
+            if args.softmax:
+                rows.setdefault("softmax classifier (its GeM features)", []).append(
+                    _softmax_metrics(args, seed, train_samples, test, workdir))
+            for peer in args.peers:
+                rows.setdefault(PEERS[peer], []).append(
+                    _peer_metrics(args, peer, seed, budgets.get(seed), train_samples, test))
+            _write(report, args, rows, train_samples, test)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     summary, table = _write(report, args, rows, train_samples, test)
     print(table)
     return {"rows": rows, "summary": summary}
+
+
+def _softmax_metrics(args, seed: int, train_samples, test, workdir: Path) -> dict:
+    from retrieval.embed import embed_images
+
+    from .baselines import train_softmax_classifier
+
+    trained = train_softmax_classifier(train_config(args, "arcface", seed, workdir), train_samples)
+    vectors = embed_images(trained.model, [s.path for s in test], trained.preprocessing,
+                           progress=False)
+    metrics = {**open_set_metrics(vectors, label_array([s.identity for s in test])), "seed": seed,
+               "train_seconds": round(trained.train_seconds, 1)}
+    print(f"softmax seed {seed}: {metrics}", flush=True)
+    return metrics
+
+
+def _peer_metrics(args, peer: str, seed: int, budget: float | None, train_samples, test) -> dict:
+    if not budget:
+        return {"seed": seed, "error": "no engine arcface run this seed to take the time budget from"}
+    identities = [s.identity for s in test]
+    vectors, stats = train_peer(peer, train_samples, [s.path for s in test], args.image_size, seed,
+                                budget, args.workers, getattr(args, "threads", 1), identities)
+    if vectors is None:
+        return {"seed": seed, "error": f"not run: {stats['not_run']}"}
+    metrics = {**open_set_metrics(vectors, label_array(identities)), **stats, "seed": seed,
+               "budget_s": budget}
+    print(f"{peer} seed {seed}: {metrics}", flush=True)
+    return metrics
 
 
 def _write(report, args, rows, train_samples, test):

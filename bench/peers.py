@@ -1,19 +1,20 @@
-"""Peer libraries on the open-set protocol: same split, backbone, image size and time budget.
+"""Peer libraries trained on the same images, backbone, image size, augmentation and time budget.
 
-  python -m bench peers --data orl --epochs 5
+  python -m bench peers --data orl --image-size 96 --epochs 5      # open-set, one seed, alone
 
-Three trainers, one model (``retrieval.model.create_model``: timm backbone -> GeM -> Linear + BN
-neck), the same images and augmentation (``retrieval.transforms.train_transform``), batch 16:
-  * engine: ``retrieval.train.train`` with ArcFace, ``--epochs`` selection epochs, refit=False
-    (its wall time, validation after every epoch included, is the budget of the two others);
+The accuracy (whale protocol) and open-set suites add these peers as rows of their own tables; this
+module holds the peer trainers and a stand-alone open-set comparison. One model for everyone
+(``retrieval.model.create_model``: timm backbone -> GeM -> Linear + BN neck), batch 16:
   * pytorch-metric-learning: its own ``trainers.MetricLossOnly`` with ``losses.ArcFaceLoss`` (the
-    engine's margin and scale), scored by its own ``testers.GlobalEmbeddingSpaceTester``;
+    engine's margin and scale);
   * open-metric-learning (OML): its own ``TripletLossWithMiner(AllTripletsMiner)`` and
-    ``BalanceSampler`` (8 identities x 2 images), a plain loop as OML's README trains; it runs in
+    ``BalanceSampler`` (8 identities x 2 images), a plain loop as OML's README trains. The sampler
+    refuses identities with one image, so OML trains on the identities with two or more. It runs in
     bench/.venv-peers (never a project dependency; see bench/setup_peers.sh), in a subprocess.
-Both peers get AdamW with the engine's learning rates and weight decay but no frozen warm-up and no
-schedule (what a plain setup does), and train whole epochs until the next one would pass the budget.
-Every row is scored the same way: Recall@1 and MAP@R by pml's AccuracyCalculator on the test half.
+Both get AdamW with the engine's learning rates and weight decay but no frozen warm-up and no
+schedule (what a plain setup does), train whole epochs until the next one would pass the budget
+(the engine's measured training time), and hand back embeddings of the images to score, which
+every suite scores with the same code as the engine's rows (peers have no new_whale threshold).
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
-from .common import ROOT, Report, data_path, format_table
+import numpy as np
+
+from .common import ROOT, Report, data_path, format_table, label_array
 
 PEERS_PYTHON = ROOT / "bench" / ".venv-peers" / "bin" / "python"
 OML_ENVIRONMENT = (
@@ -35,6 +39,111 @@ OML_ENVIRONMENT = (
     "torch 2.14.1 / timm / pml / faiss / numpy are the project's .venv packages seen through a .pth "
     "file. OML 4.0.0 declares numpy<2.0 (and tensorboard): not honoured, it runs on numpy 2.x here; "
     "a resolving install would have put numpy 1.26.4 beside a torch built for numpy 2")
+PEERS = {"pml": "pytorch-metric-learning MetricLossOnly, ArcFace",
+         "oml": "open-metric-learning, triplet + BalanceSampler"}
+
+
+def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: int,
+              budget: float, workers: int = 0) -> tuple[np.ndarray, dict]:
+    """pytorch-metric-learning's own trainer; returns (embeddings of ``eval_paths``, stats)."""
+    import logging
+
+    import torch
+    from pytorch_metric_learning import losses, trainers
+    from torch import nn
+
+    from retrieval.embed import ImageDataset, embed_images
+    from retrieval.model import ModelConfig, create_model, preprocessing_for
+    from retrieval.train import TrainConfig, seed_everything
+    from retrieval.transforms import train_transform
+
+    logging.getLogger("PML").setLevel(logging.WARNING)
+    config = TrainConfig(seed=seed)
+    seed_everything(seed)
+    model = create_model(ModelConfig(config.backbone, config.embedding_dim), pretrained=True)
+    pre = preprocessing_for(model, image_size)
+    labels = label_array([s.identity for s in train_samples])
+    train_set = ImageDataset([s.path for s in train_samples], train_transform(pre, seed=seed),
+                             labels.tolist())
+    loss = losses.ArcFaceLoss(int(labels.max()) + 1, config.embedding_dim, margin=28.6, scale=30)
+    optimizers = {
+        "trunk_optimizer": torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": config.lr},
+                                              {"params": model.pool.parameters(), "lr": config.head_lr}],
+                                             weight_decay=config.weight_decay),
+        "embedder_optimizer": torch.optim.AdamW(model.neck.parameters(), lr=config.head_lr,
+                                                weight_decay=config.weight_decay),
+        "metric_loss_optimizer": torch.optim.AdamW(loss.parameters(), lr=config.loss_lr, weight_decay=0.0),
+    }
+    started = time.perf_counter()
+    epoch_ends: list[float] = []
+
+    def end_of_epoch(trainer) -> bool:
+        epoch_ends.append(time.perf_counter() - started)
+        last = epoch_ends[-1] - (epoch_ends[-2] if len(epoch_ends) > 1 else 0.0)
+        return epoch_ends[-1] + last <= budget
+
+    trainer = trainers.MetricLossOnly(
+        models={"trunk": nn.Sequential(model.backbone, model.pool), "embedder": model.neck},
+        optimizers=optimizers, batch_size=config.batch_size, loss_funcs={"metric_loss": loss},
+        dataset=train_set, data_device=torch.device("cpu"), dataloader_num_workers=workers,
+        end_of_epoch_hook=end_of_epoch)
+    trainer.train(start_epoch=1, num_epochs=10_000)
+    seconds = time.perf_counter() - started
+    vectors = embed_images(model, eval_paths, pre, progress=False)
+    return vectors, {"train_seconds": round(seconds, 1), "epochs": len(epoch_ends),
+                     "images_seen": len(epoch_ends) * trainer.iterations_per_epoch * config.batch_size}
+
+
+def train_oml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: int,
+              budget: float, workers: int = 0, threads: int = 1,
+              eval_labels: Sequence[str] | None = None) -> tuple[np.ndarray | None, dict]:
+    """OML in its own venv (``bench/oml_peer.py``); (None, {"not_run": why}) if it cannot run."""
+    if not PEERS_PYTHON.is_file():
+        return None, {"not_run": f"{PEERS_PYTHON.relative_to(ROOT)} is missing: create it with "
+                                 "bash bench/setup_peers.sh (open-metric-learning must never be a "
+                                 "project dependency)"}
+    with tempfile.TemporaryDirectory(prefix="bench-oml-") as temp:
+        spec = Path(temp) / "spec.json"
+        spec.write_text(json.dumps({
+            "train": [[str(s.path), s.identity] for s in train_samples],
+            "eval": [str(p) for p in eval_paths],
+            "eval_labels": list(eval_labels) if eval_labels is not None else None,
+            "image_size": image_size, "seed": seed, "budget_s": budget, "workers": workers,
+            "threads": threads}))
+        command = [str(PEERS_PYTHON), "-m", "bench.oml_peer", str(spec), temp]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stats_path, vectors_path = Path(temp) / "stats.json", Path(temp) / "vectors.npy"
+        if result.returncode != 0 or not stats_path.is_file():
+            tail = result.stderr.strip().splitlines()[-3:]
+            return None, {"not_run": f"the OML run failed (exit {result.returncode}): {' | '.join(tail)}"}
+        return np.load(vectors_path), {**json.loads(stats_path.read_text()),
+                                       "environment": OML_ENVIRONMENT}
+
+
+def train_peer(name: str, train_samples, eval_paths, image_size: int, seed: int, budget: float,
+               workers: int = 0, threads: int = 1, eval_labels=None) -> tuple[np.ndarray | None, dict]:
+    """One peer by key (``PEERS``); a failure is recorded as ``not_run``, never raised."""
+    try:
+        if name == "pml":
+            return train_pml(train_samples, eval_paths, image_size, seed, budget, workers)
+        return train_oml(train_samples, eval_paths, image_size, seed, budget, workers, threads,
+                         eval_labels)
+    except Exception as err:  # one peer failing must not lose the other rows
+        return None, {"not_run": f"{type(err).__name__}: {err}"}
+
+
+def engine_train_seconds(checkpoint: Path) -> float | None:
+    """The engine's training wall time (selection + refit epochs, validation included), summed
+    from the run's log.csv: the time budget the peers get."""
+    import csv
+
+    log = Path(checkpoint).parent / "log.csv"
+    try:
+        with log.open() as handle:
+            return round(sum(float(r["seconds"]) for r in csv.DictReader(handle)), 1)
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,156 +154,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float,
                    help="training seconds for the peers (default: the engine's measured time)")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--skip", nargs="*", default=[], choices=["pml", "oml"])
-
-
-def _pml_peer(args, train_samples, test, budget: float) -> dict:
-    """pytorch-metric-learning's own trainer and tester."""
-    import logging
-
-    import torch
-    from pytorch_metric_learning import losses, testers, trainers
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-    from torch import nn
-
-    from retrieval.embed import ImageDataset
-    from retrieval.model import ModelConfig, create_model, preprocessing_for
-    from retrieval.train import TrainConfig
-    from retrieval.transforms import eval_transform, train_transform
-
-    from .open_set import METRICS, label_array
-
-    logging.getLogger("PML").setLevel(logging.WARNING)
-    config = TrainConfig(seed=args.seed)
-    torch.manual_seed(args.seed)
-    model = create_model(ModelConfig(config.backbone, config.embedding_dim), pretrained=True)
-    pre = preprocessing_for(model, args.image_size)
-    labels = label_array(train_samples)
-    train_set = ImageDataset([s.path for s in train_samples], train_transform(pre), labels.tolist())
-    test_labels = label_array(test)
-    test_set = ImageDataset([s.path for s in test], eval_transform(pre), test_labels.tolist())
-    trunk = nn.Sequential(model.backbone, model.pool)
-    embedder = model.neck
-    loss = losses.ArcFaceLoss(int(labels.max()) + 1, config.embedding_dim, margin=28.6, scale=30)
-    optimizers = {
-        "trunk_optimizer": torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": config.lr},
-                                              {"params": model.pool.parameters(), "lr": config.head_lr}],
-                                             weight_decay=config.weight_decay),
-        "embedder_optimizer": torch.optim.AdamW(embedder.parameters(), lr=config.head_lr,
-                                                weight_decay=config.weight_decay),
-        "metric_loss_optimizer": torch.optim.AdamW(loss.parameters(), lr=config.loss_lr, weight_decay=0.0),
-    }
-    started = time.perf_counter()
-    epochs: list[float] = []
-
-    def end_of_epoch(trainer) -> bool:
-        now = time.perf_counter() - started
-        epochs.append(now)
-        last = epochs[-1] - (epochs[-2] if len(epochs) > 1 else 0.0)
-        return now + last <= budget
-
-    trainer = trainers.MetricLossOnly(
-        models={"trunk": trunk, "embedder": embedder}, optimizers=optimizers,
-        batch_size=config.batch_size, loss_funcs={"metric_loss": loss}, dataset=train_set,
-        data_device=torch.device("cpu"), dataloader_num_workers=args.workers,
-        end_of_epoch_hook=end_of_epoch)
-    trainer.train(start_epoch=1, num_epochs=10_000)
-    seconds = time.perf_counter() - started
-    tester = testers.GlobalEmbeddingSpaceTester(
-        normalize_embeddings=True, batch_size=64, dataloader_num_workers=0,
-        data_device=torch.device("cpu"),
-        accuracy_calculator=AccuracyCalculator(include=tuple(METRICS), k="max_bin_count"))
-    accuracies = tester.test({"test": test_set}, len(epochs), trunk, embedder,
-                             splits_to_eval=[("test", ["test"])])["test"]
-    metrics = {key: float(accuracies[f"{key}_level0"]) for key in METRICS}
-    return {**metrics, "train_seconds": round(seconds, 1), "epochs": len(epochs),
-            "images_seen": len(epochs) * trainer.iterations_per_epoch * config.batch_size,
-            "scored_by": "pml GlobalEmbeddingSpaceTester (query = reference, self excluded)"}
-
-
-def _oml_peer(args, budget: float) -> dict:
-    if not PEERS_PYTHON.is_file():
-        return {"not_run": f"{PEERS_PYTHON.relative_to(ROOT)} is missing: create it with "
-                           "bash bench/setup_peers.sh (open-metric-learning must never be a project "
-                           "dependency)"}
-    with tempfile.TemporaryDirectory(prefix="bench-oml-") as temp:
-        out = Path(temp) / "oml.json"
-        command = [str(PEERS_PYTHON), "-m", "bench.oml_peer", "--data", str(args.data),
-                   "--image-size", str(args.image_size), "--seed", str(args.seed),
-                   "--budget-s", f"{budget:.1f}", "--workers", str(args.workers),
-                   "--threads", str(getattr(args, "threads", 1)), "--json-out", str(out)]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if result.returncode != 0 or not out.is_file():
-            tail = result.stderr.strip().splitlines()[-3:]
-            return {"not_run": f"the OML run failed (exit {result.returncode}): {' | '.join(tail)}"}
-        return {**json.loads(out.read_text()), "environment": OML_ENVIRONMENT}
-
-
-def _engine_images_seen(checkpoint) -> int | None:
-    """Training images the engine's selection stage went through (from its log.csv epochs)."""
-    import csv
-
-    log = Path(checkpoint).parent / "log.csv"
-    try:
-        epochs = sum(1 for row in csv.DictReader(log.open()) if row["stage"] == "select")
-    except (OSError, KeyError):
-        return None
-    return epochs * _SELECT_IMAGES.get("n", 0) or None
-
-
-_SELECT_IMAGES: dict = {}
+    p.add_argument("--skip", nargs="*", default=[], choices=list(PEERS))
 
 
 def run(args) -> dict:
     from retrieval.data import open_set_split, read_folder_gallery
     from retrieval.train import train
 
-    from .open_set import evaluate_checkpoint, train_config
+    from .open_set import evaluate_checkpoint, open_set_metrics, train_config
 
-    samples = read_folder_gallery(data_path(args.data))
-    train_samples, test = open_set_split(samples)
+    train_samples, test = open_set_split(read_folder_gallery(data_path(args.data)))
     report = Report("peers", args, [args.seed])
-    from retrieval.data import validation_split
-    from retrieval.train import TrainConfig
-    batch = TrainConfig().batch_size
-    selected = len(validation_split(train_samples, seed=args.seed).gallery)
-    _SELECT_IMAGES["n"] = selected // batch * batch  # drop_last batches
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as temp:
         cfg_args = argparse.Namespace(backbone=None, image_size=args.image_size, epochs=args.epochs,
                                       refit=False, workers=args.workers)
-        started = time.perf_counter()
         checkpoint = train(train_config(cfg_args, "arcface", args.seed, Path(temp) / "engine"),
                            train_samples)
-        seconds = time.perf_counter() - started
+        seconds = engine_train_seconds(checkpoint)
         rows["engine (retrieval.train, ArcFace)"] = {
-            **evaluate_checkpoint(checkpoint, test), "train_seconds": round(seconds, 1),
-            "epochs": args.epochs, "images_seen": _engine_images_seen(checkpoint),
-            "scored_by": "AccuracyCalculator on embed_images vectors"}
+            **evaluate_checkpoint(checkpoint, test), "train_seconds": seconds, "epochs": args.epochs}
     budget = args.budget_s or seconds
-    print(f"engine: {rows['engine (retrieval.train, ArcFace)']}; peer budget {budget:.0f}s", flush=True)
-    if "pml" not in args.skip:
-        rows["pytorch-metric-learning MetricLossOnly, ArcFace"] = _pml_peer(args, train_samples, test, budget)
-        print(f"pml: {rows['pytorch-metric-learning MetricLossOnly, ArcFace']}", flush=True)
-    if "oml" not in args.skip:
-        rows["open-metric-learning, triplet + BalanceSampler"] = _oml_peer(args, budget)
-        print(f"oml: {rows['open-metric-learning, triplet + BalanceSampler']}", flush=True)
-    table_rows = []
-    for name, r in rows.items():
-        if "not_run" in r:
-            table_rows.append([name, None, None, None, None, None])
-        else:
-            table_rows.append([name, r["precision_at_1"], r["mean_average_precision_at_r"],
-                               r["train_seconds"], r["epochs"], r.get("images_seen")])
+    test_labels = [s.identity for s in test]
+    for key, title in PEERS.items():
+        if key in args.skip:
+            continue
+        vectors, stats = train_peer(key, train_samples, [s.path for s in test], args.image_size,
+                                    args.seed, budget, args.workers, getattr(args, "threads", 1),
+                                    eval_labels=test_labels)
+        rows[title] = stats if vectors is None else {
+            **open_set_metrics(vectors, label_array(test_labels)), **stats}
+        print(f"{key}: {rows[title]}", flush=True)
+    table_rows = [[name] + ([None] * 5 if "not_run" in r else
+                            [r["precision_at_1"], r["mean_average_precision_at_r"],
+                             r["train_seconds"], r["epochs"], r.get("images_seen")])
+                  for name, r in rows.items()]
     title = (f"{args.data}: open-set split, image {args.image_size}px, seed {args.seed}, "
              f"budget {budget:.0f}s (the engine's {args.epochs} epochs)")
-    table = format_table(["peer (open-set test half)", "Recall@1", "MAP@R", "train s", "epochs", "images seen"],
-                         table_rows, title)
-    notes = [f"{name}: NOT RUN: {r['not_run']}" for name, r in rows.items() if "not_run" in r]
-    if notes:
-        table += "\n" + "\n".join(notes)
+    table = format_table(["peer (open-set test half)", "Recall@1", "MAP@R", "train s", "epochs",
+                          "images seen"], table_rows, title)
+    table += "".join(f"\n{name}: NOT RUN: {r['not_run']}" for name, r in rows.items() if "not_run" in r)
     print(table)
-    report.write(f"peers_{Path(str(args.data)).name}_{args.image_size}px_{args.epochs}ep", getattr(args, "out", None), data=str(args.data),
-                 budget_s=round(budget, 1), rows=rows, table=table)
+    report.write(f"peers_{Path(str(args.data)).name}_{args.image_size}px_{args.epochs}ep",
+                 getattr(args, "out", None), data=str(args.data), budget_s=round(budget, 1),
+                 rows=rows, table=table)
     return rows

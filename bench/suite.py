@@ -2,8 +2,8 @@
 
 --quick (the whole CPU suite: 335 s measured on the loaded 2-core machine, well under 30 min):
   accuracy  orl, seeds 0-4, 64 px, 4 selection epochs, all four losses + softmax baseline
-  open-set  orl, seed 0, 64 px, 4 epochs, all four losses
-  peers     orl, seed 0, 64 px, the engine's 4 epochs as the time budget
+  open-set  orl, seed 0, 64 px, 4 epochs, all four losses + softmax baseline
+  (both: + the peer libraries for the engine's ArcFace training time)
   speed     64 px; 128 images embedded, 96 trained; 10k-vector galleries; index types at 10k;
             the scale part at 100k vectors
 Without --quick each suite runs at its own defaults (omniglot, 96 px: hours on 2 cores).
@@ -27,7 +27,7 @@ def _defaults(module) -> dict:
 
 
 def run_all(args) -> None:
-    from . import accuracy, open_set, peers, speed
+    from . import accuracy, open_set, speed
 
     quick = args.quick
     data = args.data or ("orl" if quick else "omniglot")
@@ -38,7 +38,6 @@ def run_all(args) -> None:
         plans = [
             ("accuracy", accuracy, dict(data=data, seeds=[0, 1, 2, 3, 4], image_size=64, epochs=4)),
             ("open-set", open_set, dict(data=data, seeds=[0], image_size=64, epochs=4)),
-            ("peers", peers, dict(data=data, seed=0, image_size=64, epochs=4)),
             ("speed", speed, dict(image_size=64, embed_images=128, train_images=96, gallery=[10_000],
                                   queries=500, query_runs=3, index_sizes=[10_000], repeats=3,
                                   scale_size=100_000)),
@@ -46,7 +45,7 @@ def run_all(args) -> None:
     else:
         plans = [(name, module, dict(data=data) if name != "speed" else {})
                  for name, module in (("accuracy", accuracy), ("open-set", open_set),
-                                      ("peers", peers), ("speed", speed))]
+                                      ("speed", speed))]
     report = Report("all", argparse.Namespace(**{**vars(args), "tag": None}))
     done = []
     for name, module, overrides in plans:
