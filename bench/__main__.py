@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--threads", type=int, default=1,
                         help="torch / FAISS / BLAS threads (default %(default)s)")
     common.add_argument("--out", help="results folder (default bench/results)")
+    common.add_argument("--device", default=None,
+                        help="torch device for training and embedding: cpu, cuda, cuda:1 "
+                             "(default: cuda where torch sees a GPU, else cpu)")
     common.add_argument("--progress", action="store_true", help="show tqdm progress bars")
     sub = p.add_subparsers(dest="suite", required=True)
     for name, module in (("accuracy", accuracy), ("open-set", open_set), ("speed", speed),

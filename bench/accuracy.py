@@ -64,7 +64,7 @@ def make_config(args, loss: str, seed: int, out: Path):
     return TrainConfig(out=str(out), backbone=args.backbone or defaults.backbone,
                        image_size=args.image_size, loss=loss, epochs=args.epochs,
                        warmup_epochs=max(0, min(warmup, args.epochs - 1)), seed=seed,
-                       num_workers=args.workers, device="cpu")
+                       num_workers=args.workers, device=getattr(args, "device", None))
 
 
 def run(args) -> dict:
@@ -136,7 +136,8 @@ def _score_peer(args, peer: str, split, seed: int, budget: float, row: dict) -> 
 
     gallery, queries = split.gallery, split.queries
     vectors, stats = train_peer(peer, gallery, [s.path for s in gallery + queries], args.image_size,
-                                seed, budget, args.workers, getattr(args, "threads", 1))
+                                seed, budget, args.workers, getattr(args, "threads", 1),
+                                device=getattr(args, "device", None))
     row.setdefault("peers", {})[peer] = stats
     if vectors is None:
         print(f"seed {seed} {peer}: NOT RUN {stats['not_run']}", flush=True)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from retrieval.data import Sample, identities_of
-from retrieval.embed import ImageDataset
+from retrieval.embed import ImageDataset, default_device
 from retrieval.metrics import map_at_k
 from retrieval.model import EmbeddingModel, ModelConfig, Preprocessing, create_model, preprocessing_for
 from retrieval.train import TrainConfig, seed_everything
@@ -42,11 +42,14 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample]) -> 
     warm-up, cosine decay), as the seed whale projects trained their classifiers.
     """
     seed_everything(config.seed)
+    device = default_device() if config.device is None else torch.device(config.device)
     model = create_model(ModelConfig(config.backbone, embedding_dim=0), pretrained=config.pretrained)
     preprocessing = preprocessing_for(model, config.image_size)
     classes = identities_of(gallery)
     index_of = {name: i for i, name in enumerate(classes)}
     classifier = nn.Linear(model.embedding_dim, len(classes))
+    model.to(device)
+    classifier.to(device)
     dataset = ImageDataset([s.path for s in gallery],
                            train_transform(preprocessing, config.flip, seed=config.seed),
                            [index_of[s.identity] for s in gallery])
@@ -78,6 +81,7 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample]) -> 
             model.backbone.eval()
         losses = []
         for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
             with torch.set_grad_enabled(not frozen):
                 features = model.forward_features(images)
             logits = classifier(model.pool(features))
@@ -101,7 +105,9 @@ def top5_classes_map(trained: SoftmaxClassifier, queries: Sequence[Sample]) -> f
     answers = []
     loader = DataLoader(ImageDataset([q.path for q in queries], eval_transform(trained.preprocessing)),
                         batch_size=64)
+    device = next(trained.head.parameters()).device
     for images in loader:
+        images = images.to(device)
         logits = trained.head(trained.model.pool(trained.model.forward_features(images)))
         top = logits.topk(min(5, len(trained.classes)), dim=1).indices
         answers.extend([[trained.classes[i] for i in row] for row in top.tolist()])

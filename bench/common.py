@@ -234,6 +234,13 @@ def quiet_logs(progress: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def torch_device(name: str | None) -> "torch.device":
+    """``--device`` as a torch device; None: the first GPU where torch sees one, else the CPU."""
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def label_array(identities: Sequence[str]) -> "np.ndarray":
     """Identity names -> int labels (sorted names), as pml's and OML's metric code want them."""
     import numpy as np

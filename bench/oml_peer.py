@@ -5,7 +5,7 @@ trained in a plain loop as OML's README does, on the engine's model, images and 
   bench/.venv-peers/bin/python -m bench.oml_peer SPEC.json OUT_DIR
 
 SPEC.json: {"train": [[path, identity], ...], "eval": [path, ...], "eval_labels": [...] | null,
-"image_size", "seed", "budget_s", "workers", "threads"}. Writes OUT_DIR/vectors.npy (embeddings of
+"image_size", "seed", "budget_s", "workers", "threads", "device"}. Writes OUT_DIR/vectors.npy (embeddings of
 "eval", scored by the calling suite like every other row) and OUT_DIR/stats.json; with
 "eval_labels", also OML's own CMC@1 of every eval image against the others, a cross-check of the
 suite's Recall@1.
@@ -48,7 +48,8 @@ def main(spec_path: str, out_dir: str) -> None:
     seed_everything(spec["seed"])  # BalanceSampler draws from the global NumPy state
     counts = Counter(identity for _, identity in spec["train"])
     train = [(path, identity) for path, identity in spec["train"] if counts[identity] >= 2]
-    model = create_model(ModelConfig(config.backbone, config.embedding_dim), pretrained=True)
+    device = torch.device(spec.get("device", "cpu"))
+    model = create_model(ModelConfig(config.backbone, config.embedding_dim), pretrained=True).to(device)
     pre = preprocessing_for(model, spec["image_size"])
     labels = label_array([identity for _, identity in train])
     dataset = ImageDataset([path for path, _ in train], train_transform(pre, seed=spec["seed"]),
@@ -67,7 +68,7 @@ def main(spec_path: str, out_dir: str) -> None:
     while True:
         model.train()
         for images, batch_labels in loader:
-            loss = criterion(model(images), batch_labels)
+            loss = criterion(model(images.to(device)), batch_labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -76,7 +77,7 @@ def main(spec_path: str, out_dir: str) -> None:
         if epoch_ends[-1] + last > spec["budget_s"]:
             break
     seconds = time.perf_counter() - started
-    vectors = embed_images(model, spec["eval"], pre, progress=False)
+    vectors = embed_images(model, spec["eval"], pre, progress=False, device=device)
     stats = {"train_seconds": round(seconds, 1), "epochs": len(epoch_ends),
              "images_seen": len(epoch_ends) * len(sampler) * config.batch_size,
              "train_images": len(train), "train_images_dropped_singletons": len(spec["train"]) - len(train),

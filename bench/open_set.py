@@ -65,7 +65,8 @@ def train_config(args, loss: str, seed: int, out: Path):
     return TrainConfig(out=str(out), backbone=args.backbone or defaults.backbone,
                        image_size=args.image_size, loss=loss, epochs=args.epochs,
                        warmup_epochs=max(0, min(defaults.warmup_epochs, args.epochs - 1)),
-                       refit=args.refit, seed=seed, num_workers=args.workers, device="cpu")
+                       refit=args.refit, seed=seed, num_workers=args.workers,
+                       device=getattr(args, "device", None))
 
 
 def evaluate_checkpoint(checkpoint, test) -> dict[str, float]:
@@ -156,7 +157,8 @@ def _peer_metrics(args, peer: str, seed: int, budget: float | None, train_sample
         return {"seed": seed, "error": "no engine arcface run this seed to take the time budget from"}
     identities = [s.identity for s in test]
     vectors, stats = train_peer(peer, train_samples, [s.path for s in test], args.image_size, seed,
-                                budget, args.workers, getattr(args, "threads", 1), identities)
+                                budget, args.workers, getattr(args, "threads", 1), identities,
+                                device=getattr(args, "device", None))
     if vectors is None:
         return {"seed": seed, "error": f"not run: {stats['not_run']}"}
     metrics = {**open_set_metrics(vectors, label_array(identities)), **stats, "seed": seed,

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import ROOT, Report, data_path, format_table, label_array
+from .common import ROOT, Report, data_path, format_table, label_array, torch_device
 
 PEERS_PYTHON = ROOT / "bench" / ".venv-peers" / "bin" / "python"
 OML_ENVIRONMENT = (
@@ -44,7 +44,7 @@ PEERS = {"pml": "pytorch-metric-learning MetricLossOnly, ArcFace",
 
 
 def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: int,
-              budget: float, workers: int = 0) -> tuple[np.ndarray, dict]:
+              budget: float, workers: int = 0, device: str | None = None) -> tuple[np.ndarray, dict]:
     """pytorch-metric-learning's own trainer; returns (embeddings of ``eval_paths``, stats)."""
     import logging
 
@@ -60,12 +60,14 @@ def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: 
     logging.getLogger("PML").setLevel(logging.WARNING)
     config = TrainConfig(seed=seed)
     seed_everything(seed)
-    model = create_model(ModelConfig(config.backbone, config.embedding_dim), pretrained=True)
+    torch_dev = torch_device(device)
+    model = create_model(ModelConfig(config.backbone, config.embedding_dim), pretrained=True).to(torch_dev)
     pre = preprocessing_for(model, image_size)
     labels = label_array([s.identity for s in train_samples])
     train_set = ImageDataset([s.path for s in train_samples], train_transform(pre, seed=seed),
                              labels.tolist())
-    loss = losses.ArcFaceLoss(int(labels.max()) + 1, config.embedding_dim, margin=28.6, scale=30)
+    loss = losses.ArcFaceLoss(int(labels.max()) + 1, config.embedding_dim, margin=28.6,
+                              scale=30).to(torch_dev)
     optimizers = {
         "trunk_optimizer": torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": config.lr},
                                               {"params": model.pool.parameters(), "lr": config.head_lr}],
@@ -85,18 +87,19 @@ def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: 
     trainer = trainers.MetricLossOnly(
         models={"trunk": nn.Sequential(model.backbone, model.pool), "embedder": model.neck},
         optimizers=optimizers, batch_size=config.batch_size, loss_funcs={"metric_loss": loss},
-        dataset=train_set, data_device=torch.device("cpu"), dataloader_num_workers=workers,
+        dataset=train_set, data_device=torch_dev, dataloader_num_workers=workers,
         end_of_epoch_hook=end_of_epoch)
     trainer.train(start_epoch=1, num_epochs=10_000)
     seconds = time.perf_counter() - started
-    vectors = embed_images(model, eval_paths, pre, progress=False)
+    vectors = embed_images(model, eval_paths, pre, progress=False, device=torch_dev)
     return vectors, {"train_seconds": round(seconds, 1), "epochs": len(epoch_ends),
                      "images_seen": len(epoch_ends) * trainer.iterations_per_epoch * config.batch_size}
 
 
 def train_oml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: int,
               budget: float, workers: int = 0, threads: int = 1,
-              eval_labels: Sequence[str] | None = None) -> tuple[np.ndarray | None, dict]:
+              eval_labels: Sequence[str] | None = None,
+              device: str | None = None) -> tuple[np.ndarray | None, dict]:
     """OML in its own venv (``bench/oml_peer.py``); (None, {"not_run": why}) if it cannot run."""
     if not PEERS_PYTHON.is_file():
         return None, {"not_run": f"{PEERS_PYTHON.relative_to(ROOT)} is missing: create it with "
@@ -109,7 +112,7 @@ def train_oml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: 
             "eval": [str(p) for p in eval_paths],
             "eval_labels": list(eval_labels) if eval_labels is not None else None,
             "image_size": image_size, "seed": seed, "budget_s": budget, "workers": workers,
-            "threads": threads}))
+            "threads": threads, "device": str(torch_device(device))}))
         command = [str(PEERS_PYTHON), "-m", "bench.oml_peer", str(spec), temp]
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -122,13 +125,14 @@ def train_oml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: 
 
 
 def train_peer(name: str, train_samples, eval_paths, image_size: int, seed: int, budget: float,
-               workers: int = 0, threads: int = 1, eval_labels=None) -> tuple[np.ndarray | None, dict]:
+               workers: int = 0, threads: int = 1, eval_labels=None,
+               device: str | None = None) -> tuple[np.ndarray | None, dict]:
     """One peer by key (``PEERS``); a failure is recorded as ``not_run``, never raised."""
     try:
         if name == "pml":
-            return train_pml(train_samples, eval_paths, image_size, seed, budget, workers)
+            return train_pml(train_samples, eval_paths, image_size, seed, budget, workers, device)
         return train_oml(train_samples, eval_paths, image_size, seed, budget, workers, threads,
-                         eval_labels)
+                         eval_labels, device)
     except Exception as err:  # one peer failing must not lose the other rows
         return None, {"not_run": f"{type(err).__name__}: {err}"}
 
@@ -168,7 +172,8 @@ def run(args) -> dict:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as temp:
         cfg_args = argparse.Namespace(backbone=None, image_size=args.image_size, epochs=args.epochs,
-                                      refit=False, workers=args.workers)
+                                      refit=False, workers=args.workers,
+                                      device=getattr(args, "device", None))
         checkpoint = train(train_config(cfg_args, "arcface", args.seed, Path(temp) / "engine"),
                            train_samples)
         seconds = engine_train_seconds(checkpoint)
@@ -181,7 +186,7 @@ def run(args) -> dict:
             continue
         vectors, stats = train_peer(key, train_samples, [s.path for s in test], args.image_size,
                                     args.seed, budget, args.workers, getattr(args, "threads", 1),
-                                    eval_labels=test_labels)
+                                    eval_labels=test_labels, device=getattr(args, "device", None))
         rows[title] = stats if vectors is None else {
             **open_set_metrics(vectors, label_array(test_labels)), **stats}
         print(f"{key}: {rows[title]}", flush=True)

@@ -17,9 +17,8 @@ Parts:
           next runs, files in the page cache)
   index   HNSW / IVF recall@5 and queries/s by gallery size: runs bench/index_speed.py
   scale   --scale-size vectors (default 1M x 512, float32, generated in chunks: ~2 GB): flat
-          through GalleryIndex vs bare FAISS, and IVF trained on a 64k sample (built directly in
-          FAISS: GalleryIndex's IVF trains k-means on every vector, ~4000 cells at 1M, which is
-          not affordable on one shared core); HNSW is left out (146 s per 100k measured: ~30 min)
+          through GalleryIndex vs bare FAISS, and GalleryIndex's own --scale-types (ivf, hnsw)
+          with the parameters it picks for that size
 Repetitions are interleaved (A B A B ...) and the best of each is kept, so a burst of load from
 other jobs hits both sides of a ratio alike.
 """
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ROOT, Report, data_path, format_table
+from .common import ROOT, Report, data_path, format_table, torch_device
 
 PARTS = ("embed", "search", "knn", "train", "query", "index", "scale")
 
@@ -61,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gallery sizes for bench/index_speed.py (1000000 takes long: see README)")
     p.add_argument("--index-types", nargs="+", default=["flat", "hnsw", "ivf"])
     p.add_argument("--scale-size", type=int, default=1_000_000, help="vectors for the scale part")
+    p.add_argument("--scale-types", nargs="*", default=["ivf", "hnsw"], choices=["ivf", "hnsw", "ivfpq"],
+                   help="approximate GalleryIndex types measured at the scale size (default ivf hnsw; "
+                        "HNSW builds slowly: ~15-30 min for 1M on one core)")
     p.add_argument("--scale-queries", type=int, default=1000,
                    help="batched queries for the scale part (FAISS flat is ~7x slower per query "
                         "in batches of 200 than of 1000 here: keep batches large)")
@@ -94,21 +96,23 @@ def bench_embed(args) -> dict:
     samples = read_folder_gallery(data_path(args.data))
     step = max(1, len(samples) // args.embed_images)
     paths = [s.path for s in samples[::step][:args.embed_images]]
-    model = create_model(ModelConfig(embedding_dim=512), pretrained=True).eval()
+    device = torch_device(getattr(args, "device", None))
+    model = create_model(ModelConfig(embedding_dim=512), pretrained=True).eval().to(device)
     pre = preprocessing_for(model, args.image_size)
-    cpu = torch.device("cpu")
     batches = [min(args.embed_batch, len(paths) - i) for i in range(0, len(paths), args.embed_batch)]
-    randoms = [torch.randn(b, 3, pre.image_size, pre.image_size) for b in sorted(set(batches))]
+    randoms = [torch.randn(b, 3, pre.image_size, pre.image_size, device=device)
+               for b in sorted(set(batches))]
     by_size = {r.shape[0]: r for r in randoms}
 
     def gallery_path():
         embed_images(model, paths, pre, batch_size=args.embed_batch, num_workers=args.workers,
-                     device=cpu, progress=False)
+                     device=device, progress=False)
 
     @torch.no_grad()
     def bare_forward():
         for b in batches:
             model(by_size[b])
+        synchronize(device)
 
     def decode_only():
         loader = DataLoader(ImageDataset(paths, eval_transform(pre)), batch_size=args.embed_batch,
@@ -120,9 +124,17 @@ def bench_embed(args) -> dict:
                                "decode_preprocess_only": decode_only}, args.repeats)
     rate = {k: len(paths) / min(v) for k, v in times.items()}
     return {"images": len(paths), "batch": args.embed_batch, "image_size": pre.image_size,
-            "workers": args.workers, "seconds": times,
+            "workers": args.workers, "device": str(device), "seconds": times,
             "images_per_s": {k: round(v, 1) for k, v in rate.items()},
             "ratio_embed_over_bare": round(rate["embed_images"] / rate["bare_forward"], 3)}
+
+
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so a timed function's time includes it (no-op on the CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- search / knn
@@ -222,17 +234,18 @@ def bench_train(args) -> dict:
               for s in group[:per_identity]][: args.train_images]
     config = TrainConfig(out=tempfile.mkdtemp(prefix="bench-speed-"), image_size=args.image_size,
                          loss="arcface", epochs=1000, warmup_epochs=0, batch_size=args.train_batch,
-                         num_workers=args.workers, device="cpu", seed=0)
+                         num_workers=args.workers, device=getattr(args, "device", None), seed=0)
     torch.manual_seed(0)
-    ctx = distributed.setup("cpu")
+    ctx = distributed.setup(config.device)
+    device = ctx.device
     trainer = Trainer(config, chosen, config.epochs, ctx)
 
     # the minimal loop: same architecture and weights, same loss and optimiser, same data
-    model = create_model(ModelConfig(config.backbone, config.embedding_dim), pretrained=True)
+    model = create_model(ModelConfig(config.backbone, config.embedding_dim), pretrained=True).to(device)
     pre = preprocessing_for(model, config.image_size)
     classes = identities_of(chosen)
     index_of = {c: i for i, c in enumerate(classes)}
-    loss_fn = losses.ArcFaceLoss(len(classes), model.embedding_dim, margin=28.6, scale=30)
+    loss_fn = losses.ArcFaceLoss(len(classes), model.embedding_dim, margin=28.6, scale=30).to(device)
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=1e-3,
                                   weight_decay=1e-4)
     loader = DataLoader(ImageDataset([s.path for s in chosen], train_transform(pre),
@@ -244,14 +257,17 @@ def bench_train(args) -> dict:
     def bare_epoch():
         model.train()
         for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
             loss = loss_fn(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             counted["bare"] += len(labels)
+        synchronize(device)
 
     def trainer_epoch():
         trainer.train_epoch()
+        synchronize(device)
 
     images_per_epoch = len(trainer.loader) * trainer.loader.batch_size
     times = _best_interleaved({"Trainer.train_epoch": trainer_epoch, "minimal loop": bare_epoch},
@@ -263,6 +279,7 @@ def bench_train(args) -> dict:
     shutil.rmtree(config.out, ignore_errors=True)
     return {"images": len(chosen), "identities": len(classes), "batch": config.batch_size,
             "image_size": pre.image_size, "workers": args.workers, "loss": "arcface",
+            "device": str(device),
             "backbone_frozen": False, "seconds": times,
             "images_per_s": {k: round(v, 2) for k, v in rate.items()},
             "ratio_trainer_over_minimal": round(rate["Trainer.train_epoch"] / rate["minimal loop"], 3)}
@@ -366,6 +383,7 @@ def bench_scale(args) -> dict:
     import faiss
 
     from index import GalleryIndex
+    from index.types import resolve
 
     started = time.perf_counter()
     gallery, labels, queries, truth = _clustered_float32(args.scale_size, args.dim, args.scale_queries)
@@ -405,28 +423,18 @@ def bench_scale(args) -> dict:
     del engine
     measure("bare faiss IndexFlatIP", bare_flat, lambda ix: ix.search(queries, wide)[1],
             lambda ix, q: ix.search(q, 5), top5_identities)
-    nlist, sample = 1024, min(len(gallery), 64 * 1024)
-
-    def ivf():
-        quantizer = faiss.IndexFlatIP(args.dim)
-        index = faiss.IndexIVFFlat(quantizer, args.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        pick = np.random.default_rng(1).choice(len(gallery), size=sample, replace=False)
-        index.train(gallery[np.sort(pick)])
-        index.add(gallery)
-        index.nprobe = 64
-        ivf.quantizer = quantizer  # keep it alive
-        return index
-
-    _, ivf_ids = measure(f"faiss IVFFlat nlist={nlist} nprobe=64, trained on {sample}", ivf,
-                         lambda ix: ix.search(queries, wide)[1], lambda ix, q: ix.search(q, 5),
-                         top5_identities)
+    approximate = {}
+    for kind in args.scale_types:
+        _, approximate[kind] = measure(f"GalleryIndex {kind}", lambda: GalleryIndex(gallery, labels, kind),
+                                       lambda ix: ix.search(queries, 5), lambda ix, q: ix.search(q, 5),
+                                       lambda r: r.identities)
+        rows[f"GalleryIndex {kind}"]["params"] = resolve(kind, len(gallery), args.dim).params
     return {"gallery": len(gallery), "dim": args.dim, "queries": len(queries),
             "generate_s": round(generate_s, 1), "gallery_gib": round(gallery.nbytes / 2 ** 30, 2),
             "rows": rows,
-            "ivf_top5_overlap_with_exact": round(float(np.mean(
-                [len(set(a) & set(b)) / 5 for a, b in zip(ivf_ids, engine_ids)])), 4),
-            "hnsw": "not run: build measured at 146 s per 100k vectors on this machine, "
-                    "so ~30 min or more for 1M on one shared core"}
+            "top5_overlap_with_exact": {kind: round(float(np.mean(
+                [len(set(a) & set(b)) / 5 for a, b in zip(ids, engine_ids)])), 4)
+                for kind, ids in approximate.items()}}
 
 
 # ----------------------------------------------------------------------------- run
@@ -514,12 +522,13 @@ def run(args) -> dict:
         save()
     if "scale" in args.parts:
         sc = results["scale"] = bench_scale(args)
-        tables.append(format_table(["scale: exact vs IVF", "build s", "batch q/s", "1-query ms", "recall@5"],
+        tables.append(format_table(["scale: exact vs approximate", "build s", "batch q/s", "1-query ms",
+                                    "recall@5", "params"],
                                    [[n, r["build_s"], r["batch_queries_per_s"], r["single_query_ms"],
-                                     r["recall_at_5"]] for n, r in sc["rows"].items()],
+                                     r["recall_at_5"], r.get("params", "")] for n, r in sc["rows"].items()],
                                    f"scale: {sc['gallery']} x {sc['dim']} float32 ({sc['gallery_gib']} GiB), "
-                                   f"{sc['queries']} queries; IVF top-5 overlap with exact "
-                                   f"{sc['ivf_top5_overlap_with_exact']}; HNSW not run (build ~30 min)"))
+                                   f"{sc['queries']} queries; top-5 overlap with exact "
+                                   f"{sc['top5_overlap_with_exact']}"))
         print(tables[-1], flush=True)
         save()
     save()
