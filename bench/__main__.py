@@ -1,10 +1,10 @@
 """Benchmarks (not tests: nothing passes or fails). From the repository root:
 
-  python -m bench accuracy --data omniglot --seeds 0 1 2 3 4 --image-size 96 --epochs 10
-  python -m bench open-set --data orl --epochs 5
-  python -m bench speed
-  python -m bench peers --data orl
   python -m bench all --quick          # every suite, small settings, < ~30 min on 2 cores
+  python -m bench accuracy --data omniglot --seeds 0 1 2 3 4 --image-size 96 --epochs 15
+  python -m bench open-set --data orl --seeds 0 1 2 --image-size 96 --epochs 10
+  python -m bench speed
+  python -m bench peers --data orl     # the peer libraries alone, open-set, one seed
 
 Each suite prints a table and writes bench/results/<name>.json (+ .txt with the table). By default
 everything runs on ONE thread (--threads), so a shared 2-core machine stays usable.

@@ -5,7 +5,7 @@
   open-set  orl, seed 0, 64 px, 4 epochs, all four losses + softmax baseline
   (both: + the peer libraries for the engine's ArcFace training time)
   speed     64 px; 128 images embedded, 96 trained; 10k-vector galleries; index types at 10k;
-            the scale part at 100k vectors
+            the scale part at 100k vectors (flat and ivf)
 Without --quick each suite runs at its own defaults (omniglot, 96 px: hours on 2 cores).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def run_all(args) -> None:
 
     quick = args.quick
     data = args.data or ("orl" if quick else "omniglot")
-    common = {"threads": args.threads, "out": args.out, "progress": args.progress,
+    common = {"threads": args.threads, "out": args.out, "progress": args.progress, "device": args.device,
               "tag": "quick" if quick else None}
     plans = []
     if quick:
@@ -40,7 +40,7 @@ def run_all(args) -> None:
             ("open-set", open_set, dict(data=data, seeds=[0], image_size=64, epochs=4)),
             ("speed", speed, dict(image_size=64, embed_images=128, train_images=96, gallery=[10_000],
                                   queries=500, query_runs=3, index_sizes=[10_000], repeats=3,
-                                  scale_size=100_000)),
+                                  scale_size=100_000, scale_types=["ivf"])),
         ]
     else:
         plans = [(name, module, dict(data=data) if name != "speed" else {})
