@@ -445,6 +445,8 @@ def run(args) -> dict:
     tables = []
 
     name = "speed" if set(args.parts) >= set(PARTS) - {"scale"} else "speed_" + "_".join(args.parts)
+    if args.parts == ["scale"]:  # one file per size and index types: runs can be split up
+        name = f"speed_scale_{args.scale_size}_{'_'.join(['flat'] + list(args.scale_types))}"
 
     def save():
         report.write(name, getattr(args, "out", None), results=results, table="\n\n".join(tables))
