@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-types", nargs="*", default=["ivf", "hnsw"], choices=["ivf", "hnsw", "ivfpq"],
                    help="approximate GalleryIndex types measured at the scale size (default ivf hnsw; "
                         "HNSW builds slowly: ~15-30 min for 1M on one core)")
+    p.add_argument("--scale-nprobe", type=int, nargs="*", default=[],
+                   help="also search the scale part's IVF with these nprobe values (no rebuild)")
     p.add_argument("--scale-queries", type=int, default=1000,
                    help="batched queries for the scale part (FAISS flat is ~7x slower per query "
                         "in batches of 200 than of 1000 here: keep batches large)")
@@ -425,10 +427,21 @@ def bench_scale(args) -> dict:
             lambda ix, q: ix.search(q, 5), top5_identities)
     approximate = {}
     for kind in args.scale_types:
-        _, approximate[kind] = measure(f"GalleryIndex {kind}", lambda: GalleryIndex(gallery, labels, kind),
-                                       lambda ix: ix.search(queries, 5), lambda ix, q: ix.search(q, 5),
-                                       lambda r: r.identities)
+        built, approximate[kind] = measure(
+            f"GalleryIndex {kind}", lambda: GalleryIndex(gallery, labels, kind),
+            lambda ix: ix.search(queries, 5), lambda ix, q: ix.search(q, 5), lambda r: r.identities)
         rows[f"GalleryIndex {kind}"]["params"] = resolve(kind, len(gallery), args.dim).params
+        for nprobe in args.scale_nprobe if kind == "ivf" else []:
+            # the same index searched with fewer cells (what editing the manifest's nprobe does)
+            def with_nprobe(index=built, n=nprobe):
+                faiss.extract_index_ivf(index.faiss_index).nprobe = n
+                return index
+            name = f"GalleryIndex ivf, nprobe {nprobe}"
+            _, approximate[f"ivf nprobe {nprobe}"] = measure(
+                name, with_nprobe, lambda ix: ix.search(queries, 5), lambda ix, q: ix.search(q, 5),
+                lambda r: r.identities)
+            rows[name]["build_s"] = None  # not rebuilt
+            rows[name]["params"] = {**rows[f"GalleryIndex {kind}"]["params"], "nprobe": nprobe}
     return {"gallery": len(gallery), "dim": args.dim, "queries": len(queries),
             "generate_s": round(generate_s, 1), "gallery_gib": round(gallery.nbytes / 2 ** 30, 2),
             "rows": rows,
