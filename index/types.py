@@ -10,7 +10,9 @@ same ``GalleryIndex.search``; only speed, memory and recall differ:
 * ``hnsw`` (IndexHNSWFlat, M=32, efSearch=256) -- a navigable graph over the raw vectors: ~20x
   lower single-query latency than flat at 100k vectors (2-5 ms), exact similarities for the
   neighbours it finds, and recall just under exact. Memory: raw vectors plus ~256 bytes of links
-  each; slow to build (minutes per 100k on 2 cores); CPU only (FAISS has no GPU HNSW).
+  each; slow to build (minutes per 100k on 2 cores); CPU only (FAISS has no GPU HNSW). These fixed
+  parameters do not scale: at 1M x 512 synthetic vectors recall@5 fell to 0.667 (32 min build on
+  one core; bench/README.md). Raise ``efSearch`` in the manifest for big galleries.
 * ``ivf`` (IndexIVFFlat, nprobe = nlist/4) -- k-means cells over the raw vectors; a query scans the
   ``nprobe`` nearest cells. Fast to build, runs on GPUs, exact similarities for what it finds.
 
