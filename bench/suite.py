@@ -1,12 +1,12 @@
 """``python -m bench all [--quick]``: every suite in turn, one thread, one summary at the end.
 
---quick (the whole CPU suite: 335 s measured on the loaded 2-core machine, well under 30 min):
+--quick (the whole CPU suite: 327 s measured on a fresh clone on the 2-core machine, well under 30 min):
   accuracy  orl, seeds 0-4, 64 px, 4 selection epochs, all four losses + softmax baseline
   open-set  orl, seed 0, 64 px, 4 epochs, all four losses + softmax baseline
   (both: + the peer libraries for the engine's ArcFace training time)
   speed     64 px; 128 images embedded, 96 trained; 10k-vector galleries; index types at 10k;
             the scale part at 100k vectors (flat and ivf)
-Without --quick each suite runs at its own defaults (omniglot, 96 px: hours on 2 cores).
+Without --quick each suite runs at its own defaults (omniglot, 96 px, the 1M-vector speed part: ~3 hours).
 """
 from __future__ import annotations
 
