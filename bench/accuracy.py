@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the softmax-classifier baseline")
     p.add_argument("--peer-budget-s", type=float,
                    help="peers' training seconds (default: the engine's ArcFace time that seed)")
-    p.add_argument("--peers", nargs="*", default=["pml", "oml"], choices=["pml", "oml"],
+    p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
                    help="peer libraries to train on the same split (default both; none: --peers)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: one core)")
     p.add_argument("--workdir", help="where checkpoints go (default: a temp dir, deleted after)")

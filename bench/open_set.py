@@ -40,21 +40,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit", action="store_true", help="train with refit=True (see above)")
     p.add_argument("--no-softmax", dest="softmax", action="store_false",
                    help="skip the softmax-classifier baseline (its GeM features as the embedding)")
-    p.add_argument("--peers", nargs="*", default=["pml", "oml"], choices=list(PEERS),
+    p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
                    help="peer libraries, trained for the engine's ArcFace time (default both)")
     p.add_argument("--backbone", default=None)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--workdir", help="where checkpoints go (default: a temp dir, deleted after)")
 
 
-def open_set_metrics(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Recall@1 and MAP@R of every vector against all the others (self excluded)."""
+def open_set_metrics(vectors: np.ndarray, test) -> dict[str, float]:
+    """Recall@1 and MAP@R of every vector (the embeddings of the ``test`` samples, in order)
+    against all the others (self excluded)."""
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+    labels = label_array([s.identity for s in test])
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     calculator = AccuracyCalculator(include=tuple(METRICS), k="max_bin_count", device=None)
-    result = calculator.get_accuracy(np.ascontiguousarray(vectors, dtype=np.float32), labels,
-                                     np.ascontiguousarray(vectors, dtype=np.float32), labels,
-                                     ref_includes_query=True)
+    result = calculator.get_accuracy(vectors, labels, vectors, labels, ref_includes_query=True)
     return {key: float(result[key]) for key in METRICS}
 
 
@@ -75,7 +76,7 @@ def evaluate_checkpoint(checkpoint, test) -> dict[str, float]:
 
     model, preprocessing, _ = load_model(checkpoint)
     vectors = embed_images(model, [s.path for s in test], preprocessing, progress=False)
-    return open_set_metrics(vectors, label_array([s.identity for s in test]))
+    return open_set_metrics(vectors, test)
 
 
 def pretrained_metrics(args, test) -> dict[str, float]:
@@ -85,7 +86,7 @@ def pretrained_metrics(args, test) -> dict[str, float]:
     model = zero_shot_model(args.backbone or DEFAULT_BACKBONE)
     vectors = embed_images(model, [s.path for s in test], preprocessing_for(model, args.image_size),
                            progress=False)
-    return open_set_metrics(vectors, label_array([s.identity for s in test]))
+    return open_set_metrics(vectors, test)
 
 
 def run(args) -> dict:
@@ -128,7 +129,7 @@ def run(args) -> dict:
                     _softmax_metrics(args, seed, train_samples, test, workdir))
             for peer in args.peers:
                 rows.setdefault(PEERS[peer], []).append(
-                    _peer_metrics(args, peer, seed, budgets.get(seed), train_samples, test))
+                    peer_metrics(args, peer, seed, budgets.get(seed), train_samples, test))
             _write(report, args, rows, train_samples, test)
     finally:
         if not args.workdir:
@@ -146,23 +147,23 @@ def _softmax_metrics(args, seed: int, train_samples, test, workdir: Path) -> dic
     trained = train_softmax_classifier(train_config(args, "arcface", seed, workdir), train_samples)
     vectors = embed_images(trained.model, [s.path for s in test], trained.preprocessing,
                            progress=False)
-    metrics = {**open_set_metrics(vectors, label_array([s.identity for s in test])), "seed": seed,
+    metrics = {**open_set_metrics(vectors, test), "seed": seed,
                "train_seconds": round(trained.train_seconds, 1)}
     print(f"softmax seed {seed}: {metrics}", flush=True)
     return metrics
 
 
-def _peer_metrics(args, peer: str, seed: int, budget: float | None, train_samples, test) -> dict:
+def peer_metrics(args, peer: str, seed: int, budget: float | None, train_samples, test) -> dict:
+    """Train one peer on ``train_samples`` for ``budget`` s; its Recall@1 / MAP@R on ``test``
+    (or an ``error`` saying why it did not run)."""
     if not budget:
         return {"seed": seed, "error": "no engine arcface run this seed to take the time budget from"}
-    identities = [s.identity for s in test]
     vectors, stats = train_peer(peer, train_samples, [s.path for s in test], args.image_size, seed,
-                                budget, args.workers, getattr(args, "threads", 1), identities,
-                                device=getattr(args, "device", None))
+                                budget, args.workers, getattr(args, "threads", 1),
+                                [s.identity for s in test], device=getattr(args, "device", None))
     if vectors is None:
         return {"seed": seed, "error": f"not run: {stats['not_run']}"}
-    metrics = {**open_set_metrics(vectors, label_array(identities)), **stats, "seed": seed,
-               "budget_s": budget}
+    metrics = {**open_set_metrics(vectors, test), **stats, "seed": seed, "budget_s": budget}
     print(f"{peer} seed {seed}: {metrics}", flush=True)
     return metrics
 

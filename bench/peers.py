@@ -165,7 +165,7 @@ def run(args) -> dict:
     from retrieval.data import open_set_split, read_folder_gallery
     from retrieval.train import train
 
-    from .open_set import evaluate_checkpoint, open_set_metrics, train_config
+    from .open_set import evaluate_checkpoint, peer_metrics, train_config
 
     train_samples, test = open_set_split(read_folder_gallery(data_path(args.data)))
     report = Report("peers", args, [args.seed])
@@ -180,17 +180,10 @@ def run(args) -> dict:
         rows["engine (retrieval.train, ArcFace)"] = {
             **evaluate_checkpoint(checkpoint, test), "train_seconds": seconds, "epochs": args.epochs}
     budget = args.budget_s or seconds
-    test_labels = [s.identity for s in test]
     for key, title in PEERS.items():
-        if key in args.skip:
-            continue
-        vectors, stats = train_peer(key, train_samples, [s.path for s in test], args.image_size,
-                                    args.seed, budget, args.workers, getattr(args, "threads", 1),
-                                    eval_labels=test_labels, device=getattr(args, "device", None))
-        rows[title] = stats if vectors is None else {
-            **open_set_metrics(vectors, label_array(test_labels)), **stats}
-        print(f"{key}: {rows[title]}", flush=True)
-    table_rows = [[name] + ([None] * 5 if "not_run" in r else
+        if key not in args.skip:
+            rows[title] = peer_metrics(args, key, args.seed, budget, train_samples, test)
+    table_rows = [[name] + ([None] * 5 if "error" in r else
                             [r["precision_at_1"], r["mean_average_precision_at_r"],
                              r["train_seconds"], r["epochs"], r.get("images_seen")])
                   for name, r in rows.items()]
@@ -198,7 +191,7 @@ def run(args) -> dict:
              f"budget {budget:.0f}s (the engine's {args.epochs} epochs)")
     table = format_table(["peer (open-set test half)", "Recall@1", "MAP@R", "train s", "epochs",
                           "images seen"], table_rows, title)
-    table += "".join(f"\n{name}: NOT RUN: {r['not_run']}" for name, r in rows.items() if "not_run" in r)
+    table += "".join(f"\n{name}: {r['error']}" for name, r in rows.items() if "error" in r)
     print(table)
     report.write(f"peers_{Path(str(args.data)).name}_{args.image_size}px_{args.epochs}ep",
                  getattr(args, "out", None), data=str(args.data), budget_s=round(budget, 1),
