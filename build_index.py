@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "not an identity and are left out)")
     data.add_argument("--strict", action="store_true",
                       help="fail on an unreadable image instead of skipping it with a warning")
+    data.add_argument("--allow-outside", action="store_true",
+                      help="with --labels: accept CSV rows naming images outside --gallery (absolute "
+                           "paths, or '..' climbing out of it); refused by default, because a CSV "
+                           "from elsewhere could then read any file on this machine (and show it "
+                           "in query.py's HTML report). A symlink placed inside --gallery is "
+                           "always fine")
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="CKPT",
                        help="model.pt written by train_embed.py (its preprocessing and new_whale "

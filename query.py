@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("query", metavar="IMG|DIR", help="an image, or a folder whose images are all queried")
     p.add_argument("-k", type=int, default=5,
-                   help="identities per answer, new_whale included (default %(default)s)")
+                   help="identities per answer, new_whale included (default %(default)s; at most "
+                        "the index's identities + 1)")
     p.add_argument("--index", default=DEFAULT_INDEX_DIR,
                    help="index folder written by build_index.py (default %(default)s)")
     p.add_argument("--threshold", type=float,
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write a self-contained HTML page: each query beside its top-k gallery "
                           "thumbnails, identities and similarities")
     run = p.add_argument_group("run")
+    run.add_argument("--strict", action="store_true",
+                     help="with a folder: fail on an unreadable image instead of leaving it out of "
+                          "the outputs with a warning (a single image must always be readable)")
     run.add_argument("--batch-size", type=int, default=64, help="images per batch (default %(default)s)")
     run.add_argument("--workers", type=int,
                      help="DataLoader worker processes (default: none for one batch or on a "
@@ -54,7 +58,8 @@ def main() -> int:
     from retrieval.query import format_text, run_query, to_json
 
     result = run_query(args.query, args.index, k=args.k, threshold=args.threshold, model=args.model,
-                       batch_size=args.batch_size, workers=args.workers, device=args.device)
+                       batch_size=args.batch_size, workers=args.workers, device=args.device,
+                       strict=args.strict)
     if args.submission:
         from retrieval.submission import write_submission
         rows = write_submission(args.submission, result.answers)

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from retrieval.errors import run_cli
 from retrieval.losses import LOSSES
 from retrieval.model import DEFAULT_BACKBONE
 from retrieval.train import TrainConfig
+
+if TYPE_CHECKING:
+    from retrieval.data import Sample
 
 DEFAULTS = TrainConfig()
 
@@ -30,6 +35,12 @@ def parse_args() -> argparse.Namespace:
                                        "are never a training identity)")
     data.add_argument("--strict", action="store_true",
                       help="fail on an unreadable image instead of skipping it with a warning")
+    data.add_argument("--allow-outside", action="store_true",
+                      help="with --labels: accept CSV rows naming images outside --gallery (absolute "
+                           "paths, or '..' climbing out of it); refused by default, because a CSV "
+                           "from elsewhere could then read any file on this machine (and show it "
+                           "in query.py's HTML report). A symlink placed inside --gallery is "
+                           "always fine")
     data.add_argument("--whale-protocol", type=int, nargs="+", metavar="SEED",
                       help="instead of training on the whole gallery, run the whale protocol for "
                            "these seeds: train on the split's gallery, score MAP@5 on its queries "
@@ -93,13 +104,30 @@ def main() -> int:
     from retrieval.train import train
 
     config = TrainConfig.from_dict(vars(args))
-    samples = drop_unreadable(read_gallery(args.gallery, args.labels), strict=args.strict)
+    samples = read_gallery(args.gallery, args.labels, allow_outside=args.allow_outside)
+    if args.whale_protocol:
+        _check_exportable(samples, args.gallery)
+    samples = drop_unreadable(samples, strict=args.strict)
     if args.whale_protocol:
         protocol.run(config, samples, args.whale_protocol, data_root=args.gallery)
     else:
         path = train(config, samples, resume=args.resume)
         logging.getLogger("train_embed").info("model written to %s", path)
     return 0
+
+
+def _check_exportable(samples: Sequence["Sample"], gallery: str) -> None:
+    """The protocol writes each split's gallery.csv with paths relative to --gallery, so an image
+    outside it (--allow-outside) is refused now rather than after the training it would follow."""
+    from retrieval.errors import UserError
+
+    root = os.path.abspath(gallery)
+    outside = [s.path for s in samples
+               if os.path.commonpath([root, os.path.abspath(s.path)]) != root]
+    if outside:
+        raise UserError(f"--whale-protocol exports paths relative to --gallery, but {len(outside)} "
+                        f"image(s) lie outside it (e.g. {outside[0]}): copy them into {gallery}, "
+                        "or drop --whale-protocol")
 
 
 if __name__ == "__main__":

@@ -2,39 +2,50 @@
 
 Layout of an index folder::
 
-    manifest.json    what built it (model fingerprint + spec, tta, new_whale threshold), the FAISS
-                     type and parameters, counts, times, and the size + sha256 of every other file
-    index.faiss      the FAISS index (CPU form; moved to GPUs when loaded on a machine with some)
-    gallery.parquet  one row per vector: path, identity, vector_id (= FAISS id = row number)
-    vectors.npy      the raw float32 embeddings, so --append / --remove-identity / a change of
-                     index type rebuild exactly without re-embedding a single image
+    manifest.json         what built it (model fingerprint + spec, tta, new_whale threshold), the
+                          FAISS type and parameters, counts, times, and which data folder holds
+                          the current files, with the size + sha256 of each
+    data-<id>/index.faiss      the FAISS index (CPU form; moved to GPUs when loaded on a machine with some)
+    data-<id>/gallery.parquet  one row per vector: path, identity, vector_id (= FAISS id = row number)
+    data-<id>/vectors.npy      the raw float32 embeddings, so --append / --remove-identity / a change
+                               of index type rebuild exactly without re-embedding a single image
 
 Rows are kept sorted by image path: any sequence of appends and removals then writes the same
 files as one fresh build of the same images.
 
-Writes go to a hidden temp sibling folder that is swapped in by one atomic rename (Linux
-``renameat2(RENAME_EXCHANGE)``; elsewhere two renames with a tiny window, reported on load if a
-crash hits it), so a crash mid-write leaves the previous index whole. Reads refuse, with one line
-saying what to do, a folder that is not an index, a truncated or corrupt file, an index written by
-an incompatible version, or (``expected_fingerprint``) one built by another model.
+How a write stays safe (``save_index``):
+
+* the new files go into a fresh ``data-<id>`` folder, flushed to disk;
+* ``manifest.json`` is replaced by one atomic file rename (POSIX ``rename``; no folder is ever
+  renamed, so nothing depends on Linux's ``renameat2``): before it readers see the old index,
+  after it the new one, and a crash at any point leaves one of the two whole;
+* then the superseded data folder is deleted. Only files the index owns are ever deleted: a
+  README or report a user keeps in the folder survives every rebuild and append.
+
+A folder counts as an index only if its manifest validates completely (format tag, schema, field
+types and bounds): a project folder that happens to hold some other ``manifest.json`` is never
+written into. ``--out`` given as a symlink is resolved once; the lock, the writes and the clean-up
+all use the real path, so two spellings of one index are serialised by one lock.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 import faiss
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retrieval.errors import UserError
 
@@ -44,19 +55,105 @@ from .types import IndexSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT = "whale-gallery-index/1"
+FORMAT = "whale-gallery-index/2"
+FORMAT_V1 = "whale-gallery-index/1"  # files beside the manifest; read, and upgraded on write
 METRIC = "inner_product"  # on L2-normalised vectors: cosine similarity
 DEFAULT_INDEX_DIR = "runs/index"
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 TABLE_FILE = "gallery.parquet"
 VECTORS_FILE = "vectors.npy"
+DATA_FILES = (INDEX_FILE, TABLE_FILE, VECTORS_FILE)
+DATA_DIR_PATTERN = re.compile(r"^data-[0-9a-f]{12}$")
+MANIFEST_TEMP_PATTERN = re.compile(r"^\.manifest\.json\.[0-9a-f]{12}\.tmp$")
+MAX_DIM = 65_536
+MAX_COUNT = 10**10
 REBUILD = "rebuild it with build_index.py"
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    bytes: Annotated[int, Field(ge=0)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ModelEntry(BaseModel):
+    """Which model embedded the gallery. The index checks only the fingerprint; the rest
+    (checkpoint path, model config, preprocessing) belongs to ``retrieval``, which validates it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    fingerprint: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    source: Literal["checkpoint", "pretrained"]
+    checkpoint: str | None = None
+
+
+class IndexEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: Literal[types.INDEX_TYPES]  # type: ignore[valid-type]
+    params: dict[str, Annotated[int, Field(ge=1, le=MAX_COUNT)]] = {}
+    requested: Literal[types.CHOICES]  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _has_its_params(self) -> "IndexEntry":
+        missing = sorted(set(types.REQUIRED_PARAMS[self.kind]) - set(self.params))
+        if missing:
+            raise ValueError(f"a {self.kind} index needs parameters {', '.join(missing)}")
+        return self
+
+
+class Counts(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    images: Annotated[int, Field(ge=1, le=MAX_COUNT)]
+    identities: Annotated[int, Field(ge=1, le=MAX_COUNT)]
+
+
+class ManifestSchema(BaseModel):
+    """The manifest's JSON, checked field by field when read and before it is written: a
+    manifest is a file people share and edit by hand."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format: Literal[FORMAT, FORMAT_V1]
+    dim: Annotated[int, Field(ge=1, le=MAX_DIM)]
+    model: ModelEntry
+    tta: Annotated[str, Field(pattern=r"^[a-z]{1,16}$")]
+    threshold: float | None
+    index: IndexEntry
+    counts: Counts
+    created: Annotated[str, Field(max_length=64)]
+    updated: Annotated[str, Field(max_length=64)]
+    files: dict[str, FileEntry]
+    metric: Literal[METRIC]
+    data_dir: Annotated[str, Field(pattern=r"^(data-[0-9a-f]{12})?$")] = ""  # "" in format 1
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number or null")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ManifestSchema":
+        if set(self.files) != set(DATA_FILES):
+            raise ValueError(f"files must list exactly {', '.join(DATA_FILES)}")
+        if self.counts.identities > self.counts.images:
+            raise ValueError("more identities than images")
+        if self.format == FORMAT and not self.data_dir:
+            raise ValueError(f"format {FORMAT} names its data folder")
+        return self
 
 
 @dataclass
 class Manifest:
-    """Everything needed to trust and use an index without opening its other files."""
+    """Everything needed to trust and use an index without opening its other files
+    (plain values, as validated by ``ManifestSchema``)."""
 
     dim: int
     model: dict[str, Any]  # fingerprint, source, checkpoint, model_config, preprocessing
@@ -69,6 +166,12 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     metric: str = METRIC
     format: str = FORMAT
+    data_dir: str = ""  # the data-<id> folder holding the files ("" for format 1: beside it)
+
+    @classmethod
+    def validated(cls, values: Any) -> "Manifest":
+        """Checked against ``ManifestSchema`` (raises pydantic's ValidationError)."""
+        return cls(**ManifestSchema.model_validate(values).model_dump())
 
     @property
     def fingerprint(self) -> str:
@@ -77,6 +180,9 @@ class Manifest:
     @property
     def spec(self) -> IndexSpec:
         return IndexSpec.from_dict(self.index)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
 
 @dataclass
@@ -96,8 +202,11 @@ class StoredIndex:
             vectors = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as err:
             raise _corrupt(path, f"{type(err).__name__}: {err}") from None
-        if vectors.shape != (len(self.paths), self.manifest.dim):
-            raise _corrupt(path, f"shape {vectors.shape}, expected ({len(self.paths)}, {self.manifest.dim})")
+        if vectors.dtype != np.float32 or vectors.shape != (len(self.paths), self.manifest.dim):
+            raise _corrupt(path, f"{vectors.dtype} array of shape {vectors.shape}, expected float32 "
+                                 f"({len(self.paths)}, {self.manifest.dim})")
+        if not np.isfinite(vectors).all():
+            raise _corrupt(path, "it holds NaN or infinite values")
         return vectors
 
 
@@ -107,15 +216,20 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
                identities: Sequence[str], *, model: dict[str, Any], tta: str,
                threshold: float | None, index_type: str | IndexSpec = "flat",
                created: str | None = None) -> Manifest:
-    """Build the FAISS index over ``vectors`` and write the whole folder atomically.
+    """Build the FAISS index over ``vectors`` and write it into ``directory`` atomically.
 
     ``index_type`` is a name (``auto`` resolves by gallery size) or an already resolved spec.
+    A caller editing an existing index (read, change, write) holds ``writer_lock`` around it.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or not len(vectors) == len(paths) == len(identities):
         raise ValueError(f"{len(paths)} paths, {len(identities)} identities, vectors {vectors.shape}")
     if len(vectors) == 0:
         raise UserError("the gallery index would be empty: it needs at least one image")
+    broken = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(broken):
+        raise UserError(f"the model gave NaN or infinite embeddings for {len(broken)} image(s), "
+                        f"e.g. {paths[broken[0]]}: the checkpoint is damaged; retrain or use another")
     order = np.argsort(np.asarray(paths, dtype=str), kind="stable")
     paths = [str(paths[i]) for i in order]
     identities = [str(identities[i]) for i in order]
@@ -125,25 +239,43 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
     log.info("building a %s index of %d vectors", spec.kind, len(vectors))
     faiss_index = types.build(vectors, spec)
     now = _now()
-    manifest = Manifest(dim=int(vectors.shape[1]), model=dict(model), tta=tta,
-                        threshold=None if threshold is None else float(threshold),
-                        index=spec.to_dict(),
-                        counts={"images": len(paths), "identities": len(set(identities))},
-                        created=created or now, updated=now)
-    write_directory(directory, lambda temp: _write_files(temp, manifest, faiss_index, vectors,
-                                                         paths, identities))
+    values = {"dim": int(vectors.shape[1]), "model": dict(model), "tta": tta,
+              "threshold": None if threshold is None else float(threshold), "index": spec.to_dict(),
+              "counts": {"images": len(paths), "identities": len(set(identities))},
+              "created": created or now, "updated": now, "metric": METRIC, "format": FORMAT}
+    target = real_path(directory)
+    check_replaceable(target)
+    previous = _read_valid_manifest(target)
+    data_dir = _write_data_dir(target, faiss_index, vectors, paths, identities)
+    try:
+        manifest = Manifest.validated({**values, "data_dir": data_dir.name, "files": {
+            name: _describe(data_dir / name) for name in DATA_FILES}})
+        _replace_manifest(target, manifest)
+    except BaseException:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    if previous is not None:
+        _remove_data(target, previous)
     return manifest
 
 
-def _write_files(folder: Path, manifest: Manifest, faiss_index: faiss.Index, vectors: np.ndarray,
-                 paths: list[str], identities: list[str]) -> None:
-    faiss.write_index(faiss_index, str(folder / INDEX_FILE))
-    _write_table(folder / TABLE_FILE, paths, identities)
-    np.save(folder / VECTORS_FILE, vectors, allow_pickle=False)
-    manifest.files = {name: _describe(folder / name) for name in (INDEX_FILE, TABLE_FILE, VECTORS_FILE)}
-    (folder / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
-    for name in (INDEX_FILE, TABLE_FILE, VECTORS_FILE, MANIFEST):
-        _fsync(folder / name)
+def _write_data_dir(target: Path, faiss_index: faiss.Index, vectors: np.ndarray,
+                    paths: list[str], identities: list[str]) -> Path:
+    """A new ``data-<id>`` folder with the three data files, flushed to disk."""
+    target.mkdir(parents=True, exist_ok=True)
+    folder = target / f"data-{secrets.token_hex(6)}"
+    folder.mkdir()
+    try:
+        faiss.write_index(faiss_index, str(folder / INDEX_FILE))
+        _write_table(folder / TABLE_FILE, paths, identities)
+        np.save(folder / VECTORS_FILE, vectors, allow_pickle=False)
+        for name in DATA_FILES:
+            _fsync(folder / name)
+        _fsync(folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 def _write_table(path: Path, paths: list[str], identities: list[str]) -> None:
@@ -156,63 +288,84 @@ def _write_table(path: Path, paths: list[str], identities: list[str]) -> None:
     pq.write_table(table, path)
 
 
-def write_directory(directory: str | Path, fill: Callable[[Path], None]) -> None:
-    """Fill a temp sibling folder, then swap it in for ``directory`` in one rename.
-
-    An exception (or a crash) before the swap leaves ``directory`` exactly as it was.
-    """
-    target = Path(directory)
-    _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+def _replace_manifest(target: Path, manifest: Manifest) -> None:
+    """The commit point: a temp file, flushed, renamed over ``manifest.json``, folder flushed."""
+    temp = target / f".{MANIFEST}.{secrets.token_hex(6)}.tmp"
     try:
-        os.chmod(temp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the index private
-        fill(temp)
+        temp.write_text(manifest.to_json())
+        os.chmod(temp, 0o666 & ~_umask())
         _fsync(temp)
-        _swap_in(temp, target)
+        os.replace(temp, target / MANIFEST)
     except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        temp.unlink(missing_ok=True)
         raise
-    _fsync(target.parent)
+    _fsync(target)
 
 
-def _check_replaceable(target: Path) -> None:
-    """Never swap away a folder that is not an index (a typo in --out must not delete data)."""
+def _remove_data(target: Path, superseded: Manifest) -> None:
+    """Delete the files of a superseded manifest: its data folder, or (format 1) the data
+    files beside the manifest. Nothing else in the folder is touched."""
+    if superseded.data_dir:
+        _remove_data_dir(target / superseded.data_dir)
+        return
+    for name in DATA_FILES:
+        (target / name).unlink(missing_ok=True)
+
+
+def _remove_data_dir(folder: Path) -> None:
+    """A data folder's own files, then the folder if that leaves it empty (a user's file put
+    inside it is kept, with a warning); a symlink is unlinked, never followed."""
+    if folder.is_symlink() or not folder.is_dir():
+        folder.unlink(missing_ok=True)
+        return
+    for name in DATA_FILES:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        log.warning("kept %s: it holds files the index did not write", folder)
+
+
+def real_path(directory: str | Path) -> Path:
+    """``directory`` with every symlink resolved, once: the lock, the writes and the clean-up
+    then act on the real folder however the user spelled it."""
+    return Path(directory).expanduser().resolve()
+
+
+def check_replaceable(target: Path) -> None:
+    """Only write into a new or empty folder, or one holding a valid index manifest: a typo in
+    --out must never mix an index into a folder of photos or overwrite another manifest.json."""
     if not target.exists():
         return
-    if not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file()):
+    if not target.is_dir():
+        raise UserError(f"{target} exists and is not a folder: pass a new or empty folder, or an "
+                        "index folder written by build_index.py")
+    manifest = target / MANIFEST
+    if manifest.is_file() or manifest.is_symlink():
+        try:
+            _parse_manifest(target)
+        except UserError as err:
+            raise UserError(f"{target} holds a {MANIFEST} that is not a valid gallery index "
+                            f"manifest ({_reason(err)}): pass another --out (if it is a damaged "
+                            "index, delete that folder yourself first)") from None
+        return
+    if any(not _is_leftover(entry) for entry in target.iterdir()):
         raise UserError(f"{target} exists and is not a gallery index: pass a new or empty folder, "
                         "or an index folder written by build_index.py")
 
 
-def _swap_in(temp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(temp, target)
-        return
-    if _exchange(temp, target):
-        shutil.rmtree(temp, ignore_errors=True)  # now holds the previous version
-        return
-    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.rename(target, backup)
-    os.rename(temp, target)
-    shutil.rmtree(backup, ignore_errors=True)
+def _reason(err: UserError) -> str:
+    text = str(err)
+    return text[text.find("(") + 1:text.rfind(")")] if "(" in text else text
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    log.debug("renameat2 unavailable (errno %d): swapping with two renames", ctypes.get_errno())
-    return False
+def _is_leftover(entry: Path) -> bool:
+    """What a crashed writer of this index may leave behind."""
+    return bool(DATA_DIR_PATTERN.match(entry.name) or MANIFEST_TEMP_PATTERN.match(entry.name))
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk, so a power cut after the swap cannot leave empty files."""
+    """Flush a file or folder to disk, so a power cut after the rename cannot leave empty files."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -223,39 +376,65 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def writer_lock(directory: str | Path) -> Iterator[None]:
+def writer_lock(directory: str | Path) -> Iterator[Path]:
     """Serialise writers of one index (a read-modify-write like --append must not interleave);
-    readers need no lock since a swap is atomic. Also clears temp folders of crashed writers."""
+    readers need no lock since the manifest swap is atomic. Yields the real path of the index.
+
+    Under the lock, an index left half-moved by an older version's two-rename swap is put
+    back, and data folders of crashed writers are cleared."""
+    target = real_path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock, the atomic swap still protects readers
-        yield
+    except ImportError:  # not POSIX: no lock, the atomic manifest swap still protects readers
+        yield target
         return
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_name(f".{target.name}.lock"), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process writing %s", target)
             fcntl.flock(handle, fcntl.LOCK_EX)
+        _recover_legacy_backup(target)
         _clear_leftovers(target)
-        yield
+        yield target
+
+
+def _recover_legacy_backup(target: Path) -> None:
+    """Format 1 replaced the whole folder with two renames where ``renameat2`` was missing; a
+    crash between them left the index only in ``.NAME.old-PID``. Put the newest such backup
+    back instead of starting a fresh index over it."""
+    if target.exists() or target.is_symlink():
+        return
+    backups = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    for backup in reversed(backups):
+        if (backup / MANIFEST).is_file():
+            os.rename(backup, target)
+            log.warning("recovered index %s from %s, left by an interrupted write", target, backup.name)
+            return
 
 
 def _clear_leftovers(target: Path) -> None:
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if target.exists():  # a backup beside a complete index is garbage from a finished swap
-        for stale in target.parent.glob(f".{target.name}.old-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    """Data folders no manifest points at and manifest temp files: what crashed writers left."""
+    if not target.is_dir():
+        return
+    current = _read_valid_manifest(target)
+    keep = current.data_dir if current is not None else None
+    for entry in target.iterdir():
+        if MANIFEST_TEMP_PATTERN.match(entry.name):
+            entry.unlink(missing_ok=True)
+        elif DATA_DIR_PATTERN.match(entry.name) and entry.name != keep and current is not None:
+            _remove_data_dir(entry)
 
 
 # ----------------------------------------------------------------------------- reading
 
 def read_manifest(directory: str | Path) -> Manifest:
     """The manifest alone (cheap): fails with a clear message if ``directory`` is not an index."""
-    directory = Path(directory)
+    return _parse_manifest(Path(directory))
+
+
+def _parse_manifest(directory: Path) -> Manifest:
     if not directory.is_dir():
         raise UserError(_missing_message(directory))
     path = directory / MANIFEST
@@ -266,30 +445,63 @@ def read_manifest(directory: str | Path) -> Manifest:
         values = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise _corrupt(path, str(err)) from None
-    if not isinstance(values, dict) or values.get("format") != FORMAT:
-        found = values.get("format") if isinstance(values, dict) else None
+    found = values.get("format") if isinstance(values, dict) else None
+    if found not in (FORMAT, FORMAT_V1):
         raise UserError(f"{directory} holds an index of format {found!r}, this version reads "
                         f"{FORMAT!r}: {REBUILD}")
     try:
-        return Manifest(**values)
-    except TypeError as err:
-        raise _corrupt(path, str(err)) from None
+        return Manifest.validated(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "manifest"
+        raise _corrupt(path, f"{where}: {first['msg']}") from None
 
 
-def load_index(directory: str | Path, expected_fingerprint: str | None = None,
-               fix: str = "") -> StoredIndex:
-    """Read and check an index folder. ``expected_fingerprint`` refuses an index built by
-    another model; ``fix`` is appended to that message (what the user should do instead)."""
+def _read_valid_manifest(directory: Path) -> Manifest | None:
+    try:
+        return _parse_manifest(directory)
+    except UserError:
+        return None
+
+
+def load_index(directory: str | Path, attempts: int = 3) -> StoredIndex:
+    """Read and check an index folder.
+
+    A writer may swap the manifest while this reads, after which the old data folder goes away:
+    when a file turns out missing or different and the manifest has changed meanwhile, the read
+    starts again from the new manifest.
+    """
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    if expected_fingerprint is not None:
-        check_fingerprint(manifest, directory, expected_fingerprint, fix)
+    for attempt in range(attempts):
+        before = _manifest_bytes(directory)
+        try:
+            return _load_once(directory)
+        except UserError:
+            if attempt + 1 == attempts or _manifest_bytes(directory) == before:
+                raise
+            log.info("index %s changed while being read: reading it again", directory)
+    raise AssertionError("unreachable")
+
+
+def _manifest_bytes(directory: Path) -> bytes | None:
+    try:
+        return (directory / MANIFEST).read_bytes()
+    except OSError:
+        return None
+
+
+def _load_once(directory: Path) -> StoredIndex:
+    manifest = _parse_manifest(directory)
     faiss_index = _read_faiss(_verified(directory, INDEX_FILE, manifest))
     paths, identities = _read_table(_verified(directory, TABLE_FILE, manifest))
-    if not faiss_index.ntotal == len(paths) == manifest.counts["images"] or faiss_index.d != manifest.dim:
+    counts = manifest.counts
+    if not faiss_index.ntotal == len(paths) == counts["images"] or faiss_index.d != manifest.dim:
         raise _corrupt(directory / INDEX_FILE, f"{faiss_index.ntotal} vectors of dimension "
                        f"{faiss_index.d}, {len(paths)} table rows, manifest says "
-                       f"{manifest.counts['images']} of dimension {manifest.dim}")
+                       f"{counts['images']} of dimension {manifest.dim}")
+    if len(set(identities)) != counts["identities"]:
+        raise _corrupt(directory / TABLE_FILE, f"{len(set(identities))} identities, manifest "
+                                               f"says {counts['identities']}")
     gallery = GalleryIndex.from_faiss(faiss_index, identities, manifest.spec)
     return StoredIndex(directory, manifest, paths, identities, gallery)
 
@@ -310,12 +522,19 @@ def _read_faiss(path: Path) -> faiss.Index:
 
 
 def _read_table(path: Path) -> tuple[list[str], list[str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path, columns=["path", "identity", "vector_id"])
     except Exception as err:  # pyarrow raises several types for damaged files
         raise _corrupt(path, f"{type(err).__name__}: {err}") from None
+    for name in ("path", "identity"):
+        column = table.column(name)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            raise _corrupt(path, f"column {name} holds {column.type}, not text")
+        if column.null_count:
+            raise _corrupt(path, f"{column.null_count} row(s) have no {name}")
     ids = table.column("vector_id").to_numpy()
     if not np.array_equal(ids, np.arange(len(ids))):
         raise _corrupt(path, "vector ids are not 0..N-1")
@@ -323,11 +542,9 @@ def _read_table(path: Path) -> tuple[list[str], list[str]]:
 
 
 def _verified(directory: Path, name: str, manifest: Manifest) -> Path:
-    """``directory/name`` if its size and sha256 match the manifest; else a one-line UserError."""
-    path = directory / name
-    expected = manifest.files.get(name)
-    if expected is None:
-        raise _corrupt(directory / MANIFEST, f"no entry for {name}")
+    """The data file ``name`` if its size and sha256 match the manifest; else a one-line UserError."""
+    path = directory / manifest.data_dir / name
+    expected = manifest.files[name]  # the schema guarantees every data file has an entry
     if not path.is_file():
         raise UserError(f"{path} is missing: {REBUILD}")
     size = path.stat().st_size
@@ -347,7 +564,8 @@ def _missing_message(directory: Path) -> str:
     backups = sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.parent.is_dir() else []
     if backups:
         return (f"index folder {directory} does not exist, but an interrupted write left the "
-                f"previous index in {backups[-1]}: rename that folder to {directory}")
+                f"previous index in {backups[-1]}: rename that folder to {directory}, or run "
+                "build_index.py --append on it, which puts it back")
     return (f"index folder {directory} does not exist: build one with "
             f"build_index.py --gallery DIR --out {directory}, or pass --index")
 

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 CHOICES = INDEX_TYPES + ("auto",)
+REQUIRED_PARAMS = {"flat": (), "hnsw": ("M", "efConstruction", "efSearch"), "ivf": ("nlist", "nprobe"),
+                   "ivfpq": ("nlist", "nprobe", "m", "nbits")}
 
 FLAT_MAX = 100_000  # exact search below this on a CPU: ~10 ms per query at 512-d, no recall loss
 FLAT_MAX_GPU = 1_000_000

@@ -118,7 +118,8 @@ def _zero_shot_encoder(spec: EncoderSpec) -> Encoder:
 
     if spec.preprocessing is not None:
         config, preprocessing = spec_from_dict({"model_config": spec.model_config,
-                                                "preprocessing": spec.preprocessing})
+                                                "preprocessing": spec.preprocessing},
+                                               "the index manifest's model")
         model = create_model(config, pretrained=True)
     else:
         model = zero_shot_model()

@@ -47,6 +47,7 @@ class BuildOptions:
     workers: int | None = None  # None: encoder.default_workers()
     image_size: int | None = None
     strict: bool = False
+    allow_outside: bool = False  # CSV rows may name images outside --gallery
     device: str | None = None
     progress: bool = True
 
@@ -160,7 +161,7 @@ def _plan(opts: BuildOptions, current: Current, encoder_box: list[Encoder]) -> P
     from .data import read_gallery
 
     indexed = dict(zip(current.paths, current.identities))
-    samples = _new_samples(read_gallery(opts.gallery, opts.labels), indexed)
+    samples = _new_samples(read_gallery(opts.gallery, opts.labels, opts.allow_outside), indexed)
     spec = _encoder_spec(opts, current)
     encoder = load_encoder(spec)
     if current.manifest is not None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import timm
 import torch
 import torch.nn.functional as F
+from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
 from .errors import UserError
@@ -19,6 +21,8 @@ from .pretrained import load_offline_weights
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+MAX_EMBEDDING_DIM = 65_536  # bounds for sizes read from shared files (checkpoints, manifests)
+MAX_IMAGE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,9 @@ class ModelConfig:
     """The architecture. ``embedding_dim=0`` means no neck: the GeM features themselves
     (the zero-shot model: pretrained backbone, no fine-tuning)."""
 
-    backbone: str = DEFAULT_BACKBONE
-    embedding_dim: int = 512
-    gem_p: float = 3.0
+    backbone: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_BACKBONE
+    embedding_dim: Annotated[int, Field(ge=0, le=MAX_EMBEDDING_DIM)] = 512
+    gem_p: Annotated[float, Field(gt=0, le=100)] = 3.0
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,10 @@ class Preprocessing:
     """How images are turned into the model's input: resize the longer side to ``image_size``
     (keeping aspect), pad to a square, normalise. Read from the backbone's pretrained config."""
 
-    image_size: int
+    image_size: Annotated[int, Field(ge=8, le=MAX_IMAGE_SIZE)]
     mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
+    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+    interpolation: Annotated[str, Field(pattern=r"^[a-z]{1,20}$")] = "bicubic"
 
 
 class GeM(nn.Module):
@@ -129,7 +133,29 @@ def model_spec(model: EmbeddingModel, preprocessing: Preprocessing) -> dict:
     return {"model_config": asdict(model.config), "preprocessing": asdict(preprocessing)}
 
 
-def spec_from_dict(spec: dict) -> tuple[ModelConfig, Preprocessing]:
-    pre = dict(spec["preprocessing"])
-    pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
-    return ModelConfig(**spec["model_config"]), Preprocessing(**pre)
+def spec_from_dict(spec: dict, source: str = "model description") -> tuple[ModelConfig, Preprocessing]:
+    """The validated ``(ModelConfig, Preprocessing)`` of a checkpoint or index manifest.
+
+    Both come from files people share, so every field is type-checked and bounded here: a wrong
+    type or an absurd size (a 10^9-wide neck would allocate gigabytes) is one line naming the
+    field, never a traceback deep inside timm or albumentations.
+    """
+    config = _validated(_CONFIG_ADAPTER, spec, "model_config", source)
+    return config, _validated(_PREPROCESSING_ADAPTER, spec, "preprocessing", source)
+
+
+def _validated(adapter: TypeAdapter, spec: dict, part: str, source: str):
+    if not isinstance(spec, dict) or part not in spec:
+        raise UserError(f"{source} has no {part!r} entry: it was not written by this project, "
+                        "or was damaged")
+    try:
+        return adapter.validate_python(spec[part])
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, (part, *first["loc"])))
+        raise UserError(f"{source} has an invalid {where} ({first['msg']}): it was not written "
+                        "by this project, or was damaged") from None
+
+
+_CONFIG_ADAPTER = TypeAdapter(ModelConfig)
+_PREPROCESSING_ADAPTER = TypeAdapter(Preprocessing)

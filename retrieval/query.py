@@ -67,11 +67,12 @@ def list_query_images(target: str | Path) -> list[Path]:
 
 def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: float | None = None,
               model: str | None = None, batch_size: int = 64, workers: int | None = None,
-              device: str | None = None, progress: bool = True) -> QueryResult:
+              device: str | None = None, progress: bool = True, strict: bool = False) -> QueryResult:
     """Embed the query image(s) with the index's own model and rank the gallery's identities.
 
     ``threshold`` overrides the index's ``new_whale`` threshold; ``model`` replaces the
     checkpoint path recorded in the index (same weights required: checked by fingerprint).
+    In a folder, unreadable images are left out with a warning (``strict``: an error instead).
     """
     from index.store import check_fingerprint, load_index
 
@@ -81,7 +82,8 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
         raise UserError(f"-k must be at least 1, got {k}")
     images = list_query_images(target)
     stored = load_index(index_dir)  # cheap checks first: all of them before any model loads
-    _check_readable(images)
+    k = _clamp_k(k, stored.gallery.num_identities)
+    images = _readable_queries(images, folder=Path(target).is_dir(), strict=strict)
     encoder = _encoder_for(stored.manifest, model)
     check_fingerprint(stored.manifest, Path(index_dir), encoder.fingerprint,
                       "pass --model with the checkpoint the index was built from, or rebuild the "
@@ -117,12 +119,37 @@ def _device(name: str | None):
     return torch.device(name)
 
 
-def _check_readable(images: Sequence[Path]) -> None:
-    """Decode each query once up front: a bad file is named in one line, not a worker traceback."""
-    from .data import load_image
+def _clamp_k(k: int, identities: int) -> int:
+    """At most every identity plus ``new_whale``: a larger ``k`` answers nothing more, and the
+    search allocates per requested answer (``-k 100000000000`` asked for hundreds of GiB)."""
+    if k <= identities + 1:
+        return k
+    log.info("-k %d is more than the index's %d identities + new_whale: answering with -k %d",
+             k, identities, identities + 1)
+    return identities + 1
 
-    for image in images:
-        load_image(image)
+
+def _readable_queries(images: Sequence[Path], folder: bool, strict: bool) -> list[Path]:
+    """Decode each query once up front, so a bad file is named in one line, not a worker traceback.
+
+    A single image must be readable. In a folder the bad ones are left out with a warning (one
+    corrupt photo should not cost the whole batch), unless ``strict``; none left is an error.
+    """
+    from .data import find_unreadable, load_image
+
+    if not folder:
+        for image in images:
+            load_image(image)
+        return list(images)
+    bad = find_unreadable(images, strict=strict)
+    if len(bad) == len(images):
+        raise UserError(f"no readable image in {images[0].parent}: all {len(images)} image(s) "
+                        f"failed to decode, e.g. {next(iter(bad.values()))}")
+    if bad:
+        log.warning("skipped %d of %d query image(s) that cannot be used: they are in no output "
+                    "(a --submission lacks their rows); e.g. %s (use --strict to fail instead)",
+                    len(bad), len(images), next(iter(bad.values())))
+    return [image for i, image in enumerate(images) if i not in bad]
 
 
 def hits_for(identities: Sequence[str], scores: np.ndarray, rows: np.ndarray,

@@ -12,8 +12,6 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image
-
 log = logging.getLogger(__name__)
 
 THUMBNAIL = 128  # pixels, longer side
@@ -31,16 +29,21 @@ td.new { background: #fee; width: 128px; }
 
 @lru_cache(maxsize=4096)
 def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str | None:
-    """A data: URI of a JPEG thumbnail, or None if the file cannot be read (moved, corrupt)."""
+    """A data: URI of a JPEG thumbnail, or None if the file cannot be used (moved, corrupt, a
+    decompression bomb swapped in since indexing): ``load_image`` decides, as for every image."""
+    from PIL import Image
+
+    from .data import load_image
+    from .errors import UserError
+
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((size, size))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-    except (OSError, ValueError) as err:
-        log.warning("no thumbnail for %s (%s)", path, err)
+        image = Image.fromarray(load_image(path, max_side=size))
+    except UserError as err:
+        log.warning("no thumbnail: %s", err)
         return None
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -2,28 +2,57 @@
 
 One row per query image, named by its file name (Kaggle's test images sit in one folder), sorted by
 name so two runs diff cleanly; ``new_whale`` is already placed in each answer by the threshold.
+
+The file is opened in spreadsheets as often as it is uploaded, so no cell may start a formula:
+identities are checked (``retrieval.data.check_identities``) and a query file name starting with
+= + - @ (or a tab / carriage return) is written behind a single quote, which ``read_labels_csv``
+removes again.
 """
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 from typing import Sequence
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
 HEADER = ("Image", "Id")
 KAGGLE_LABELS = 5  # the competition reads at most five labels per image
+FORMULA_CELL_START = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets treat as a formula
+ESCAPE = "'"  # spreadsheets show a cell starting with it as text, without the quote
 
 
 def submission_rows(answers: Sequence) -> list[tuple[str, str]]:
     """(file name, "id1 id2 ...") per answer (``QueryAnswer``), sorted by file name."""
-    rows = sorted((Path(a.image).name, " ".join(a.labels[:KAGGLE_LABELS])) for a in answers)
-    names = [name for name, _ in rows]
-    if len(set(names)) != len(names):
+    from .data import check_identities
+
+    check_identities((label for a in answers for label in a.labels[:KAGGLE_LABELS]), "the index",
+                     "rename it in the gallery and rebuild the index with build_index.py")
+    cells = _escape_names([Path(a.image).name for a in answers])
+    if len(set(cells)) != len(cells):
         raise UserError("two query images share a file name: a submission names each image once; "
                         "query one folder at a time")
-    return rows
+    return sorted((cell, " ".join(a.labels[:KAGGLE_LABELS])) for cell, a in zip(cells, answers))
+
+
+def _escape_names(names: Sequence[str]) -> list[str]:
+    """Each name, behind a single quote where it would start a spreadsheet formula (a warning
+    says how many: Kaggle will not match such rows to its own file names)."""
+    risky = [name for name in names if name.startswith(FORMULA_CELL_START)]
+    if risky:
+        log.warning("%d query file name(s) start like a spreadsheet formula (e.g. %r): written as "
+                    "%r in the submission; rename the files to match Kaggle's names", len(risky),
+                    risky[0], ESCAPE + risky[0])
+    return [ESCAPE + name if name.startswith(FORMULA_CELL_START) else name for name in names]
+
+
+def _unescape(name: str) -> str:
+    """A file name as ``_escape_names`` found it."""
+    return name[1:] if name.startswith(ESCAPE) and name[1:].startswith(FORMULA_CELL_START) else name
 
 
 def write_submission(path: str | Path, answers: Sequence) -> int:
@@ -49,7 +78,7 @@ def read_labels_csv(path: str | Path, what: str) -> dict[str, list[str]]:
     table = pd.read_csv(path, dtype=str).fillna("")
     if list(table.columns[:2]) != list(HEADER):
         raise UserError(f"{what} {path} has columns {list(table.columns)}; expected 'Image,Id'")
-    return {image: labels.split() for image, labels in zip(table["Image"], table["Id"])}
+    return {_unescape(image): labels.split() for image, labels in zip(table["Image"], table["Id"])}
 
 
 def score_submission(submission: str | Path, truth: str | Path) -> float:

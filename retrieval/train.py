@@ -33,6 +33,7 @@ from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from .data import Sample, identities_of, require_identities, validation_split
 from .embed import ImageDataset
+from .errors import UserError
 from .evaluate import evaluate_queries
 from .losses import LossSpec, create_loss
 from .model import DEFAULT_BACKBONE, EmbeddingModel, ModelConfig, Preprocessing, create_model, \
@@ -258,8 +259,7 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
     trainer = Trainer(config, split.gallery, config.epochs, ctx)
     selection = Selection()
     if resume is not None:
-        trainer.model.load_state_dict(resume["state_dict"])
-        trainer.load_state(resume["trainer"])
+        _restore(trainer, resume)
         selection = Selection(**resume["selection"])
     while trainer.epoch < config.epochs:
         started = time.time()
@@ -302,8 +302,7 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
                  len(identities_of(samples)))
     trainer = Trainer(config, samples, epochs, ctx)
     if resume is not None:
-        trainer.model.load_state_dict(resume["state_dict"])
-        trainer.load_state(resume["trainer"])
+        _restore(trainer, resume)
     while trainer.epoch < epochs:
         started = time.time()
         loss = trainer.train_epoch()
@@ -320,6 +319,33 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
     if ctx.is_main:
         save_checkpoint(out / "model.pt", checkpoint_payload(
             trainer, selection.threshold, "refit", {"val_map5": selection.best_map5}))
+
+
+def _restore(trainer: Trainer, resume: dict) -> None:
+    """Weights and optimiser / schedule / loss state of a resumed run; a ``last.pt`` that does
+    not fit this run (edited, or of another configuration) is one line, not a traceback."""
+    try:
+        trainer.model.load_state_dict(resume["state_dict"])
+        trainer.load_state(resume["trainer"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise UserError(f"cannot resume from this checkpoint: its training state does not fit "
+                        f"this run ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                        "pass the last.pt of the interrupted run, or start afresh") from None
+
+
+def check_resumable(state: dict, path: str | Path) -> None:
+    """A checkpoint to resume from is a ``last.pt``: it has a stage, the trainer's state and
+    the selection so far (model.pt and best.pt do not)."""
+    if state.get("stage") not in ("select", "refit") or not isinstance(state.get("trainer"), dict) \
+            or not isinstance(state.get("selection"), dict) \
+            or not isinstance(state.get("train_config"), dict):
+        raise UserError(f"{path} cannot be resumed: it is not the last.pt of a run (model.pt and "
+                        "best.pt hold no training state); pass the run's last.pt")
+    try:
+        Selection(**state["selection"])
+        TrainConfig.from_dict(state["train_config"])
+    except TypeError as err:
+        raise UserError(f"{path} cannot be resumed: its saved run is damaged ({err})") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -339,6 +365,8 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(resume) if resume else None
+    if state is not None:
+        check_resumable(state, resume)
     epoch_log = EpochLog(out / "log.csv", ctx.is_main, append=state is not None)
     if state is not None:
         config = TrainConfig.from_dict({**state["train_config"], "out": config.out,

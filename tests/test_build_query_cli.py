@@ -12,7 +12,7 @@ import pytest
 
 import build_index
 import query
-from index import GalleryIndex, load_index
+from index import GalleryIndex, load_index, read_manifest
 from retrieval import NEW_WHALE
 from retrieval.checkpoint import load_model
 from retrieval.embed import embed_images
@@ -242,7 +242,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(data, index_dir, make_args, fragme
 
 def test_cli_refuses_a_truncated_index(data, index_dir, tmp_path):
     shutil.copytree(index_dir, tmp_path / "damaged")
-    faiss_file = tmp_path / "damaged" / "index.faiss"
+    faiss_file = tmp_path / "damaged" / read_manifest(tmp_path / "damaged").data_dir / "index.faiss"
     faiss_file.write_bytes(faiss_file.read_bytes()[:1000])
     result = run_cli("query.py", data.queries, "--index", tmp_path / "damaged")
     assert_one_line_error(result, "index.faiss is truncated", "rebuild it with build_index.py")

@@ -20,6 +20,7 @@ from retrieval.submission import score_submission
 from retrieval.train import TrainConfig, Trainer, train
 
 from .conftest import OMNIGLOT, ROOT
+from .index_helpers import make_checkpoint
 
 TINY = dict(image_size=48, embedding_dim=64, batch_size=16, num_workers=0, warmup_epochs=1)
 
@@ -118,8 +119,8 @@ def test_resume_continues_where_the_run_stopped(orl_subset, tmp_path, monkeypatc
 
 
 def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "model.pt"
-    save_checkpoint(path, {"value": 1})
+    path = make_checkpoint(tmp_path / "model.pt", seed=0)
+    before = load_checkpoint(path)["fingerprint"]
 
     def failing_save(obj, target):
         Path(target).write_bytes(b"half a checkpoint")
@@ -127,9 +128,9 @@ def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError):
-        save_checkpoint(path, {"value": 2})
+        make_checkpoint(path, seed=1)
     monkeypatch.undo()
-    assert load_checkpoint(path)["value"] == 1
+    assert load_checkpoint(path)["fingerprint"] == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left behind
 
 
