@@ -15,25 +15,13 @@ import argparse
 
 from index.store import DEFAULT_INDEX_DIR
 from index.types import CHOICES as INDEX_TYPES
+from retrieval.cli import add_gallery_arguments
 from retrieval.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_argument_group("gallery")
-    data.add_argument("--gallery",
-                      help="folder of images: one sub-folder per identity, or (with --labels) the "
-                           "folder holding the images named in the CSV")
-    data.add_argument("--labels", help="Kaggle-style CSV with columns Image,Id (new_whale rows are "
-                                       "not an identity and are left out)")
-    data.add_argument("--strict", action="store_true",
-                      help="fail on an unreadable image instead of skipping it with a warning")
-    data.add_argument("--allow-outside", action="store_true",
-                      help="with --labels: accept CSV rows naming images outside --gallery (absolute "
-                           "paths, or '..' climbing out of it); refused by default, because a CSV "
-                           "from elsewhere could then read any file on this machine (and show it "
-                           "in query.py's HTML report). A symlink placed inside --gallery is "
-                           "always fine")
+    add_gallery_arguments(p, required=False)
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="CKPT",
                        help="model.pt written by train_embed.py (its preprocessing and new_whale "

@@ -1,6 +1,7 @@
 """Train an embedding model on a labelled gallery.
 
   python train_embed.py --gallery DIR [--labels train.csv] --out runs/model
+  python train_embed.py --gallery DIR --config run.yaml --epochs 20   # file, then flags override
   python train_embed.py --gallery ../shared/data/omniglot/images_background_small1 \
       --whale-protocol 0 --out runs/omniglot      # split, train, score MAP@5 vs references
 
@@ -10,37 +11,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
 
+from retrieval.cli import add_gallery_arguments
+from retrieval.config import DEFAULT_BACKBONE, LOSS_NAMES, TrainConfig, read_config_file
 from retrieval.errors import run_cli
-from retrieval.losses import LOSSES
-from retrieval.model import DEFAULT_BACKBONE
-from retrieval.train import TrainConfig
-
-if TYPE_CHECKING:
-    from retrieval.data import Sample
 
 DEFAULTS = TrainConfig()
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--gallery", required=True,
-                      help="folder of images: one sub-folder per identity, or (with --labels) the "
-                           "folder holding the images named in the CSV")
-    data.add_argument("--labels", help="Kaggle-style CSV with columns Image,Id (new_whale rows "
-                                       "are never a training identity)")
-    data.add_argument("--strict", action="store_true",
-                      help="fail on an unreadable image instead of skipping it with a warning")
-    data.add_argument("--allow-outside", action="store_true",
-                      help="with --labels: accept CSV rows naming images outside --gallery (absolute "
-                           "paths, or '..' climbing out of it); refused by default, because a CSV "
-                           "from elsewhere could then read any file on this machine (and show it "
-                           "in query.py's HTML report). A symlink placed inside --gallery is "
-                           "always fine")
+    data = add_gallery_arguments(p, required=True)
     data.add_argument("--whale-protocol", type=int, nargs="+", metavar="SEED",
                       help="instead of training on the whole gallery, run the whale protocol for "
                            "these seeds: train on the split's gallery, score MAP@5 on its queries "
@@ -59,7 +40,7 @@ def parse_args() -> argparse.Namespace:
                        help="input side in pixels (default: the backbone's native size, 224 for "
                             "the default); smaller trains faster on a CPU")
     train = p.add_argument_group("training")
-    train.add_argument("--loss", choices=list(LOSSES), default=DEFAULTS.loss,
+    train.add_argument("--loss", choices=list(LOSS_NAMES), default=DEFAULTS.loss,
                        help="metric-learning loss (default %(default)s)")
     train.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
                        help="epochs of the selection stage (default %(default)s)")
@@ -77,6 +58,15 @@ def parse_args() -> argparse.Namespace:
                        help="learning rate of the loss's class weights (default %(default)s)")
     train.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay,
                        help="AdamW weight decay (default %(default)s)")
+    train.add_argument("--arcface-margin", type=float, default=DEFAULTS.arcface_margin,
+                       help="ArcFace / sub-center ArcFace angular margin in degrees "
+                            "(default %(default)s = 0.5 rad)")
+    train.add_argument("--arcface-scale", type=float, default=DEFAULTS.arcface_scale,
+                       help="ArcFace / sub-center ArcFace logit scale (default %(default)s)")
+    train.add_argument("--sub-centers", type=int, default=DEFAULTS.sub_centers,
+                       help="sub-center ArcFace: centres per identity (default %(default)s)")
+    train.add_argument("--triplet-margin", type=float, default=DEFAULTS.triplet_margin,
+                       help="triplet loss and its miner: margin (default %(default)s)")
     train.add_argument("--flip", action="store_true",
                        help="augment with horizontal flips (only if a mirror image shows the same "
                             "identity: not for whale flukes or characters)")
@@ -87,6 +77,10 @@ def parse_args() -> argparse.Namespace:
                        help="keep the best validation model instead of retraining on all data")
     train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed (default 0)")
     run = p.add_argument_group("run")
+    run.add_argument("--config", metavar="FILE",
+                     help="YAML or JSON file setting any training option by its field name "
+                          "(e.g. 'epochs: 20', 'arcface_margin: 20'; a run's config.json works); "
+                          "flags given on the command line override it")
     run.add_argument("--out", default=DEFAULTS.out,
                      help="output folder: model.pt, best.pt, last.pt, log.csv (default %(default)s)")
     run.add_argument("--resume", help="continue from a last.pt written by an interrupted run")
@@ -94,19 +88,30 @@ def parse_args() -> argparse.Namespace:
                      help="DataLoader worker processes (default %(default)s)")
     run.add_argument("--device", choices=["cpu", "cuda"],
                      help="force a device (default: cuda when available)")
-    return p.parse_args()
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, over the --config file's values, over the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**read_config_file(args.config))
+        args = parser.parse_args(argv)
+    return args
 
 
 def main() -> int:
     args = parse_args()
-    from retrieval import protocol
-    from retrieval.data import drop_unreadable, read_gallery
-    from retrieval.train import train
+    from retrieval.data import drop_unreadable, read_gallery  # cheap checks before torch loads
 
     config = TrainConfig.from_dict(vars(args))
     samples = read_gallery(args.gallery, args.labels, allow_outside=args.allow_outside)
+    from retrieval import protocol
+    from retrieval.train import train
+
     if args.whale_protocol:
-        _check_exportable(samples, args.gallery)
+        protocol.check_exportable(samples, args.gallery)
     samples = drop_unreadable(samples, strict=args.strict)
     if args.whale_protocol:
         protocol.run(config, samples, args.whale_protocol, data_root=args.gallery)
@@ -114,20 +119,6 @@ def main() -> int:
         path = train(config, samples, resume=args.resume)
         logging.getLogger("train_embed").info("model written to %s", path)
     return 0
-
-
-def _check_exportable(samples: Sequence["Sample"], gallery: str) -> None:
-    """The protocol writes each split's gallery.csv with paths relative to --gallery, so an image
-    outside it (--allow-outside) is refused now rather than after the training it would follow."""
-    from retrieval.errors import UserError
-
-    root = os.path.abspath(gallery)
-    outside = [s.path for s in samples
-               if os.path.commonpath([root, os.path.abspath(s.path)]) != root]
-    if outside:
-        raise UserError(f"--whale-protocol exports paths relative to --gallery, but {len(outside)} "
-                        f"image(s) lie outside it (e.g. {outside[0]}): copy them into {gallery}, "
-                        "or drop --whale-protocol")
 
 
 if __name__ == "__main__":

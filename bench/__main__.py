@@ -18,7 +18,7 @@ import time
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import accuracy, open_set, peers, speed
+    from . import accuracy, open_set, peers_suite, speed
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--progress", action="store_true", help="show tqdm progress bars")
     sub = p.add_subparsers(dest="suite", required=True)
     for name, module in (("accuracy", accuracy), ("open-set", open_set), ("speed", speed),
-                         ("peers", peers)):
+                         ("peers", peers_suite)):
         sp = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], parents=[common],
                             description=module.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,18 +63,13 @@ def main(argv: list[str] | None = None) -> int:
 
     set_threads(args.threads)
     quiet_logs(args.progress)
-    from ._compat import apply_if_needed
-
-    shim = apply_if_needed()
-    if shim["applied"]:
-        print(f"note: {shim['reason']}", file=sys.stderr)
     if args.suite == "all":
         from .suite import run_all
         run_all(args)
         return 0
-    from . import accuracy, open_set, peers, speed
+    from . import accuracy, open_set, peers_suite, speed
 
-    module = {"accuracy": accuracy, "open-set": open_set, "speed": speed, "peers": peers}[args.suite]
+    module = {"accuracy": accuracy, "open-set": open_set, "speed": speed, "peers": peers_suite}[args.suite]
     started = time.time()
     module.run(args)
     print(f"({args.suite}: {time.time() - started:.0f} s)")

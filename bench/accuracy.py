@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def make_config(args, loss: str, seed: int, out: Path):
-    from retrieval.train import TrainConfig
+    from retrieval.config import TrainConfig
 
     defaults = TrainConfig()
     warmup = defaults.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs

@@ -1,11 +1,11 @@
 """The softmax classifier the seed whale projects used, trained on the same images as the engine.
 
-It reuses the engine's model factory, preprocessing, augmentation, optimiser settings and image
-decoding, so the only difference measured is the method (classifier vs metric learning).
+It reuses the engine's model factory, preprocessing, augmentation, training recipe
+(``retrieval.recipe``) and image decoding, so the only difference measured is the method
+(classifier vs metric learning).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,7 +19,9 @@ from retrieval.data import Sample, identities_of
 from retrieval.embed import ImageDataset, default_device
 from retrieval.metrics import map_at_k
 from retrieval.model import EmbeddingModel, ModelConfig, Preprocessing, create_model, preprocessing_for
-from retrieval.train import TrainConfig, seed_everything
+from retrieval import recipe
+from retrieval.config import TrainConfig
+from retrieval.train import seed_everything
 from retrieval.transforms import eval_transform, seed_worker_transform, train_transform
 
 
@@ -58,27 +60,18 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample]) -> 
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, generator=generator,
                         num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
                         worker_init_fn=seed_worker_transform)
-    optimizer = torch.optim.AdamW([
-        {"params": model.backbone.parameters(), "lr": config.lr},
-        {"params": list(model.pool.parameters()) + list(classifier.parameters()),
-         "lr": config.head_lr},
-    ], weight_decay=config.weight_decay)
-    steps = len(loader)
-    warmup = config.warmup_epochs * steps
-    total = max(1, config.epochs * steps - warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 if s < warmup else
-                                                  0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / total))))
+    plan = config.recipe()
+    optimizer = recipe.create_optimizer(
+        recipe.param_groups(model, plan, extra_head=classifier.parameters()).values(), plan)
+    scheduler = recipe.create_scheduler(optimizer, len(loader), config.epochs, plan)
     criterion = nn.CrossEntropyLoss()
     started = time.perf_counter()
     loss_value = float("nan")
     for epoch in range(config.epochs):
-        frozen = epoch < config.warmup_epochs
-        for p in model.backbone.parameters():
-            p.requires_grad_(not frozen)
+        frozen = recipe.backbone_frozen(epoch, plan)
         model.train()
         classifier.train()
-        if frozen:
-            model.backbone.eval()
+        recipe.set_backbone_frozen(model, frozen)
         losses = []
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)

@@ -117,7 +117,6 @@ class Report:
             "seeds": list(seeds) if seeds is not None else None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine_info(), "versions": library_versions(),
-            "faiss_compat_shim": _shim_state(),
             "note": "timings taken on a shared 2-core machine with other engineers' jobs running: "
                     "compare ratios measured in the same run, not absolute numbers across runs",
         }
@@ -142,11 +141,6 @@ class Report:
         print(f"(written to {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path})",
               flush=True)
         return path
-
-
-def _shim_state() -> dict:
-    from ._compat import APPLIED
-    return dict(APPLIED)
 
 
 def _jsonable(value: Any) -> Any:
@@ -202,32 +196,13 @@ def pm(stats: dict[str, float], digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-        return False
-
-
 def quiet_logs(progress: bool = False) -> None:
-    """Keep the engine's INFO lines (one per epoch); without ``progress``, no tqdm bars (the
-    engine passes ``disable=`` explicitly, so TQDM_DISABLE alone does not reach its bars)."""
+    """Keep the engine's INFO lines (one per epoch); without ``progress``, no tqdm bars."""
     import logging
 
-    if not progress:
-        from tqdm import tqdm
+    from retrieval import progress as engine_progress
 
-        def silent(*args, **kwargs):
-            kwargs["disable"] = True
-            return tqdm(*args, **kwargs)
-
-        import retrieval.embed
-        import retrieval.train
-        retrieval.embed.tqdm = silent
-        retrieval.train.tqdm = silent
+    engine_progress.set_enabled(progress)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("PIL", "matplotlib", "timm", "faiss", "faiss.loader"):

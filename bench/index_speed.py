@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from index import GalleryIndex  # noqa: E402
 from index.types import CHOICES  # noqa: E402
-from tests.index_helpers import clustered_vectors  # noqa: E402  (the tests' synthetic gallery)
+from index.synthetic import clustered_vectors  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

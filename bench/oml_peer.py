@@ -38,11 +38,14 @@ def main(spec_path: str, out_dir: str) -> None:
     from torch.utils.data import DataLoader
 
     from retrieval.embed import ImageDataset, embed_images
+    from retrieval import recipe
+    from retrieval.config import TrainConfig
     from retrieval.model import ModelConfig, create_model, preprocessing_for
-    from retrieval.train import TrainConfig, seed_everything
+    from retrieval.train import seed_everything
     from retrieval.transforms import train_transform
 
     from .common import label_array
+    from .peers import peer_recipe
 
     config = TrainConfig(seed=spec["seed"])
     seed_everything(spec["seed"])  # BalanceSampler draws from the global NumPy state
@@ -58,11 +61,10 @@ def main(spec_path: str, out_dir: str) -> None:
     sampler = BalanceSampler(labels.tolist(), n_labels=config.batch_size // n_instances,
                              n_instances=n_instances)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=spec["workers"])
-    criterion = TripletLossWithMiner(margin=0.1, miner=AllTripletsMiner(), need_logs=False)
-    optimizer = torch.optim.AdamW([
-        {"params": model.backbone.parameters(), "lr": config.lr},
-        {"params": list(model.pool.parameters()) + list(model.neck.parameters()), "lr": config.head_lr},
-    ], weight_decay=config.weight_decay)
+    criterion = TripletLossWithMiner(margin=config.triplet_margin, miner=AllTripletsMiner(),
+                                     need_logs=False)
+    plan = peer_recipe(config)
+    optimizer = recipe.create_optimizer(recipe.param_groups(model, plan).values(), plan)
     started = time.perf_counter()
     epoch_ends: list[float] = []
     while True:

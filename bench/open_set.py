@@ -60,7 +60,7 @@ def open_set_metrics(vectors: np.ndarray, test) -> dict[str, float]:
 
 
 def train_config(args, loss: str, seed: int, out: Path):
-    from retrieval.train import TrainConfig
+    from retrieval.config import TrainConfig
 
     defaults = TrainConfig()
     return TrainConfig(out=str(out), backbone=args.backbone or defaults.backbone,
@@ -81,7 +81,8 @@ def evaluate_checkpoint(checkpoint, test) -> dict[str, float]:
 
 def pretrained_metrics(args, test) -> dict[str, float]:
     from retrieval.embed import embed_images
-    from retrieval.model import DEFAULT_BACKBONE, preprocessing_for, zero_shot_model
+    from retrieval.config import DEFAULT_BACKBONE
+    from retrieval.model import preprocessing_for, zero_shot_model
 
     model = zero_shot_model(args.backbone or DEFAULT_BACKBONE)
     vectors = embed_images(model, [s.path for s in test], preprocessing_for(model, args.image_size),

@@ -1,9 +1,7 @@
 """Peer libraries trained on the same images, backbone, image size, augmentation and time budget.
 
-  python -m bench peers --data orl --image-size 96 --epochs 5      # open-set, one seed, alone
-
 The accuracy (whale protocol) and open-set suites add these peers as rows of their own tables; this
-module holds the peer trainers and a stand-alone open-set comparison. One model for everyone
+module holds the peer trainers (``bench.peers_suite`` runs them alone). One model for everyone
 (``retrieval.model.create_model``: timm backbone -> GeM -> Linear + BN neck), batch 16:
   * pytorch-metric-learning: its own ``trainers.MetricLossOnly`` with ``losses.ArcFaceLoss`` (the
     engine's margin and scale);
@@ -18,11 +16,9 @@ every suite scores with the same code as the engine's rows (peers have no new_wh
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import ROOT, Report, data_path, format_table, label_array, torch_device
+from .common import ROOT, label_array, torch_device
 
 PEERS_PYTHON = ROOT / "bench" / ".venv-peers" / "bin" / "python"
 OML_ENVIRONMENT = (
@@ -43,18 +39,27 @@ PEERS = {"pml": "pytorch-metric-learning MetricLossOnly, ArcFace",
          "oml": "open-metric-learning, triplet + BalanceSampler"}
 
 
+def peer_recipe(config):
+    """The engine's recipe as a plain setup runs it: same learning rates and weight decay, no
+    frozen warm-up, no schedule (``retrieval.recipe``)."""
+    from dataclasses import replace
+
+    return replace(config.recipe(), warmup_epochs=0, schedule="constant")
+
+
 def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: int,
               budget: float, workers: int = 0, device: str | None = None) -> tuple[np.ndarray, dict]:
     """pytorch-metric-learning's own trainer; returns (embeddings of ``eval_paths``, stats)."""
     import logging
 
-    import torch
     from pytorch_metric_learning import losses, trainers
     from torch import nn
 
+    from retrieval import recipe
+    from retrieval.config import TrainConfig
     from retrieval.embed import ImageDataset, embed_images
     from retrieval.model import ModelConfig, create_model, preprocessing_for
-    from retrieval.train import TrainConfig, seed_everything
+    from retrieval.train import seed_everything
     from retrieval.transforms import train_transform
 
     logging.getLogger("PML").setLevel(logging.WARNING)
@@ -66,15 +71,14 @@ def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: 
     labels = label_array([s.identity for s in train_samples])
     train_set = ImageDataset([s.path for s in train_samples], train_transform(pre, seed=seed),
                              labels.tolist())
-    loss = losses.ArcFaceLoss(int(labels.max()) + 1, config.embedding_dim, margin=28.6,
-                              scale=30).to(torch_dev)
+    loss = losses.ArcFaceLoss(int(labels.max()) + 1, config.embedding_dim,
+                              margin=config.arcface_margin, scale=config.arcface_scale).to(torch_dev)
+    plan = peer_recipe(config)
+    groups = recipe.param_groups(model, plan, loss)  # pml wants one optimiser per model part
     optimizers = {
-        "trunk_optimizer": torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": config.lr},
-                                              {"params": model.pool.parameters(), "lr": config.head_lr}],
-                                             weight_decay=config.weight_decay),
-        "embedder_optimizer": torch.optim.AdamW(model.neck.parameters(), lr=config.head_lr,
-                                                weight_decay=config.weight_decay),
-        "metric_loss_optimizer": torch.optim.AdamW(loss.parameters(), lr=config.loss_lr, weight_decay=0.0),
+        "trunk_optimizer": recipe.create_optimizer([groups["backbone"], groups["pool"]], plan),
+        "embedder_optimizer": recipe.create_optimizer([groups["neck"]], plan),
+        "metric_loss_optimizer": recipe.create_optimizer([groups["loss"]], plan),
     }
     started = time.perf_counter()
     epoch_ends: list[float] = []
@@ -148,52 +152,3 @@ def engine_train_seconds(checkpoint: Path) -> float | None:
             return round(sum(float(r["seconds"]) for r in csv.DictReader(handle)), 1)
     except (OSError, KeyError, ValueError):
         return None
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="orl", help="omniglot | orl | a folder-per-identity path")
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--epochs", type=int, default=5, help="the engine's selection epochs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget-s", type=float,
-                   help="training seconds for the peers (default: the engine's measured time)")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--skip", nargs="*", default=[], choices=list(PEERS))
-
-
-def run(args) -> dict:
-    from retrieval.data import open_set_split, read_folder_gallery
-    from retrieval.train import train
-
-    from .open_set import evaluate_checkpoint, peer_metrics, train_config
-
-    train_samples, test = open_set_split(read_folder_gallery(data_path(args.data)))
-    report = Report("peers", args, [args.seed])
-    rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-peers-") as temp:
-        cfg_args = argparse.Namespace(backbone=None, image_size=args.image_size, epochs=args.epochs,
-                                      refit=False, workers=args.workers,
-                                      device=getattr(args, "device", None))
-        checkpoint = train(train_config(cfg_args, "arcface", args.seed, Path(temp) / "engine"),
-                           train_samples)
-        seconds = engine_train_seconds(checkpoint)
-        rows["engine (retrieval.train, ArcFace)"] = {
-            **evaluate_checkpoint(checkpoint, test), "train_seconds": seconds, "epochs": args.epochs}
-    budget = args.budget_s or seconds
-    for key, title in PEERS.items():
-        if key not in args.skip:
-            rows[title] = peer_metrics(args, key, args.seed, budget, train_samples, test)
-    table_rows = [[name] + ([None] * 5 if "error" in r else
-                            [r["precision_at_1"], r["mean_average_precision_at_r"],
-                             r["train_seconds"], r["epochs"], r.get("images_seen")])
-                  for name, r in rows.items()]
-    title = (f"{args.data}: open-set split, image {args.image_size}px, seed {args.seed}, "
-             f"budget {budget:.0f}s (the engine's {args.epochs} epochs)")
-    table = format_table(["peer (open-set test half)", "Recall@1", "MAP@R", "train s", "epochs",
-                          "images seen"], table_rows, title)
-    table += "".join(f"\n{name}: {r['error']}" for name, r in rows.items() if "error" in r)
-    print(table)
-    report.write(f"peers_{Path(str(args.data)).name}_{args.image_size}px_{args.epochs}ep",
-                 getattr(args, "out", None), data=str(args.data), budget_s=round(budget, 1),
-                 rows=rows, table=table)
-    return rows

@@ -143,7 +143,7 @@ def synchronize(device) -> None:
 
 def _synthetic(n_vectors: int, dim: int, n_queries: int, seed: int = 0):
     sys.path.insert(0, str(ROOT))
-    from tests.index_helpers import clustered_vectors  # the tests' synthetic gallery
+    from index.synthetic import clustered_vectors
 
     gallery, labels, queries, truth = clustered_vectors(max(1, n_vectors * 2 // 5), dim, seed,
                                                         spread=0.25)
@@ -224,7 +224,8 @@ def bench_train(args) -> dict:
     from retrieval.data import identities_of, read_folder_gallery
     from retrieval.embed import ImageDataset
     from retrieval.model import ModelConfig, create_model, preprocessing_for
-    from retrieval.train import TrainConfig, Trainer
+    from retrieval.config import TrainConfig
+    from retrieval.train import Trainer
     from retrieval.transforms import train_transform
 
     samples = read_folder_gallery(data_path(args.data))

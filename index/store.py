@@ -47,9 +47,8 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from retrieval.errors import UserError
-
 from . import types
+from .errors import IndexCorrupt, IndexNotFound, InvalidGallery, NotAnIndex, NotReplaceable
 from .search import GalleryIndex
 from .types import IndexSpec
 
@@ -68,7 +67,6 @@ DATA_DIR_PATTERN = re.compile(r"^data-[0-9a-f]{12}$")
 MANIFEST_TEMP_PATTERN = re.compile(r"^\.manifest\.json\.[0-9a-f]{12}\.tmp$")
 MAX_DIM = 65_536
 MAX_COUNT = 10**10
-REBUILD = "rebuild it with build_index.py"
 
 
 # ----------------------------------------------------------------------------- the manifest
@@ -225,11 +223,11 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
     if vectors.ndim != 2 or not len(vectors) == len(paths) == len(identities):
         raise ValueError(f"{len(paths)} paths, {len(identities)} identities, vectors {vectors.shape}")
     if len(vectors) == 0:
-        raise UserError("the gallery index would be empty: it needs at least one image")
+        raise InvalidGallery("the gallery index would be empty: it needs at least one image")
     broken = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
     if len(broken):
-        raise UserError(f"the model gave NaN or infinite embeddings for {len(broken)} image(s), "
-                        f"e.g. {paths[broken[0]]}: the checkpoint is damaged; retrain or use another")
+        raise InvalidGallery(f"the model gave NaN or infinite embeddings for {len(broken)} image(s), "
+                             f"e.g. {paths[broken[0]]}: the model is damaged")
     order = np.argsort(np.asarray(paths, dtype=str), kind="stable")
     paths = [str(paths[i]) for i in order]
     identities = [str(identities[i]) for i in order]
@@ -338,25 +336,18 @@ def check_replaceable(target: Path) -> None:
     if not target.exists():
         return
     if not target.is_dir():
-        raise UserError(f"{target} exists and is not a folder: pass a new or empty folder, or an "
-                        "index folder written by build_index.py")
+        raise NotReplaceable(f"{target} exists and is not a folder", target)
     manifest = target / MANIFEST
     if manifest.is_file() or manifest.is_symlink():
         try:
             _parse_manifest(target)
-        except UserError as err:
-            raise UserError(f"{target} holds a {MANIFEST} that is not a valid gallery index "
-                            f"manifest ({_reason(err)}): pass another --out (if it is a damaged "
-                            "index, delete that folder yourself first)") from None
+        except IndexCorrupt as err:
+            raise NotReplaceable(f"{target} holds a {MANIFEST} that is not a valid gallery index "
+                                 f"manifest ({err.detail}); if it is a damaged index, delete that "
+                                 "folder yourself first", target) from None
         return
     if any(not _is_leftover(entry) for entry in target.iterdir()):
-        raise UserError(f"{target} exists and is not a gallery index: pass a new or empty folder, "
-                        "or an index folder written by build_index.py")
-
-
-def _reason(err: UserError) -> str:
-    text = str(err)
-    return text[text.find("(") + 1:text.rfind(")")] if "(" in text else text
+        raise NotReplaceable(f"{target} exists and is not a gallery index", target)
 
 
 def _is_leftover(entry: Path) -> bool:
@@ -436,19 +427,18 @@ def read_manifest(directory: str | Path) -> Manifest:
 
 def _parse_manifest(directory: Path) -> Manifest:
     if not directory.is_dir():
-        raise UserError(_missing_message(directory))
+        raise _not_found(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise UserError(f"{directory} is not a gallery index (no {MANIFEST}): pass the folder "
-                        "written by build_index.py --out")
+        raise NotAnIndex(f"{directory} is not a gallery index (no {MANIFEST})", directory)
     try:
         values = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise _corrupt(path, str(err)) from None
     found = values.get("format") if isinstance(values, dict) else None
     if found not in (FORMAT, FORMAT_V1):
-        raise UserError(f"{directory} holds an index of format {found!r}, this version reads "
-                        f"{FORMAT!r}: {REBUILD}")
+        raise IndexCorrupt(f"{directory} holds an index of format {found!r}, this version reads "
+                           f"{FORMAT!r}", directory)
     try:
         return Manifest.validated(values)
     except ValidationError as err:
@@ -460,7 +450,7 @@ def _parse_manifest(directory: Path) -> Manifest:
 def _read_valid_manifest(directory: Path) -> Manifest | None:
     try:
         return _parse_manifest(directory)
-    except UserError:
+    except (IndexCorrupt, NotAnIndex, IndexNotFound):
         return None
 
 
@@ -476,7 +466,7 @@ def load_index(directory: str | Path, attempts: int = 3) -> StoredIndex:
         before = _manifest_bytes(directory)
         try:
             return _load_once(directory)
-        except UserError:
+        except (IndexCorrupt, IndexNotFound, NotAnIndex):
             if attempt + 1 == attempts or _manifest_bytes(directory) == before:
                 raise
             log.info("index %s changed while being read: reading it again", directory)
@@ -504,14 +494,6 @@ def _load_once(directory: Path) -> StoredIndex:
                                                f"says {counts['identities']}")
     gallery = GalleryIndex.from_faiss(faiss_index, identities, manifest.spec)
     return StoredIndex(directory, manifest, paths, identities, gallery)
-
-
-def check_fingerprint(manifest: Manifest, directory: Path, fingerprint: str, fix: str = "") -> None:
-    if manifest.fingerprint != fingerprint:
-        built_with = manifest.model.get("checkpoint") or "the pretrained backbone (no --model)"
-        raise UserError(f"index {directory} was built by another model (fingerprint "
-                        f"{manifest.fingerprint}, from {built_with}) than this one ({fingerprint}): "
-                        + (fix or f"use the model it was built with, or {REBUILD}"))
 
 
 def _read_faiss(path: Path) -> faiss.Index:
@@ -542,32 +524,30 @@ def _read_table(path: Path) -> tuple[list[str], list[str]]:
 
 
 def _verified(directory: Path, name: str, manifest: Manifest) -> Path:
-    """The data file ``name`` if its size and sha256 match the manifest; else a one-line UserError."""
+    """The data file ``name`` if its size and sha256 match the manifest; else ``IndexCorrupt``."""
     path = directory / manifest.data_dir / name
     expected = manifest.files[name]  # the schema guarantees every data file has an entry
     if not path.is_file():
-        raise UserError(f"{path} is missing: {REBUILD}")
+        raise IndexCorrupt(f"{path} is missing", path)
     size = path.stat().st_size
     if size != expected["bytes"]:
-        raise UserError(f"{path} is truncated or damaged ({size} bytes, expected "
-                        f"{expected['bytes']}): {REBUILD}")
+        raise IndexCorrupt(f"{path} is truncated or damaged ({size} bytes, expected "
+                           f"{expected['bytes']})", path)
     if _sha256(path) != expected["sha256"]:
-        raise UserError(f"{path} is corrupt (checksum mismatch): {REBUILD}")
+        raise IndexCorrupt(f"{path} is corrupt (checksum mismatch)", path)
     return path
 
 
-def _corrupt(path: Path, detail: str) -> UserError:
-    return UserError(f"{path} is corrupt ({detail}): {REBUILD}")
+def _corrupt(path: Path, detail: str) -> IndexCorrupt:
+    return IndexCorrupt(f"{path} is corrupt ({detail})", path, detail)
 
 
-def _missing_message(directory: Path) -> str:
+def _not_found(directory: Path) -> IndexNotFound:
     backups = sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.parent.is_dir() else []
     if backups:
-        return (f"index folder {directory} does not exist, but an interrupted write left the "
-                f"previous index in {backups[-1]}: rename that folder to {directory}, or run "
-                "build_index.py --append on it, which puts it back")
-    return (f"index folder {directory} does not exist: build one with "
-            f"build_index.py --gallery DIR --out {directory}, or pass --index")
+        return IndexNotFound(f"index folder {directory} does not exist, but an interrupted write "
+                             f"left the previous index in {backups[-1]}", directory, backups[-1])
+    return IndexNotFound(f"index folder {directory} does not exist", directory)
 
 
 def _describe(path: Path) -> dict[str, Any]:

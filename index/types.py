@@ -1,39 +1,21 @@
 """Which FAISS structure holds the gallery: exact, or faster / smaller at a measured recall cost.
 
 Every type searches unit vectors by inner product (= cosine similarity) and answers through the
-same ``GalleryIndex.search``; only speed, memory and recall differ:
+same ``GalleryIndex.search``; only speed, memory and recall differ (measured figures, and how they
+were taken, are in bench/README.md):
 
-* ``flat`` (IndexFlatIP) -- exact brute force, the default. Recall 1.0 by definition; cost grows
-  linearly with the gallery (2 KB per 512-d vector, every query reads all of them). Batched
-  queries run as one matrix product, so on a CPU flat stays the fastest *throughput* up to 100k
-  vectors; only single-query latency grows (~50 ms at 100k x 512 on 2 busy cores).
-* ``hnsw`` (IndexHNSWFlat, M=32, efSearch=256) -- a navigable graph over the raw vectors: ~20x
-  lower single-query latency than flat at 100k vectors (2-5 ms), exact similarities for the
-  neighbours it finds, and recall just under exact. Memory: raw vectors plus ~256 bytes of links
-  each; slow to build (minutes per 100k on 2 cores); CPU only (FAISS has no GPU HNSW). These fixed
-  parameters do not scale: at 1M x 512 synthetic vectors recall@5 fell to 0.667 (32 min build on
-  one core; bench/README.md). Raise ``efSearch`` in the manifest for big galleries.
-* ``ivf`` (IndexIVFFlat, nprobe = nlist/4) -- k-means cells over the raw vectors; a query scans the
-  ``nprobe`` nearest cells. Fast to build, runs on GPUs, exact similarities for what it finds.
+* ``flat`` (IndexFlatIP): exact brute force, the default; a batch of queries is one matrix product.
+* ``hnsw`` (IndexHNSWFlat): a graph over the raw vectors, low single-query latency, slow to build,
+  CPU only. Its fixed parameters lose recall on very large galleries: raise ``efSearch``.
+* ``ivf`` (IndexIVFFlat): k-means cells, a query scans ``nprobe`` of them; fast to build, GPU-able.
+* ``ivfpq`` (IndexIVFPQ): cells plus product-quantised codes, for galleries that do not fit in
+  memory. Its similarities are estimates, so the calibrated ``new_whale`` threshold fits less well.
+* ``auto``: flat below ``FLAT_MAX`` vectors (``FLAT_MAX_GPU`` with GPUs), then hnsw (ivf on GPUs)
+  up to ``GRAPH_MAX``, ivfpq above.
 
-  Measured (bench/index_speed.py, tests/test_index_types.py) on synthetic galleries of 1-4 noisy
-  images per identity, recall@5 of the true identity relative to flat: hnsw 0.98 (efSearch 128:
-  0.93) and ivf 0.981 (k-means on 64 points per cell, 13 s to build; on every vector 0.985 and
-  17 s; nprobe = nlist/10: 0.96) at 100k x 512; both >= 0.95 at 3k x 128. Such
-  isotropic data is the hard case for both (every other identity is equally far); trained
-  embeddings, with similar-looking identities near each other, are easier. ``efSearch`` and
-  ``nprobe`` are read from the manifest (``index.params``) whenever an index is loaded, so they
-  can be raised there for more recall without a rebuild.
-* ``ivfpq`` (IndexIVFPQ) -- cells plus product-quantised codes (d/8 bytes per vector, 16x smaller
-  than flat at 8 bits). For galleries that do not fit in memory. The similarities are PQ
-  *estimates* (errors of a few hundredths), so the ``new_whale`` threshold, calibrated on exact
-  similarities, is applied to approximate scores: expect a lower MAP@5 than the other types.
-* ``auto`` -- picks by gallery size: flat below ``FLAT_MAX`` vectors (``FLAT_MAX_GPU`` with GPUs,
-  where brute force stays fast far longer), then hnsw (ivf on GPUs: no GPU HNSW) up to
-  ``GRAPH_MAX``, ivfpq above.
-
-The resolved type and its parameters are stored in the index manifest; appends rebuild with the
-same requested type (``auto`` may then move to another type as the gallery grows).
+The resolved type and its parameters are stored in the index manifest, and the search-time ones
+(``efSearch``, ``nprobe``) are read back from it on every load, so they can be raised there
+without a rebuild; appends rebuild with the same requested type.
 """
 from __future__ import annotations
 
@@ -45,7 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.errors import UserError
+from .errors import InvalidGallery
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +72,8 @@ def resolve(requested: str, n_vectors: int, dim: int, gpus: int | None = None) -
     gpus = faiss.get_num_gpus() if gpus is None else gpus
     kind = _auto_kind(n_vectors, gpus) if requested == "auto" else requested
     if kind == "ivfpq" and n_vectors < PQ_MIN_VECTORS:
-        raise UserError(f"--index-type ivfpq compresses big galleries and needs at least "
-                        f"{PQ_MIN_VECTORS} vectors to train, this one has {n_vectors}: use flat")
+        raise InvalidGallery(f"an ivfpq index compresses big galleries and needs at least "
+                             f"{PQ_MIN_VECTORS} vectors to train, this one has {n_vectors}: use a flat index")
     return IndexSpec(kind, _params(kind, n_vectors, dim), requested)
 
 

@@ -1,15 +1,56 @@
 """whale-id style image retrieval: learn an embedding, find who a photo shows or say "new_whale".
 
-Modules, one concern each:
-  data      reading a labelled gallery (folder per identity or Kaggle CSV) and the seeded splits
-  transforms  albumentations pipelines built from the model's stored preprocessing
-  pretrained  offline ImageNet weights for the default backbone
-  model     timm backbone -> GeM -> embedding neck -> L2-normalised vector
-  losses    metric-learning losses and miners from pytorch-metric-learning, by name
-  embed     images -> embeddings (batched, DataLoader)
-  metrics   MAP@5, Recall@K, MAP@R and the new_whale threshold calibration
-  train     the training loop (single process or torchrun/DDP), checkpoints
-  protocol  the whale protocol evaluation with its reference points
+The public API, in the order a project uses it::
+
+    from retrieval import BuildOptions, TrainConfig, build_index, read_gallery, run_query, train
+
+    samples = read_gallery("train/", "train.csv")                 # or a folder per identity
+    model_path = train(TrainConfig(out="runs/whales", image_size=96), samples)
+    build_index(BuildOptions(out="runs/index", gallery="train/", labels="train.csv",
+                             model=str(model_path)))
+    for answer in run_query("test/", "runs/index", k=5).answers:
+        print(answer.image, answer.labels)                      # new_whale placed by threshold
+
+Lower level: ``create_model`` / ``load_model`` (a checkpoint back as a model), ``embed_images``,
+``load_index`` (an index folder, searchable). Names load lazily, so ``import retrieval`` (and the
+CLIs' ``--help``) stays free of torch.
+
+Modules, one concern each: ``config`` (the run config), ``data`` (galleries, splits, the one image
+loader), ``model`` / ``pretrained`` (backbone -> GeM -> neck), ``transforms``, ``losses``,
+``recipe`` (optimiser groups, warm-up, schedule), ``train`` / ``distributed``, ``embed``,
+``evaluate`` / ``metrics`` / ``protocol`` (MAP@5, the new_whale threshold, the whale protocol),
+``encoder`` / ``indexing`` (the model behind an index; build, append, remove), ``query`` /
+``submission`` / ``report`` (answers, the Kaggle CSV, the HTML page), ``checkpoint`` / ``files``
+(safe, atomic files), ``errors`` / ``progress`` (one-line errors, progress bars).
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 NEW_WHALE = "new_whale"
+
+_EXPORTS = {
+    "TrainConfig": ("config", "TrainConfig"),
+    "read_gallery": ("data", "read_gallery"),
+    "create_model": ("model", "create_model"),
+    "load_model": ("checkpoint", "load_model"),
+    "train": ("train", "train"),
+    "embed_images": ("embed", "embed_images"),
+    "BuildOptions": ("indexing", "BuildOptions"),
+    "build_index": ("indexing", "run"),
+    "run_query": ("query", "run_query"),
+}
+
+__all__ = ["NEW_WHALE", *_EXPORTS, "load_index"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load_index":
+        from index.store import load_index
+
+        return load_index
+    if name in _EXPORTS:
+        module, attribute = _EXPORTS[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attribute)
+    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")

@@ -13,45 +13,18 @@ are hashed again: a file whose weights do not match its recorded fingerprint is 
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from .errors import UserError
+from .files import atomic_write
 
 FORMAT = "whale-retrieval-checkpoint/1"
 PLAIN_TYPES = (str, int, float, bool, type(None))
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder, then rename: a crash leaves the old file.
-
-    The file gets the permissions a plain ``open()`` would give it (0666 less the umask), not
-    ``mkstemp``'s private 0600: a model or report written for a team must stay readable.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        os.chmod(temp, 0o666 & ~current_umask())
-        write(Path(temp))
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:

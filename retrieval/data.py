@@ -266,11 +266,11 @@ def find_unreadable(paths: Sequence[str | Path], strict: bool = False) -> dict[i
 
     Checking up front keeps a bad file from killing a long run half-way, in a worker traceback.
     """
-    from tqdm import tqdm
+    from .progress import bar
 
     bad: dict[int, str] = {}
-    for i, path in enumerate(tqdm(paths, desc="checking images", unit="img", leave=False,
-                                  disable=len(paths) < 500)):
+    for i, path in enumerate(bar(paths, len(paths) >= 500, desc="checking images", unit="img",
+                                 leave=False)):
         try:
             load_image(path)
         except UserError as err:

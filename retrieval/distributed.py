@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -30,8 +32,16 @@ class Context:
         return self.world_size > 1
 
 
+def check_device(device: str | None) -> None:
+    """``--device cuda`` on a machine where torch sees no GPU: one line, not a CUDA traceback."""
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no CUDA GPU on this machine (a CPU-only "
+                        "torch build, or no driver); drop --device to use the CPU")
+
+
 def setup(device: str | None = None) -> Context:
     """Join the process group if torchrun started us; pick this rank's device."""
+    check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device != "cpu"

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from .data import load_image
 from .model import EmbeddingModel, Preprocessing
+from .progress import bar
 from .transforms import eval_transform
 
 
@@ -48,7 +48,7 @@ def embed_images(model: EmbeddingModel, paths: Sequence[str | Path], preprocessi
     loader = DataLoader(ImageDataset(paths, eval_transform(preprocessing)), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     chunks = []
-    for images in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+    for images in bar(loader, progress, desc=desc, unit="batch", leave=False):
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             vectors = model(images)

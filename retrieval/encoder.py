@@ -80,6 +80,15 @@ class Encoder:
                             progress=progress, desc=desc)
 
 
+def check_index_model(manifest: "Manifest", directory: Path, fingerprint: str, fix: str = "") -> None:
+    """Refuse to mix models: an index answers only queries embedded by the model it was built with."""
+    if manifest.fingerprint != fingerprint:
+        built_with = manifest.model.get("checkpoint") or "the pretrained backbone (no --model)"
+        raise UserError(f"index {directory} was built by another model (fingerprint "
+                        f"{manifest.fingerprint}, from {built_with}) than this one ({fingerprint}): "
+                        + (fix or "use the model it was built with, or rebuild it with build_index.py"))
+
+
 def default_workers(n_images: int | None = None, batch_size: int = 64) -> int:
     """DataLoader workers worth starting: none for a single batch (start-up costs more than it
     saves) or on a machine of 2 cores or fewer (measured on one: 73 images/s with none, 22 with

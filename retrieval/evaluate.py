@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from index import GalleryIndex, IdentityRanking
@@ -21,7 +20,6 @@ class EvalResult:
     map5: float  # with ``threshold``
     map5_no_threshold: float
     threshold: float
-    ranking: IdentityRanking
 
 
 def answers(ranking: IdentityRanking, threshold: float | None, k: int = 5) -> list[list[str]]:
@@ -53,4 +51,4 @@ def evaluate_queries(model: EmbeddingModel, preprocessing: Preprocessing,
     ranking = rank_queries(model, preprocessing, gallery, queries, k, device, progress)
     truths = [q.identity for q in queries]
     threshold, best = calibrate_threshold(ranking.identities, ranking.scores, truths, k)
-    return EvalResult(best, score(ranking, truths, None, k), threshold, ranking)
+    return EvalResult(best, score(ranking, truths, None, k), threshold)

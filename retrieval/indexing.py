@@ -22,9 +22,11 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from index.errors import GalleryIndexError
+
 from .data import Sample
-from .encoder import Encoder, EncoderSpec, default_workers, load_encoder
-from .errors import UserError
+from .encoder import Encoder, EncoderSpec, check_index_model, default_workers, load_encoder
+from .errors import UserError, as_user_error
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +126,8 @@ def _on_main(ctx, work: Callable[[], T], share: bool = True) -> T | None:
     if ctx.is_main:
         try:
             result = work()
-        except UserError as err:
-            result = err
+        except (UserError, GalleryIndexError) as err:
+            result = as_user_error(err)
     shared = distributed.broadcast(ctx, result if share or isinstance(result, UserError) else None)
     if isinstance(shared, UserError):
         raise shared
@@ -165,8 +167,7 @@ def _plan(opts: BuildOptions, current: Current, encoder_box: list[Encoder]) -> P
     spec = _encoder_spec(opts, current)
     encoder = load_encoder(spec)
     if current.manifest is not None:
-        from index.store import check_fingerprint
-        check_fingerprint(current.manifest, Path(opts.out), encoder.fingerprint,
+        check_index_model(current.manifest, Path(opts.out), encoder.fingerprint,
                           "append with the model the index was built with (drop --model, or pass "
                           "that checkpoint), or rebuild the index without --append")
     encoder_box.append(encoder)

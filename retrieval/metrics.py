@@ -3,8 +3,8 @@
 * MAP@5 exactly as Kaggle's whale competition scored it: one truth per query; the score of a query
   is 1/rank of the first occurrence of the truth among the 5 answers, else 0; ``new_whale`` is a
   label like any other.
-* Recall@K over ranked identities; MAP@R over ranked neighbour labels (pytorch-metric-learning's
-  definition, Musgrave et al., "A Metric Learning Reality Check", ECCV 2020).
+* Open-set Recall@1 and MAP@R (bench/) come from pytorch-metric-learning's AccuracyCalculator
+  (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020), not from here.
 * The threshold: ``new_whale`` is inserted before the first identity whose score falls under it.
   ``calibrate_threshold`` picks the value that maximises MAP@5 on validation queries.
 """
@@ -31,29 +31,6 @@ def map_at_k(predictions: Sequence[Sequence[str]], truths: Sequence[str], k: int
     if not truths:
         raise ValueError("MAP@k of zero queries is undefined")
     return float(np.mean([average_precision_at_k(p, t, k) for p, t in zip(predictions, truths)]))
-
-
-def recall_at_k(predictions: Sequence[Sequence[str]], truths: Sequence[str], k: int) -> float:
-    """Share of queries whose truth is among the first ``k`` predictions."""
-    return float(np.mean([t in list(p[:k]) for p, t in zip(predictions, truths)]))
-
-
-def map_at_r(neighbour_labels: np.ndarray, query_labels: np.ndarray,
-             relevant_counts: np.ndarray) -> float:
-    """MAP@R: for each query, with R its number of relevant references, the mean over the first R
-    neighbours of precision@i at each relevant position i (0 at the others), averaged over queries.
-
-    ``neighbour_labels`` is (Q, >=max R): labels of each query's nearest references, nearest first.
-    """
-    scores = []
-    for labels, truth, r in zip(neighbour_labels, query_labels, relevant_counts):
-        r = int(r)
-        if r == 0:
-            continue
-        hits = (np.asarray(labels[:r]) == truth).astype(np.float64)
-        precision = np.cumsum(hits) / np.arange(1, r + 1)
-        scores.append(float(np.sum(precision * hits) / r))
-    return float(np.mean(scores)) if scores else 0.0
 
 
 def insert_new_whale(identities: Sequence[str], scores: Sequence[float], threshold: float | None,

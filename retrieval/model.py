@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
+from .config import DEFAULT_BACKBONE
 from .errors import UserError
 from .pretrained import load_offline_weights
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 MAX_EMBEDDING_DIM = 65_536  # bounds for sizes read from shared files (checkpoints, manifests)
 MAX_IMAGE_SIZE = 4096
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -21,12 +22,15 @@ import numpy as np
 import pandas as pd
 
 from . import NEW_WHALE
-from .checkpoint import atomic_write, load_model
+from .checkpoint import load_model
+from .config import TrainConfig
 from .data import QuerySplit, Sample, validation_split, whale_split
+from .errors import UserError
+from .files import atomic_write
 from .evaluate import rank_queries, score
 from .metrics import calibrate_threshold, map_at_k
 from .model import preprocessing_for, zero_shot_model
-from .train import TrainConfig, train
+from .train import train
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +139,15 @@ def run(config: TrainConfig, samples: Sequence[Sample], seeds: Sequence[int],
         print(format_table(results))
         print(f"(written to {path})")
     return results
+
+
+def check_exportable(samples: Sequence[Sample], gallery: str | Path) -> None:
+    """The protocol writes each split's gallery.csv with paths relative to --gallery, so an image
+    outside it (--allow-outside) is refused now rather than after the training it would follow."""
+    root = os.path.abspath(gallery)
+    outside = [s.path for s in samples
+               if os.path.commonpath([root, os.path.abspath(s.path)]) != root]
+    if outside:
+        raise UserError(f"--whale-protocol exports paths relative to --gallery, but {len(outside)} "
+                        f"image(s) lie outside it (e.g. {outside[0]}): copy them into {gallery}, "
+                        "or drop --whale-protocol")

@@ -74,9 +74,9 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     checkpoint path recorded in the index (same weights required: checked by fingerprint).
     In a folder, unreadable images are left out with a warning (``strict``: an error instead).
     """
-    from index.store import check_fingerprint, load_index
+    from index.store import load_index
 
-    from .encoder import default_workers
+    from .encoder import check_index_model, default_workers
 
     if k < 1:
         raise UserError(f"-k must be at least 1, got {k}")
@@ -85,7 +85,7 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     k = _clamp_k(k, stored.gallery.num_identities)
     images = _readable_queries(images, folder=Path(target).is_dir(), strict=strict)
     encoder = _encoder_for(stored.manifest, model)
-    check_fingerprint(stored.manifest, Path(index_dir), encoder.fingerprint,
+    check_index_model(stored.manifest, Path(index_dir), encoder.fingerprint,
                       "pass --model with the checkpoint the index was built from, or rebuild the "
                       "index with build_index.py --model for this one")
     if workers is None:
@@ -116,6 +116,10 @@ def _device(name: str | None):
     if name is None:
         return None
     import torch
+
+    from .distributed import check_device
+
+    check_device(name)
     return torch.device(name)
 
 

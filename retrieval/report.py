@@ -80,7 +80,7 @@ def render(result) -> str:
 
 
 def write_report(path: str | Path, result) -> None:
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     if len(result.answers) > MAX_QUERIES:
         log.warning("the report shows the first %d of %d queries", MAX_QUERIES, len(result.answers))

@@ -57,7 +57,7 @@ def _unescape(name: str) -> str:
 
 def write_submission(path: str | Path, answers: Sequence) -> int:
     """Write the file atomically; returns the number of rows."""
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     rows = submission_rows(answers)
     buffer = io.StringIO()

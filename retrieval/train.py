@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -27,51 +26,20 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
-from . import distributed
+from . import distributed, recipe
 from .checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from .data import Sample, identities_of, require_identities, validation_split
 from .embed import ImageDataset
 from .errors import UserError
 from .evaluate import evaluate_queries
 from .losses import LossSpec, create_loss
-from .model import DEFAULT_BACKBONE, EmbeddingModel, ModelConfig, Preprocessing, create_model, \
-    model_spec, preprocessing_for
+from .progress import bar
+from .config import TrainConfig, write_config
+from .model import EmbeddingModel, ModelConfig, create_model, model_spec, preprocessing_for
 from .transforms import seed_worker_transform, train_transform
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run; stored in the checkpoint."""
-
-    out: str = "runs/model"
-    backbone: str = DEFAULT_BACKBONE
-    pretrained: bool = True
-    embedding_dim: int = 512
-    image_size: int | None = None  # None: the backbone's native size
-    loss: str = "arcface"
-    epochs: int = 15
-    warmup_epochs: int = 1  # backbone frozen: the new neck and loss weights settle first
-    batch_size: int = 16
-    m_per_identity: int = 2  # pair-based losses only
-    lr: float = 1e-3  # backbone
-    head_lr: float = 3e-3  # GeM + neck
-    loss_lr: float = 3e-2  # ArcFace class weights
-    weight_decay: float = 1e-4
-    flip: bool = False
-    val_new_fraction: float = 0.2
-    refit: bool = True
-    seed: int = 0
-    num_workers: int = 2
-    device: str | None = None
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 @dataclass
@@ -82,6 +50,7 @@ class Selection:
     best_map5: float = -1.0
     threshold: float | None = None
     history: list[dict] = field(default_factory=list)
+    best_fingerprint: str | None = None  # of the best.pt this run wrote
 
 
 class LossHead(nn.Module):
@@ -110,17 +79,16 @@ class Trainer:
         self.model = model or create_model(ModelConfig(config.backbone, config.embedding_dim),
                                            pretrained=config.pretrained)
         self.preprocessing = preprocessing_for(self.model, config.image_size)
-        self.spec = create_loss(config.loss, len(self.identities), self.model.embedding_dim)
+        self.spec = create_loss(config.loss, len(self.identities), self.model.embedding_dim,
+                                distributed=ctx.distributed, **config.loss_params())
         self.head = LossHead(self.model, self.spec).to(ctx.device)
         self.loader = self._loader(samples)
-        self.optimizer = torch.optim.AdamW([
-            {"params": self.model.backbone.parameters(), "lr": config.lr},
-            {"params": list(self.model.pool.parameters()) + list(self.model.neck.parameters()),
-             "lr": config.head_lr},
-            {"params": self.spec.loss.parameters(), "lr": config.loss_lr, "weight_decay": 0.0},
-        ], weight_decay=config.weight_decay)
+        self.recipe = config.recipe()
+        self.optimizer = recipe.create_optimizer(
+            recipe.param_groups(self.model, self.recipe, self.spec.loss).values(), self.recipe)
         self.steps_per_epoch = len(self.loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scheduler = recipe.create_scheduler(self.optimizer, self.steps_per_epoch, epochs,
+                                                 self.recipe)
         self.scaler = torch.amp.GradScaler(enabled=ctx.device.type == "cuda")
         self.epoch = 0
         self._wrapped: nn.Module | None = None
@@ -152,21 +120,11 @@ class Trainer:
                           worker_init_fn=seed_worker_transform,
                           pin_memory=ctx.device.type == "cuda")
 
-    def _lr_factor(self, step: int) -> float:
-        """Constant while the backbone is frozen, then cosine decay to 1% over the rest."""
-        warmup = self.config.warmup_epochs * self.steps_per_epoch
-        total = max(1, self.epochs * self.steps_per_epoch - warmup)
-        if step < warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / total)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
-
     def _module_for(self, frozen: bool) -> nn.Module:
         """The (DDP-wrapped, when distributed) module; rebuilt when the frozen set changes,
         since DDP fixes the parameters it syncs at construction."""
         if self._wrapped is None or self._wrapped_frozen != frozen:
-            for p in self.model.backbone.parameters():
-                p.requires_grad_(not frozen)
+            recipe.set_backbone_frozen(self.model, frozen)
             self.head.backbone_frozen = frozen
             self._wrapped = self.head
             if self.ctx.distributed:
@@ -177,18 +135,17 @@ class Trainer:
 
     def train_epoch(self) -> float:
         """One pass over the data; returns the mean loss (averaged over ranks)."""
-        frozen = self.epoch < self.config.warmup_epochs
+        frozen = recipe.backbone_frozen(self.epoch, self.recipe)
         module = self._module_for(frozen)
         self.head.train()
-        if frozen:
-            self.model.backbone.eval()  # keep ImageNet BatchNorm statistics while frozen
+        recipe.set_backbone_frozen(self.model, frozen)  # after train(): keeps ImageNet BatchNorm stats
         if self.ctx.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         self.loader.sampler.set_epoch(self.epoch)
         total, count = 0.0, 0
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch",
-                   leave=False, disable=not self.ctx.is_main)
-        for images, labels in bar:
+        batches = bar(self.loader, self.ctx.is_main, desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                      unit="batch", leave=False)
+        for images, labels in batches:
             images = images.to(self.ctx.device, non_blocking=True)
             labels = labels.to(self.ctx.device, non_blocking=True)
             with torch.autocast(self.ctx.device.type, enabled=self.ctx.device.type == "cuda"):
@@ -199,7 +156,7 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             total, count = total + float(loss.detach()), count + 1
-            bar.set_postfix(loss=f"{total / count:.3f}")
+            batches.set_postfix(loss=f"{total / count:.3f}")
         self.epoch += 1
         return distributed.mean_across_ranks(self.ctx, total / max(count, 1))
 
@@ -266,8 +223,9 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
         loss = trainer.train_epoch()
         row = {"stage": "select", "epoch": trainer.epoch, "train_loss": round(loss, 5),
                "lr_backbone": trainer.scheduler.get_last_lr()[0]}
-        if ctx.is_main and not split.queries:
-            selection.best_epoch = trainer.epoch  # nothing to validate on: keep the last epoch
+        if ctx.is_main and not split.queries:  # nothing to validate on: keep the last epoch
+            selection.best_epoch = trainer.epoch
+            selection.best_fingerprint = _save_best(trainer, out, None, {})
         elif ctx.is_main:
             result = evaluate_queries(trainer.model, trainer.preprocessing, split.gallery,
                                       split.queries, device=ctx.device, progress=False)
@@ -276,8 +234,8 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
             if result.map5 > selection.best_map5:
                 selection.best_epoch, selection.best_map5 = trainer.epoch, result.map5
                 selection.threshold = result.threshold
-                save_checkpoint(out / "best.pt", checkpoint_payload(
-                    trainer, result.threshold, "select", {"val_map5": result.map5}))
+                selection.best_fingerprint = _save_best(trainer, out, result.threshold,
+                                                        {"val_map5": result.map5})
         if ctx.is_main:
             row["seconds"] = round(time.time() - started, 1)
             selection.history.append(row)
@@ -291,6 +249,25 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
                                               "selection": asdict(selection)})
         distributed.barrier(ctx)
     return distributed.broadcast(ctx, selection)
+
+
+def _save_best(trainer: Trainer, out: Path, threshold: float | None, metrics: dict) -> str:
+    """``best.pt`` of this run; returns its fingerprint, which the selection remembers."""
+    payload = checkpoint_payload(trainer, threshold, "select", metrics)
+    save_checkpoint(out / "best.pt", payload)
+    return payload["fingerprint"]
+
+
+def _keep_selected_model(selection: Selection, out: Path) -> None:
+    """--no-refit: the selected model (``best.pt`` of this run) becomes ``model.pt``. A best.pt
+    that is missing or is not the one this run wrote (left by an earlier run in the same folder)
+    is refused rather than shipped."""
+    best = load_checkpoint(out / "best.pt") if (out / "best.pt").is_file() else None
+    if best is None or (selection.best_fingerprint is not None
+                        and best["fingerprint"] != selection.best_fingerprint):
+        raise UserError(f"{out / 'best.pt'} is missing or was not written by this run: train "
+                        "again into an empty --out folder")
+    save_checkpoint(out / "model.pt", best)
 
 
 def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Selection,
@@ -373,6 +350,8 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
                                         "num_workers": config.num_workers, "device": config.device})
         if ctx.is_main:
             log.info("resuming %s at stage %s, epoch %d", resume, state["stage"], state["epoch"])
+    if ctx.is_main:
+        write_config(config, out)
     if state is None or state["stage"] == "select":
         selection = _run_selection(config, samples, ctx, out, epoch_log, state)
         state = None
@@ -384,7 +363,6 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
     if config.refit:
         _run_refit(config, samples, selection, ctx, out, epoch_log, state)
     elif ctx.is_main:
-        best = load_checkpoint(out / "best.pt")
-        save_checkpoint(out / "model.pt", best)
+        _keep_selected_model(selection, out)
     distributed.barrier(ctx)
     return out / "model.pt"

@@ -1,5 +1,5 @@
 """Helpers for the index / build / query tests: tiny galleries copied from the real data sets,
-cheap checkpoints, synthetic clustered embeddings, and running the CLIs as a user would."""
+cheap checkpoints, and running the CLIs as a user would (synthetic embeddings: index.synthetic)."""
 from __future__ import annotations
 
 import base64
@@ -11,8 +11,6 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64  # tiny inputs keep the real-data tests fast on a 2-core CPU
@@ -68,25 +66,6 @@ def make_checkpoint(path: Path, seed: int = 0, threshold: float | None = 0.5,
                            "threshold": threshold, "identities": [], "train_config": {},
                            "stage": "refit", "epoch": 1, "metrics": {}})
     return path
-
-
-def clustered_vectors(n_identities: int, dim: int, seed: int = 0, spread: float = 0.35,
-                      max_images: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Synthetic embeddings shaped like a whale gallery: each identity a random direction with
-    1..max_images noisy unit vectors around it, plus one noisy query per identity.
-    Returns (gallery, gallery_labels, queries, query_labels)."""
-    rng = np.random.default_rng(seed)
-    centres = _unit(rng.normal(size=(n_identities, dim)))
-    counts = rng.integers(1, max_images + 1, size=n_identities)
-    labels = np.repeat(np.arange(n_identities), counts)
-    gallery = _unit(centres[labels] + spread * rng.normal(size=(len(labels), dim)) / np.sqrt(dim) * 4)
-    queries = _unit(centres + spread * rng.normal(size=(n_identities, dim)) / np.sqrt(dim) * 4)
-    names = np.array([f"id{i:05d}" for i in range(n_identities)], dtype=object)
-    return gallery.astype(np.float32), names[labels], queries.astype(np.float32), names
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def run_cli(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -219,6 +219,7 @@ def test_build_cli_removes_an_identity_without_loading_a_model(data, index_dir, 
     assert stored.manifest.created == load_index(index_dir).manifest.created
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_build_the_same_index(data, tmp_path):
     result = torchrun("build_index.py", "--gallery", data.gallery, "--model", data.ckpt,
                       "--out", tmp_path / "ddp", "--workers", "0", "--batch-size", "8", "--no-progress")

@@ -7,6 +7,10 @@ import sys
 import pandas as pd
 import pytest
 
+import build_index
+import query
+import train_embed
+
 from .conftest import ROOT
 
 
@@ -15,12 +19,32 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_help_explains_every_flag():
-    done = run_cli("--help")
+@pytest.mark.parametrize("module", [train_embed, build_index, query])
+def test_help_explains_every_flag(module):
+    """Every option has help text, and --help (a subprocess, as a user runs it) lists each one."""
+    parser = module.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help and len(a.help) > 15 for a in options), [a.dest for a in options if not a.help]
+    done = subprocess.run([sys.executable, str(ROOT / f"{module.__name__}.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
-    for flag in ("--gallery", "--labels", "--whale-protocol", "--backbone", "--loss", "--resume",
-                 "--image-size", "--flip", "--no-refit", "--strict"):
-        assert flag in done.stdout
+    missing = [a.option_strings[-1] for a in options if a.option_strings[-1] not in done.stdout]
+    assert not missing, missing
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", [["train_embed.py", "--gallery", "{g}"],
+                                     ["build_index.py", "--gallery", "{g}", "--out", "{o}"]])
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, orl_samples, command):
+    from .index_helpers import assert_one_line_error, copy_gallery
+
+    gallery = copy_gallery(orl_samples, tmp_path / "g", ["s1", "s2"], per_identity=2)
+    args = [a.format(g=gallery, o=tmp_path / "idx") for a in command]
+    done = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:], "--device", "cuda",
+                           "--out" if args[0] == "train_embed.py" else "--no-progress",
+                           *([str(tmp_path / "run")] if args[0] == "train_embed.py" else [])],
+                          capture_output=True, text=True, timeout=300)
+    assert_one_line_error(done, "--device cuda: torch sees no CUDA GPU")
 
 
 @pytest.mark.parametrize("case, message", [

@@ -9,10 +9,12 @@ import pytest
 
 import index.store as store
 from index import GalleryIndex
-from index.store import check_fingerprint, load_index, read_manifest, save_index, writer_lock
-from retrieval.errors import UserError
+from index.errors import GalleryIndexError, IndexCorrupt, IndexNotFound, InvalidGallery, NotReplaceable
+from index.store import load_index, read_manifest, save_index, writer_lock
+from index.synthetic import clustered_vectors
+from retrieval.encoder import check_index_model
+from retrieval.errors import UserError, index_advice
 
-from .index_helpers import clustered_vectors
 
 MODEL = {"fingerprint": "0123456789abcdef", "source": "checkpoint", "checkpoint": "/m/model.pt",
          "model_config": {"backbone": "tf_efficientnet_lite0", "embedding_dim": 32, "gem_p": 3.0},
@@ -75,7 +77,7 @@ def test_rows_are_sorted_by_path_whatever_the_input_order(gallery, tmp_path):
 def test_another_models_index_is_refused(gallery, tmp_path):
     save(tmp_path / "idx", gallery)
     with pytest.raises(UserError) as err:
-        check_fingerprint(load_index(tmp_path / "idx").manifest, tmp_path / "idx", "ffffffffffffffff",
+        check_index_model(load_index(tmp_path / "idx").manifest, tmp_path / "idx", "ffffffffffffffff",
                           fix="rebuild it")
     message = str(err.value)
     assert "another model" in message and "0123456789abcdef" in message and "/m/model.pt" in message
@@ -87,8 +89,9 @@ def test_truncated_file_is_refused_with_the_fix(gallery, tmp_path, name):
     save(tmp_path / "idx", gallery)
     path = data_file(tmp_path / "idx", name)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(UserError, match=rf"{name} is truncated .*: rebuild it with build_index.py"):
+    with pytest.raises(IndexCorrupt, match=rf"{name} is truncated") as err:
         load_index(tmp_path / "idx")
+    assert index_advice(err.value).endswith(": rebuild it with build_index.py")
 
 
 def test_corrupt_bytes_of_the_same_size_are_refused(gallery, tmp_path):
@@ -97,7 +100,7 @@ def test_corrupt_bytes_of_the_same_size_are_refused(gallery, tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="index.faiss is corrupt .*checksum"):
+    with pytest.raises(IndexCorrupt, match="index.faiss is corrupt .*checksum"):
         load_index(tmp_path / "idx")
 
 
@@ -106,7 +109,7 @@ def test_truncated_vectors_are_refused_when_an_edit_needs_them(gallery, tmp_path
     stored = load_index(tmp_path / "idx")  # queries never read vectors.npy
     path = data_file(tmp_path / "idx", "vectors.npy")
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(UserError, match="vectors.npy is truncated"):
+    with pytest.raises(IndexCorrupt, match="vectors.npy is truncated"):
         stored.vectors()
 
 
@@ -118,7 +121,7 @@ def test_faiss_file_that_passes_the_checksum_but_does_not_parse(gallery, tmp_pat
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["index.faiss"] = store._describe(data_file(folder, "index.faiss"))
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError) as err:
+    with pytest.raises(IndexCorrupt) as err:
         load_index(folder)
     assert "index.faiss is corrupt" in str(err.value) and "\n" not in str(err.value)
 
@@ -133,13 +136,14 @@ def test_faiss_file_that_passes_the_checksum_but_does_not_parse(gallery, tmp_pat
 def test_damaged_folder_is_refused(gallery, tmp_path, damage, expected):
     save(tmp_path / "idx", gallery)
     damage(tmp_path / "idx")
-    with pytest.raises(UserError, match=expected):
+    with pytest.raises(GalleryIndexError, match=expected):
         load_index(tmp_path / "idx")
 
 
 def test_missing_folder_says_how_to_build_one(tmp_path):
-    with pytest.raises(UserError, match="does not exist: build one with build_index.py"):
+    with pytest.raises(IndexNotFound, match="does not exist") as err:
         read_manifest(tmp_path / "nowhere")
+    assert "build one with build_index.py --gallery DIR --out" in index_advice(err.value)
 
 
 def _crash(*args, **kwargs):
@@ -192,7 +196,7 @@ def test_a_legacy_crash_between_two_renames_is_recovered_by_the_next_writer(gall
     puts it back instead of starting a fresh index and deleting the backup."""
     save(tmp_path / "idx", gallery)
     os.rename(tmp_path / "idx", tmp_path / ".idx.old-123")
-    with pytest.raises(UserError, match=r"interrupted write left the previous index in .*\.idx\.old-123"):
+    with pytest.raises(IndexNotFound, match=r"interrupted write left the previous index in .*\.idx\.old-123"):
         load_index(tmp_path / "idx")
     with writer_lock(tmp_path / "idx") as real:
         assert load_index(real).manifest.counts["images"] == len(gallery[1])
@@ -202,7 +206,7 @@ def test_a_legacy_crash_between_two_renames_is_recovered_by_the_next_writer(gall
 def test_a_folder_that_is_not_an_index_is_never_replaced(gallery, tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "keep.jpg").write_bytes(b"precious")
-    with pytest.raises(UserError, match="exists and is not a gallery index"):
+    with pytest.raises(NotReplaceable, match="exists and is not a gallery index"):
         save(tmp_path / "photos", gallery)
     assert (tmp_path / "photos" / "keep.jpg").read_bytes() == b"precious"
     (tmp_path / "empty").mkdir()
@@ -217,7 +221,7 @@ def test_an_unrelated_manifest_json_does_not_make_a_folder_an_index(gallery, tmp
     (project / "src" / "main.py").write_text("print('hi')\n")
     (project / "notes.txt").write_text("my notes\n")
     (project / "manifest.json").write_text(json.dumps({"name": "my-app", "version": 3}))
-    with pytest.raises(UserError, match="manifest.json that is not a valid gallery index manifest"):
+    with pytest.raises(NotReplaceable, match="manifest.json that is not a valid gallery index manifest"):
         save(project, gallery)
     assert (project / "notes.txt").read_text() == "my notes\n"
     assert (project / "src" / "main.py").is_file()
@@ -335,7 +339,7 @@ def test_manifest_fields_of_the_wrong_type_are_one_clear_error(gallery, tmp_path
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest))
-    with pytest.raises(UserError) as err:
+    with pytest.raises(IndexCorrupt) as err:
         load_index(tmp_path / "idx")
     message = str(err.value)
     assert "manifest.json is corrupt" in message and expected in message and "\n" not in message
@@ -359,7 +363,7 @@ def test_vectors_of_the_wrong_dtype_or_nan_are_refused(gallery, tmp_path, array,
     vectors = load_index(tmp_path / "idx").vectors()
     _rewrite_data_file(tmp_path / "idx", "vectors.npy",
                        lambda path: np.save(path, array(vectors), allow_pickle=False))
-    with pytest.raises(UserError, match=f"vectors.npy is corrupt .*{expected}"):
+    with pytest.raises(IndexCorrupt, match=f"vectors.npy is corrupt .*{expected}"):
         load_index(tmp_path / "idx").vectors()
 
 
@@ -374,7 +378,7 @@ def test_a_table_with_null_identities_is_refused(gallery, tmp_path):
                       "identity": pa.array(identities, pa.string()),
                       "vector_id": pa.array(np.arange(len(identities), dtype=np.int64))})
     _rewrite_data_file(tmp_path / "idx", "gallery.parquet", lambda path: pq.write_table(table, path))
-    with pytest.raises(UserError, match="gallery.parquet is corrupt .*1 row.s. have no identity"):
+    with pytest.raises(IndexCorrupt, match="gallery.parquet is corrupt .*1 row.s. have no identity"):
         load_index(tmp_path / "idx")
 
 
@@ -382,7 +386,7 @@ def test_nan_embeddings_are_never_indexed(gallery, tmp_path):
     vectors, paths, labels, _ = gallery
     broken = vectors.copy()
     broken[7] = np.nan
-    with pytest.raises(UserError, match=f"NaN or infinite embeddings for 1 image.*{paths[7]}"):
+    with pytest.raises(InvalidGallery, match=f"NaN or infinite embeddings for 1 image.*{paths[7]}"):
         save_index(tmp_path / "idx", broken, paths, labels, model=MODEL, tta="none", threshold=None)
     assert not (tmp_path / "idx").exists() or not os.listdir(tmp_path / "idx")
 
@@ -408,6 +412,6 @@ def test_a_reader_retries_when_a_writer_swaps_the_manifest_under_it(gallery, tmp
 
 
 def test_empty_gallery_is_refused(tmp_path):
-    with pytest.raises(UserError, match="would be empty"):
+    with pytest.raises(InvalidGallery, match="would be empty"):
         save_index(tmp_path / "idx", np.zeros((0, 8), np.float32), [], [], model=MODEL,
                    tta="none", threshold=None)

@@ -1,16 +1,17 @@
 """Index types: approximate ones keep recall close to exact, and every type answers the same API."""
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 
 from index import GalleryIndex
+from index.errors import InvalidGallery
 from index.store import load_index, save_index
+from index.synthetic import clustered_vectors
 from index.types import FLAT_MAX, FLAT_MAX_GPU, GRAPH_MAX, resolve
 
-from retrieval.errors import UserError
-
-from .index_helpers import clustered_vectors, single_threaded
+from .index_helpers import single_threaded
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -98,7 +99,7 @@ def test_small_galleries_get_trainable_parameters():
     vectors, labels, _, _ = clustered_vectors(20, 16, seed=1)
     for kind in ("flat", "ivf", "hnsw", "auto"):
         assert len(GalleryIndex(vectors, labels, kind)) == len(vectors)
-    with pytest.raises(UserError, match="ivfpq .* at least 1000 vectors"):
+    with pytest.raises(InvalidGallery, match="ivfpq .* at least 1000 vectors"):
         GalleryIndex(vectors, labels, "ivfpq")
 
 
@@ -122,12 +123,38 @@ def test_search_parameters_come_from_the_manifest(synthetic, tmp_path):
     assert faiss.extract_index_ivf(stored.gallery.cpu_index).nprobe == manifest["index"]["params"]["nlist"]
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
-def test_search_works_after_pytorch_metric_learning_patches_faiss(synthetic, kind):
-    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search
-    (training validation runs in such a process)."""
+SEARCH_IN_A_FRESH_PROCESS = r"""
+import json, sys
+patched = sys.argv[1] == "1"
+if patched:  # what `import pytorch_metric_learning.samplers` does, as training validation runs
     import faiss.contrib.torch_utils  # noqa: F401
+import faiss
+from index import GalleryIndex
+from index.synthetic import clustered_vectors
+assert (faiss.Index.search.__module__ == "faiss.contrib.torch_utils") == patched
+gallery, labels, queries, _ = clustered_vectors(300, 32, seed=1)
+out = {kind: GalleryIndex(gallery, labels, kind).search(queries[:20], 5).identities
+       for kind in ("flat", "hnsw", "ivf")}
+print(json.dumps(out))
+"""
 
-    gallery, labels, queries, _ = synthetic
-    ranking = GalleryIndex(gallery, labels, kind).search(queries[:5], 5)
-    assert all(len(ids) == 5 for ids in ranking.identities)
+
+def test_search_is_the_same_after_pytorch_metric_learning_patches_faiss():
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search on
+    every index class. In this test process that import has long happened, so the comparison runs
+    in two fresh interpreters: one patched, one not (checked), answers identical."""
+    import subprocess
+    import sys
+
+    from .index_helpers import ROOT
+
+    def answers(patched: bool) -> dict:
+        done = subprocess.run([sys.executable, "-c", SEARCH_IN_A_FRESH_PROCESS, "1" if patched else "0"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    plain, patched = answers(False), answers(True)
+    assert plain == patched
+    assert all(len(ids) == 5 for ranking in plain.values() for ids in ranking)

@@ -4,7 +4,7 @@ import pytest
 
 from retrieval import NEW_WHALE
 from retrieval.metrics import (average_precision_at_k, calibrate_threshold, insert_new_whale,
-                               map_at_k, map_at_r, recall_at_k)
+                               map_at_k)
 
 
 def test_average_precision_is_one_over_rank_of_first_hit():
@@ -31,13 +31,6 @@ def test_map_rejects_mismatched_lengths():
         map_at_k([["a"]], ["a", "b"])
 
 
-def test_recall_at_k():
-    predictions = [["a", "b", "c"], ["b", "a", "c"], ["c", "b", "a"]]
-    assert recall_at_k(predictions, ["a", "a", "a"], 1) == pytest.approx(1 / 3)
-    assert recall_at_k(predictions, ["a", "a", "a"], 2) == pytest.approx(2 / 3)
-    assert recall_at_k(predictions, ["a", "a", "a"], 3) == 1.0
-
-
 def test_insert_new_whale_before_first_identity_under_threshold():
     ids, scores = ["a", "b", "c", "d", "e"], [0.9, 0.8, 0.5, 0.4, 0.3]
     assert insert_new_whale(ids, scores, 0.6) == ["a", "b", NEW_WHALE, "c", "d"]
@@ -45,34 +38,6 @@ def test_insert_new_whale_before_first_identity_under_threshold():
     assert insert_new_whale(ids, scores, 0.1) == ids
     assert insert_new_whale(ids, scores, None) == ids
     assert insert_new_whale(["a", "b"], [0.9, 0.2], 0.5, k=5) == ["a", NEW_WHALE, "b"]
-
-
-def test_map_at_r_hand_computed():
-    # query label 1 with R=3 relevant: hits at positions 1 and 3 -> (1/1 + 2/3) / 3
-    value = map_at_r(np.array([[1, 0, 1, 1]]), np.array([1]), np.array([3]))
-    assert value == pytest.approx((1 + 2 / 3) / 3)
-
-
-def test_map_at_r_matches_pytorch_metric_learning():
-    """Same MAP@R and Recall@1 as pytorch-metric-learning's AccuracyCalculator."""
-    import torch
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(20), 6)
-    vectors = rng.normal(size=(len(labels), 16)) + 1.5 * rng.normal(size=(20, 16))[labels]
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    similarity = vectors @ vectors.T
-    np.fill_diagonal(similarity, -np.inf)
-    order = np.argsort(-similarity, axis=1)
-    neighbour_labels = labels[order]
-    relevant = np.bincount(labels)[labels] - 1
-    ours = map_at_r(neighbour_labels, labels, relevant)
-    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"),
-                              k="max_bin_count")
-    theirs = calc.get_accuracy(torch.tensor(vectors, dtype=torch.float32), torch.tensor(labels))
-    assert ours == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
-    assert np.mean(neighbour_labels[:, 0] == labels) == pytest.approx(theirs["precision_at_1"])
 
 
 def _brute_force_best_map(ranked, scores, truths, thresholds):

@@ -1,0 +1,23 @@
+"""Command-line pieces more than one CLI shares, so a flag means the same everywhere."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_gallery_arguments(parser: argparse.ArgumentParser, required: bool) -> argparse._ArgumentGroup:
+    """--gallery, --labels, --strict, --allow-outside: how a labelled gallery is read."""
+    group = parser.add_argument_group("gallery")
+    group.add_argument("--gallery", required=required,
+                       help="folder of images: one sub-folder per identity, or (with --labels) the "
+                            "folder holding the images named in the CSV")
+    group.add_argument("--labels", help="Kaggle-style CSV with columns Image,Id (new_whale rows are "
+                                        "not an identity and are left out)")
+    group.add_argument("--strict", action="store_true",
+                       help="fail on an unreadable image instead of skipping it with a warning")
+    group.add_argument("--allow-outside", action="store_true",
+                       help="with --labels: accept CSV rows naming images outside --gallery "
+                            "(absolute paths, or '..' climbing out of it); refused by default, "
+                            "because a CSV from elsewhere could then read any file on this machine "
+                            "(and show it in query.py's HTML report). A symlink placed inside "
+                            "--gallery is always fine")
+    return group

@@ -1,0 +1,135 @@
+"""The run config: every knob of a training run in one dataclass, settable from a file.
+
+``train_embed.py --config run.yaml`` (or ``.json``) sets any ``TrainConfig`` field; flags given on
+the command line override the file; the run writes the config it used as ``config.json`` next to
+its checkpoints (and inside them), so a result can be traced to its settings and run again with
+``--config runs/x/config.json``. Loss parameters (ArcFace margin and scale, sub-centres, triplet
+margin) are fields here, not literals in the code.
+
+This module imports no torch: ``train_embed.py --help`` reads its defaults from here and starts
+at once.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+LOSS_NAMES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; stored in the checkpoint and as ``config.json``."""
+
+    out: str = "runs/model"
+    backbone: str = DEFAULT_BACKBONE
+    pretrained: bool = True
+    embedding_dim: int = 512
+    image_size: int | None = None  # None: the backbone's native size
+    loss: Literal["arcface", "subcenter-arcface", "triplet", "multi-similarity"] = "arcface"
+    epochs: int = 15
+    warmup_epochs: int = 1  # backbone frozen: the new neck and loss weights settle first
+    batch_size: int = 16
+    m_per_identity: int = 2  # pair-based losses only
+    lr: float = 1e-3  # backbone
+    head_lr: float = 3e-3  # GeM + neck
+    loss_lr: float = 3e-2  # ArcFace class weights
+    weight_decay: float = 1e-4
+    # ArcFace margin in degrees (28.6 deg = 0.5 rad, the paper's value); scale 30 suits small sets
+    arcface_margin: float = 28.6
+    arcface_scale: float = 30.0
+    sub_centers: int = 3  # sub-center ArcFace: centres per identity
+    triplet_margin: float = 0.1
+    flip: bool = False
+    val_new_fraction: float = 0.2
+    refit: bool = True
+    seed: int = 0
+    num_workers: int = 2
+    device: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """From a checkpoint's stored config: keys of other versions are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def recipe(self) -> "Recipe":
+        from .recipe import Recipe
+
+        return Recipe(lr=self.lr, head_lr=self.head_lr, loss_lr=self.loss_lr,
+                      weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs)
+
+    def loss_params(self) -> dict[str, float]:
+        """Keyword arguments of ``retrieval.losses.create_loss``."""
+        return {"margin": self.arcface_margin, "scale": self.arcface_scale,
+                "sub_centers": self.sub_centers, "triplet_margin": self.triplet_margin}
+
+
+FIELDS = tuple(f.name for f in fields(TrainConfig))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The ``TrainConfig`` fields a JSON or YAML file sets, type-checked; an unknown key or a value
+    of the wrong type is one line naming it."""
+    from pydantic import ValidationError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: pass a .yaml or .json file of "
+                        "TrainConfig fields (a run's config.json works)")
+    try:
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:  # yaml / json / decoding errors of several types
+        raise UserError(f"cannot read config file {path} ({type(err).__name__}): write it as "
+                        "YAML (.yaml) or JSON (.json)") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must map field names to values, e.g. 'epochs: 20'")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"config file {path} sets unknown field(s) {', '.join(unknown)}: the fields "
+                        f"are {', '.join(FIELDS)}")
+    try:
+        _file_schema().model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"config file {path}: {'.'.join(map(str, first['loc']))}: "
+                        f"{first['msg']}") from None
+    return values
+
+
+def _file_schema():
+    """A strict pydantic model of ``TrainConfig``'s fields: '5' is not an int, 'yes' not a bool."""
+    from typing import get_type_hints
+
+    from pydantic import ConfigDict, create_model
+
+    hints = get_type_hints(TrainConfig)
+    return create_model("TrainConfigFile", __config__=ConfigDict(strict=True, extra="forbid"),
+                        **{f.name: (hints[f.name], f.default) for f in fields(TrainConfig)})
+
+
+def write_config(config: TrainConfig, folder: str | Path) -> Path:
+    """``folder/config.json``, written atomically."""
+    from .files import atomic_write
+
+    path = Path(folder) / CONFIG_FILE
+    text = json.dumps(asdict(config), indent=2) + "\n"
+    atomic_write(path, lambda temp: temp.write_text(text))
+    return path

@@ -1,0 +1,87 @@
+"""The one training recipe: optimiser groups, frozen-backbone warm-up and learning-rate schedule.
+
+The engine (``retrieval.train``), the softmax baseline and the peer libraries in ``bench/`` all take
+their optimiser and schedule from here, so a comparison between them measures the method, not a
+different recipe; where a peer deliberately trains differently (no warm-up, constant learning rate,
+as a plain setup does), that is a ``Recipe`` parameter, not a copy of the code.
+
+* AdamW with one group per part: the pretrained backbone learns slowly (``lr``), the new pooling,
+  neck or classifier faster (``head_lr``), a loss's own weights (ArcFace class centres) fastest and
+  without weight decay (``loss_lr``).
+* The first ``warmup_epochs`` keep the backbone frozen, in eval mode (its ImageNet BatchNorm
+  statistics intact), so random new layers do not push large gradients into good features.
+* Then cosine decay to 1 % of each group's rate (``schedule="cosine"``), or constant.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+SCHEDULES = ("cosine", "constant")
+FINAL_LR_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class Recipe:
+    lr: float = 1e-3  # backbone
+    head_lr: float = 3e-3  # GeM + neck (+ a classifier head)
+    loss_lr: float = 3e-2  # the loss's own weights
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1  # epochs with the backbone frozen
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None,
+                 extra_head: Iterable[nn.Parameter] = ()) -> dict[str, dict]:
+    """AdamW parameter groups by part: ``backbone``, ``pool``, ``neck`` (+ ``extra_head``, e.g. a
+    classifier) and ``loss``. Named so a trainer that wants one optimiser per part (pytorch-metric-
+    learning's trunk / embedder / loss) can split them without restating the learning rates."""
+    groups = {
+        "backbone": {"params": list(model.backbone.parameters()), "lr": recipe.lr},
+        "pool": {"params": list(model.pool.parameters()), "lr": recipe.head_lr},
+        "neck": {"params": list(model.neck.parameters()) + list(extra_head), "lr": recipe.head_lr},
+    }
+    if loss is not None:
+        groups["loss"] = {"params": list(loss.parameters()), "lr": recipe.loss_lr, "weight_decay": 0.0}
+    return {name: group for name, group in groups.items() if group["params"]}
+
+
+def create_optimizer(groups: Iterable[dict], recipe: Recipe) -> torch.optim.AdamW:
+    return torch.optim.AdamW(list(groups), weight_decay=recipe.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, recipe: Recipe) -> float:
+    """Multiplier of every group's rate at ``step``: 1 while the backbone is frozen, then cosine
+    decay to ``FINAL_LR_FRACTION`` over the remaining steps (or 1 throughout: constant)."""
+    if recipe.schedule == "constant":
+        return 1.0
+    warmup = recipe.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return 1.0
+    total = max(1, epochs * steps_per_epoch - warmup)
+    progress = min(1.0, (step - warmup) / total)
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
+                     recipe: Recipe) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per batch."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, epochs, recipe))
+
+
+def backbone_frozen(epoch: int, recipe: Recipe) -> bool:
+    return epoch < recipe.warmup_epochs
+
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (no gradients, BatchNorm statistics kept: eval mode) or release the backbone.
+    Call after ``model.train()``, which would put the backbone back in training mode."""
+    for parameter in model.backbone.parameters():
+        parameter.requires_grad_(not frozen)
+    if frozen:
+        model.backbone.eval()

@@ -1,0 +1,169 @@
+"""The one training recipe against naive references, the run config file, the loss parameters it
+carries, and mining across ranks under DDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_embed
+from retrieval import recipe
+from retrieval.config import FIELDS, TrainConfig, read_config_file
+from retrieval.errors import UserError
+from retrieval.losses import create_loss
+from retrieval.model import ModelConfig, create_model
+
+from .conftest import ROOT
+
+
+def naive_factor(step, steps_per_epoch, epochs, warmup_epochs):
+    """The schedule as the README states it: flat while frozen, then cosine from 1 to 0.01."""
+    warmup = warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return 1.0
+    t = (step - warmup) / (epochs * steps_per_epoch - warmup)
+    return 0.01 + 0.99 * (math.cos(math.pi * min(t, 1.0)) + 1) / 2
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_schedule_matches_the_naive_reference(warmup):
+    plan = recipe.Recipe(warmup_epochs=warmup)
+    factors = [recipe.lr_factor(s, 7, 5, plan) for s in range(36)]
+    assert factors == pytest.approx([naive_factor(s, 7, 5, warmup) for s in range(36)])
+    assert factors[35] == pytest.approx(0.01) and max(factors) == 1.0
+    constant = recipe.Recipe(warmup_epochs=warmup, schedule="constant")
+    assert {recipe.lr_factor(s, 7, 5, constant) for s in range(36)} == {1.0}
+
+
+def test_groups_hold_every_parameter_once_with_its_rate():
+    model = create_model(ModelConfig(embedding_dim=16), pretrained=False)
+    loss = create_loss("arcface", 5, 16).loss
+    head = torch.nn.Linear(16, 3)
+    plan = recipe.Recipe(lr=1.0, head_lr=2.0, loss_lr=3.0, weight_decay=0.5)
+    groups = recipe.param_groups(model, plan, loss, extra_head=head.parameters())
+    seen = [id(p) for g in groups.values() for p in g["params"]]
+    expected = [*model.parameters(), *loss.parameters(), *head.parameters()]
+    assert sorted(seen) == sorted(id(p) for p in expected)  # each exactly once
+    rates = {name: g["lr"] for name, g in groups.items()}
+    assert rates == {"backbone": 1.0, "pool": 2.0, "neck": 2.0, "loss": 3.0}
+    optimizer = recipe.create_optimizer(groups.values(), plan)
+    decay = {g["lr"]: g["weight_decay"] for g in optimizer.param_groups}
+    assert decay == {1.0: 0.5, 2.0: 0.5, 3.0: 0.0}  # no decay on the loss's class centres
+
+
+def test_a_frozen_backbone_gets_no_gradient_and_keeps_its_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(embedding_dim=8), pretrained=False)
+    model.train()
+    recipe.set_backbone_frozen(model, True)
+    stats = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.neck.parameters())
+    for key, value in model.backbone.state_dict().items():
+        if key in stats:
+            assert torch.equal(value, stats[key]), key
+    recipe.set_backbone_frozen(model, False)
+    assert all(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_loss_parameters_come_from_the_config():
+    config = TrainConfig(arcface_margin=20.0, arcface_scale=10.0, sub_centers=5, triplet_margin=0.3)
+    arcface = create_loss("arcface", 4, 8, **config.loss_params()).loss
+    assert arcface.margin == pytest.approx(math.radians(20)) and arcface.scale == 10
+    subcenter = create_loss("subcenter-arcface", 4, 8, **config.loss_params()).loss
+    assert subcenter.sub_centers == 5 and subcenter.W.shape == (8, 20)
+    triplet = create_loss("triplet", 4, 8, **config.loss_params())
+    assert triplet.loss.margin == 0.3 and triplet.miner.margin == 0.3
+
+
+def test_every_config_field_has_a_flag():
+    dests = {action.dest for action in train_embed.build_parser()._actions}
+    assert set(FIELDS) <= dests, sorted(set(FIELDS) - dests)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_sets_fields_and_flags_override_it(tmp_path, suffix):
+    path = tmp_path / f"run{suffix}"
+    values = {"epochs": 7, "arcface_margin": 20.0, "loss": "subcenter-arcface", "image_size": 96}
+    if suffix == ".json":
+        path.write_text(json.dumps(values))
+    else:
+        path.write_text("\n".join(f"{k}: {v}" for k, v in values.items()) + "\n")
+    args = train_embed.parse_args(["--gallery", "g", "--config", str(path), "--epochs", "3"])
+    config = TrainConfig.from_dict(vars(args))
+    assert (config.epochs, config.arcface_margin, config.loss, config.image_size) == \
+        (3, 20.0, "subcenter-arcface", 96)  # the flag beat the file, the file beat the defaults
+    assert config.lr == TrainConfig().lr
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("epochs: 5\nepoch: 3\n", "unknown field(s) epoch"),
+    ("epochs: many\n", "epochs"),
+    ("loss: softmax\n", "loss"),
+    ("- epochs\n", "must map field names"),
+    ("epochs: [\n", "cannot read config file"),
+])
+def test_a_bad_config_file_is_one_clear_line(tmp_path, text, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")) as err:
+        read_config_file(path)
+    assert "\n" not in str(err.value)
+
+
+def test_help_starts_without_loading_torch():
+    """train_embed.py --help (and argument errors) must not wait for torch and timm to import."""
+    done = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "train_embed.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--config" in done.stdout
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "timm", "faiss", "pandas", "albumentations"}, imported
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MINING_ACROSS_RANKS = r"""
+import os, sys, torch, torch.distributed as dist
+from retrieval.losses import create_loss
+rank, port, wrapped = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+torch.manual_seed(rank)
+# each rank holds one image of identities 0 and 1: positives exist only across ranks
+embeddings = torch.nn.functional.normalize(torch.randn(2, 8), dim=1).requires_grad_()
+labels = torch.tensor([0, 1])
+spec = create_loss("triplet", 2, 8, triplet_margin=0.5, distributed=wrapped)
+loss = spec.loss(embeddings, labels, spec.miner(embeddings, labels))
+print(f"loss {float(loss):.6f}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_pair_losses_mine_across_ranks_under_ddp(wrapped):
+    """Within one rank's batch there is no positive pair, so a per-rank triplet loss is 0; the
+    wrapped loss (what training uses under DDP) gathers both ranks and finds the triplets."""
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    ranks = [subprocess.Popen([sys.executable, "-c", MINING_ACROSS_RANKS, str(r), port,
+                               "1" if wrapped else "0"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120) for p in ranks]
+    assert all(p.returncode == 0 for p in ranks), [err[-1500:] for _, err in outputs]
+    losses = [float(out.split()[-1]) for out, _ in outputs]
+    if wrapped:
+        assert all(value > 0 for value in losses)
+    else:
+        assert losses == [0.0, 0.0]
