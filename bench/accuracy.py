@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import Report, data_path, format_table, mean_std, pm
+from .common import Report, data_path, format_table, mean_std, pm, suite_config
 from .peers import PEERS, engine_train_seconds, train_peer
 
 LOSSES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
@@ -57,17 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="where checkpoints go (default: a temp dir, deleted after)")
 
 
-def make_config(args, loss: str, seed: int, out: Path):
-    from retrieval.config import TrainConfig
-
-    defaults = TrainConfig()
-    warmup = defaults.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
-    return TrainConfig(out=str(out), backbone=args.backbone or defaults.backbone,
-                       image_size=args.image_size, loss=loss, epochs=args.epochs,
-                       warmup_epochs=max(0, min(warmup, args.epochs - 1)), seed=seed,
-                       num_workers=args.workers, device=getattr(args, "device", None))
-
-
 def run(args) -> dict:
     from retrieval.data import read_folder_gallery, whale_split
     from retrieval.protocol import run_seed
@@ -84,7 +73,7 @@ def run(args) -> dict:
             for loss in args.losses:
                 started = time.perf_counter()
                 try:
-                    result = run_seed(make_config(args, loss, seed, workdir / loss), samples, seed)
+                    result = run_seed(suite_config(args, loss, seed, workdir / loss), samples, seed)
                 except Exception as err:  # record it, go on with the other methods
                     row.setdefault("errors", {})[loss] = f"{type(err).__name__}: {err}"
                     print(f"seed {seed} {loss}: FAILED {row['errors'][loss]}", flush=True)
@@ -109,7 +98,7 @@ def run(args) -> dict:
                 shutil.rmtree(workdir / loss, ignore_errors=True)
             split = whale_split(samples, seed)
             if args.softmax:
-                classifier = train_softmax_classifier(make_config(args, "arcface", seed, workdir),
+                classifier = train_softmax_classifier(suite_config(args, "arcface", seed, workdir),
                                                       split.gallery)
                 row["softmax"] = top5_classes_map(classifier, split.queries)
                 row["train_seconds"]["softmax"] = round(classifier.train_seconds, 1)

@@ -209,6 +209,22 @@ def quiet_logs(progress: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def suite_config(args: Any, loss: str, seed: int, out: Path) -> "TrainConfig":
+    """The engine's run config for one benchmark run: the suite's flags over ``TrainConfig``'s
+    defaults. The frozen warm-up is capped below the epoch count, so short runs still train the
+    backbone; ``refit`` is the default unless the suite has a ``--refit`` flag (open-set)."""
+    from retrieval.config import TrainConfig
+
+    defaults = TrainConfig()
+    warmup = getattr(args, "warmup_epochs", None)
+    warmup = defaults.warmup_epochs if warmup is None else warmup
+    return TrainConfig(out=str(out), backbone=getattr(args, "backbone", None) or defaults.backbone,
+                       image_size=args.image_size, loss=loss, epochs=args.epochs,
+                       warmup_epochs=max(0, min(warmup, args.epochs - 1)),
+                       refit=getattr(args, "refit", defaults.refit), seed=seed,
+                       num_workers=args.workers, device=getattr(args, "device", None))
+
+
 def torch_device(name: str | None) -> "torch.device":
     """``--device`` as a torch device; None: the first GPU where torch sees one, else the CPU."""
     import torch

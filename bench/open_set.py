@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import Report, data_path, format_table, label_array, mean_std, pm
+from .common import Report, data_path, format_table, label_array, mean_std, pm, suite_config
 from .peers import PEERS, engine_train_seconds, train_peer
 
 LOSSES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
@@ -57,17 +57,6 @@ def open_set_metrics(vectors: np.ndarray, test) -> dict[str, float]:
     calculator = AccuracyCalculator(include=tuple(METRICS), k="max_bin_count", device=None)
     result = calculator.get_accuracy(vectors, labels, vectors, labels, ref_includes_query=True)
     return {key: float(result[key]) for key in METRICS}
-
-
-def train_config(args, loss: str, seed: int, out: Path):
-    from retrieval.config import TrainConfig
-
-    defaults = TrainConfig()
-    return TrainConfig(out=str(out), backbone=args.backbone or defaults.backbone,
-                       image_size=args.image_size, loss=loss, epochs=args.epochs,
-                       warmup_epochs=max(0, min(defaults.warmup_epochs, args.epochs - 1)),
-                       refit=args.refit, seed=seed, num_workers=args.workers,
-                       device=getattr(args, "device", None))
 
 
 def evaluate_checkpoint(checkpoint, test) -> dict[str, float]:
@@ -106,7 +95,7 @@ def run(args) -> dict:
                 out = workdir / f"{loss}-{seed}"
                 started = time.perf_counter()
                 try:
-                    checkpoint = train(train_config(args, loss, seed, out), train_samples)
+                    checkpoint = train(suite_config(args, loss, seed, out), train_samples)
                 except Exception as err:  # record it, go on with the other losses
                     message = f"{type(err).__name__}: {err}"
                     rows.setdefault(f"engine {loss}", []).append({"seed": seed, "error": message})
@@ -145,7 +134,7 @@ def _softmax_metrics(args, seed: int, train_samples, test, workdir: Path) -> dic
 
     from .baselines import train_softmax_classifier
 
-    trained = train_softmax_classifier(train_config(args, "arcface", seed, workdir), train_samples)
+    trained = train_softmax_classifier(suite_config(args, "arcface", seed, workdir), train_samples)
     vectors = embed_images(trained.model, [s.path for s in test], trained.preprocessing,
                            progress=False)
     metrics = {**open_set_metrics(vectors, test), "seed": seed,

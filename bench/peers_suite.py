@@ -11,8 +11,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from .common import Report, data_path, format_table
-from .open_set import evaluate_checkpoint, peer_metrics, train_config
+from .common import Report, data_path, format_table, suite_config
+from .open_set import evaluate_checkpoint, peer_metrics
 from .peers import PEERS, engine_train_seconds
 
 
@@ -38,7 +38,7 @@ def run(args) -> dict:
         cfg_args = argparse.Namespace(backbone=None, image_size=args.image_size, epochs=args.epochs,
                                       refit=False, workers=args.workers,
                                       device=getattr(args, "device", None))
-        checkpoint = train(train_config(cfg_args, "arcface", args.seed, Path(temp) / "engine"),
+        checkpoint = train(suite_config(cfg_args, "arcface", args.seed, Path(temp) / "engine"),
                            train_samples)
         seconds = engine_train_seconds(checkpoint)
         rows["engine (retrieval.train, ArcFace)"] = {
