@@ -5,8 +5,9 @@ Two stages, so the protocol's test queries are never seen before the final score
      train, and after every epoch search the validation queries with the same index code that
      serves users; keep the epoch with the best MAP@5 and the ``new_whale`` threshold that
      maximised it.
-  2. *refit* (default on): train a fresh model on all the training data for that many epochs, and
-     give it the calibrated threshold. With 1-3 images per identity, the images lent to validation
+  2. *refit* (default on): train a fresh model on all the training data exactly as the chosen one
+     was trained (same epochs, frozen epochs and learning rate per epoch), and give it the
+     calibrated threshold. With 1-3 images per identity, the images lent to validation
      are too many to leave out of the final model.
 Each epoch writes ``last.pt`` (resumable) atomically; the result is ``model.pt``.
 """
@@ -273,11 +274,16 @@ def _keep_selected_model(selection: Selection, out: Path) -> None:
 def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Selection,
                ctx: distributed.Context, out: Path, epoch_log: EpochLog,
                resume: dict | None) -> None:
-    epochs = max(selection.best_epoch, config.warmup_epochs + 1)
+    """Retrain on all images exactly as selection trained the model it chose: the same epochs,
+    the same frozen / unfrozen epochs and the same learning rate at each epoch (the schedule
+    spans ``config.epochs`` and stops at the chosen epoch). If selection chose a frozen-backbone
+    epoch, the shipped model has an untouched backbone too, matching its threshold."""
+    epochs = max(1, selection.best_epoch)
     if ctx.is_main:
-        log.info("refit: %d epochs on all %d images of %d identities", epochs, len(samples),
-                 len(identities_of(samples)))
-    trainer = Trainer(config, samples, epochs, ctx)
+        frozen = min(epochs, config.warmup_epochs)
+        log.info("refit: %d epoch(s) (%d with the backbone frozen) on all %d images of %d "
+                 "identities", epochs, frozen, len(samples), len(identities_of(samples)))
+    trainer = Trainer(config, samples, config.epochs, ctx)
     if resume is not None:
         _restore(trainer, resume)
     while trainer.epoch < epochs:

@@ -21,6 +21,7 @@ from retrieval.config import LOSS_NAMES, TrainConfig
 from retrieval.data import load_image, validation_split
 from retrieval.errors import UserError
 from retrieval.evaluate import evaluate_queries
+from retrieval.model import ModelConfig, create_model
 from retrieval.submission import score_submission
 from retrieval.train import Trainer, train
 from retrieval.transforms import eval_transform
@@ -207,6 +208,41 @@ def test_every_loss_trains_every_part(orl_subset, loss):
     assert math.isfinite(after)
     if LOWERS_FULL_OBJECTIVE_IN_3_EPOCHS[loss]:
         assert after < before, (before, after)
+
+
+def _scripted_validation(monkeypatch, scores):
+    """Selection sees these validation MAP@5 values, epoch by epoch (the model is real)."""
+    import retrieval.train as train_module
+    from retrieval.evaluate import EvalResult
+
+    epochs = iter(scores)
+    monkeypatch.setattr(train_module, "evaluate_queries",
+                        lambda *args, **kwargs: EvalResult(next(epochs), 0.1, 0.5))
+
+
+def test_refit_of_a_frozen_epoch_ships_the_untouched_backbone(orl_subset, tmp_path, monkeypatch):
+    """Selection chose epoch 1, trained with the backbone frozen: the refit must train that one
+    frozen epoch only, so model.pt carries the ImageNet backbone its threshold was chosen for
+    (it used to train an extra unfrozen epoch)."""
+    _scripted_validation(monkeypatch, [0.9, 0.5, 0.4])
+    config = TrainConfig(out=str(tmp_path), epochs=3, **TINY)
+    model, _, payload = load_model(train(config, orl_subset))
+    pretrained = create_model(ModelConfig(config.backbone, config.embedding_dim)).backbone.state_dict()
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, pretrained[key]), key
+    assert [r["stage"] for r in read_log(tmp_path)] == ["select"] * 3 + ["refit"]
+    assert payload["threshold"] == 0.5 and payload["epoch"] == 1
+
+
+def test_refit_repeats_the_learning_rates_selection_used(orl_subset, tmp_path, monkeypatch):
+    """Chosen epoch 2 of 4: the refit's two epochs end at the same learning rates as selection's
+    first two (the schedule spans all selection epochs; it used to be squeezed into two)."""
+    _scripted_validation(monkeypatch, [0.5, 0.9, 0.6, 0.4])
+    train(TrainConfig(out=str(tmp_path), epochs=4, **TINY), orl_subset)
+    rows = read_log(tmp_path)
+    selection = [float(r["lr_backbone"]) for r in rows if r["stage"] == "select"]
+    refit = [float(r["lr_backbone"]) for r in rows if r["stage"] == "refit"]
+    assert refit == pytest.approx(selection[:2]) and selection[1] > selection[3]
 
 
 def _copy_identities(samples, root: Path) -> Path:
