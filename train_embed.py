@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning rate of the loss's class weights (default %(default)s)")
     train.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay,
                        help="AdamW weight decay (default %(default)s)")
+    train.add_argument("--freeze-bn", action="store_true",
+                       help="keep the backbone's BatchNorm statistics (ImageNet's) after the "
+                            "frozen warm-up too; its weights still train")
     train.add_argument("--arcface-margin", type=float, default=DEFAULTS.arcface_margin,
                        help="ArcFace / sub-center ArcFace angular margin in degrees "
                             "(default %(default)s = 0.5 rad)")

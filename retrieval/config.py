@@ -44,6 +44,7 @@ class TrainConfig:
     head_lr: float = 3e-3  # GeM + neck
     loss_lr: float = 3e-2  # ArcFace class weights
     weight_decay: float = 1e-4
+    freeze_bn: bool = False  # backbone BatchNorm statistics stay ImageNet's even once it trains
     # ArcFace margin in degrees (28.6 deg = 0.5 rad, the paper's value); scale 30 suits small sets
     arcface_margin: float = 28.6
     arcface_scale: float = 30.0
@@ -66,7 +67,8 @@ class TrainConfig:
         from .recipe import Recipe
 
         return Recipe(lr=self.lr, head_lr=self.head_lr, loss_lr=self.loss_lr,
-                      weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs)
+                      weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
+                      freeze_bn=self.freeze_bn)
 
     def loss_params(self) -> dict[str, float]:
         """Keyword arguments of ``retrieval.losses.create_loss``."""

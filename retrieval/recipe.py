@@ -11,6 +11,8 @@ as a plain setup does), that is a ``Recipe`` parameter, not a copy of the code.
 * The first ``warmup_epochs`` keep the backbone frozen, in eval mode (its ImageNet BatchNorm
   statistics intact), so random new layers do not push large gradients into good features.
 * Then cosine decay to 1 % of each group's rate (``schedule="cosine"``), or constant.
+* ``freeze_bn``: the backbone's BatchNorm statistics stay ImageNet's after the warm-up too (a few
+  hundred photos give poor batch statistics).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class Recipe:
     weight_decay: float = 1e-4
     warmup_epochs: int = 1  # epochs with the backbone frozen
     schedule: Literal["cosine", "constant"] = "cosine"
+    freeze_bn: bool = False  # keep the backbone's BatchNorm statistics after the warm-up too
 
 
 def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None,
@@ -78,10 +81,16 @@ def backbone_frozen(epoch: int, recipe: Recipe) -> bool:
     return epoch < recipe.warmup_epochs
 
 
-def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
-    """Freeze (no gradients, BatchNorm statistics kept: eval mode) or release the backbone.
-    Call after ``model.train()``, which would put the backbone back in training mode."""
+def set_backbone_frozen(model: nn.Module, frozen: bool, freeze_bn: bool = False) -> None:
+    """Freeze (no gradients, BatchNorm statistics kept: eval mode) or release the backbone;
+    ``freeze_bn`` keeps a released backbone's BatchNorm layers in eval mode (their ImageNet
+    statistics; their affine weights still learn). Call after ``model.train()``, which would put
+    the backbone back in training mode."""
     for parameter in model.backbone.parameters():
         parameter.requires_grad_(not frozen)
     if frozen:
         model.backbone.eval()
+    elif freeze_bn:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()

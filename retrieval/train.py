@@ -139,7 +139,7 @@ class Trainer:
         frozen = recipe.backbone_frozen(self.epoch, self.recipe)
         module = self._module_for(frozen)
         self.head.train()
-        recipe.set_backbone_frozen(self.model, frozen)  # after train(): keeps ImageNet BatchNorm stats
+        recipe.set_backbone_frozen(self.model, frozen, self.recipe.freeze_bn)  # after train()
         if self.ctx.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         self.loader.sampler.set_epoch(self.epoch)

@@ -73,6 +73,22 @@ def test_a_frozen_backbone_gets_no_gradient_and_keeps_its_batchnorm_statistics()
     assert all(p.requires_grad for p in model.backbone.parameters())
 
 
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_freeze_bn_keeps_the_statistics_of_a_training_backbone(freeze_bn):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(embedding_dim=8), pretrained=False)
+    model.train()
+    recipe.set_backbone_frozen(model, False, freeze_bn=freeze_bn)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
+    optimizer.step()
+    after = model.backbone.state_dict()
+    stats = [k for k in before if "running_mean" in k or "running_var" in k]
+    assert not torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])  # it trains
+    assert all(torch.equal(before[k], after[k]) for k in stats) == freeze_bn
+
+
 def test_loss_parameters_come_from_the_config():
     config = TrainConfig(arcface_margin=20.0, arcface_scale=10.0, sub_centers=5, triplet_margin=0.3)
     arcface = create_loss("arcface", 4, 8, **config.loss_params()).loss
