@@ -24,6 +24,7 @@ DATA_ROOT = ROOT.parent / "shared" / "data"
 DATA_SETS = {
     "omniglot": DATA_ROOT / "omniglot" / "images_background_small1",
     "orl": DATA_ROOT / "orl_faces",
+    "dogfacenet": DATA_ROOT / "dogfacenet",
 }
 LIBRARIES = ("torch", "torchvision", "timm", "pytorch-metric-learning", "faiss-gpu", "faiss-cpu",
              "numpy", "scikit-learn", "albumentations", "opencv-python-headless", "pillow",

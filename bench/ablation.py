@@ -1,0 +1,113 @@
+"""Levers of the training recipe, one row each, on the whale protocol (issue 16's ablation).
+
+  python -m bench ablation --data dogfacenet --max-identities 300 --seeds 0 1 \\
+      --variants base "lr1e-5+fbn=lr:1e-5,freeze_bn:true" "frozen=warmup_epochs:15"
+
+A variant is ``NAME=field:value,field:value`` over ``TrainConfig`` (any field of the run config;
+values are parsed as JSON, else kept as text); ``base`` alone is the default recipe. Every row
+trains on each seed's gallery and reports the best validation MAP@5 of its selection stage (the
+number to choose by: it never sees the test queries), then the test MAP@5 without and with the
+calibrated threshold, the untrained backbone's calibrated score on the same split, and the
+training seconds per seed. ``--max-identities`` keeps the first N identities (sorted by name),
+for quick screens on big sets.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import Report, data_path, format_table, mean_std, pm, suite_config
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="orl", help="omniglot | orl | dogfacenet | a folder path")
+    p.add_argument("--max-identities", type=int,
+                   help="only the first N identities (sorted by name): quick screens")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--variants", nargs="+", default=["base"],
+                   help="NAME=field:value,... over TrainConfig; 'base' is the default recipe")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``lr1e-5=lr:1e-5,freeze_bn:true`` -> ("lr1e-5", {"lr": 1e-05, "freeze_bn": True})."""
+    from retrieval.config import FIELDS
+
+    name, _, spec = text.partition("=")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        field, _, raw = item.partition(":")
+        if field not in FIELDS:
+            raise SystemExit(f"variant {name}: unknown field {field!r} (fields: {', '.join(FIELDS)})")
+        try:
+            overrides[field] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[field] = raw
+    return name, overrides
+
+
+def _samples(args):
+    from retrieval.data import group_by_identity, read_folder_gallery
+
+    samples = read_folder_gallery(data_path(args.data))
+    if args.max_identities:
+        keep = set(sorted(group_by_identity(samples))[: args.max_identities])
+        samples = [s for s in samples if s.identity in keep]
+    return samples
+
+
+def _selection_stats(run: Path) -> tuple[float, float]:
+    """(best validation MAP@5 of the selection stage, training seconds) from the run's log."""
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    best = max(float(r["val_map5"]) for r in rows if r["stage"] == "select" and r["val_map5"])
+    return best, sum(float(r["seconds"]) for r in rows)
+
+
+def run(args) -> dict:
+    from dataclasses import replace
+
+    from retrieval.protocol import run_seed
+
+    samples = _samples(args)
+    report = Report("ablation", args, args.seeds)
+    variants = [parse_variant(v) for v in args.variants]
+    rows: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-ablation-") as temp:
+        for name, overrides in variants:
+            for seed in args.seeds:
+                out = Path(temp) / name
+                config = replace(suite_config(args, "arcface", seed, out), **overrides)
+                started = time.time()
+                result = run_seed(config, samples, seed)
+                best_val, seconds = _selection_stats(out / f"seed{seed}")
+                rows.setdefault(name, []).append({**result, "overrides": overrides,
+                                                  "val_map5_best": best_val,
+                                                  "train_seconds": round(seconds, 1),
+                                                  "wall_seconds": round(time.time() - started, 1)})
+                print(f"{name} seed {seed}: val {best_val:.3f}, test {result['engine']:.3f} "
+                      f"(untrained {result['pretrained_gem_calibrated_threshold']:.3f})", flush=True)
+    columns = [("val_map5_best", "val MAP@5 (best epoch)"),
+               ("pretrained_gem_calibrated_threshold", "untrained + threshold"),
+               ("engine_no_threshold", "engine, no threshold"), ("engine", "engine + threshold")]
+    table_rows = []
+    for name, results in rows.items():
+        cells = [pm(mean_std([r[key] for r in results])) for key, _ in columns]
+        delta = mean_std([r["engine"] - r["pretrained_gem_calibrated_threshold"] for r in results])
+        table_rows.append([name, *cells, pm(delta), round(sum(r["train_seconds"] for r in results)
+                                                           / len(results))])
+    title = (f"{args.data}{f' (first {args.max_identities} identities)' if args.max_identities else ''}: "
+             f"whale protocol, {args.image_size}px, {args.epochs} epochs, seeds "
+             f"{' '.join(map(str, args.seeds))}; choose by the validation column")
+    table = format_table(["variant", *[title_ for _, title_ in columns], "engine - untrained",
+                          "train s/seed"], table_rows, title)
+    print(table)
+    tag = f"_{args.max_identities}ids" if args.max_identities else ""
+    report.write(f"ablation_{Path(str(args.data)).name}{tag}_{args.image_size}px", getattr(args, "out", None),
+                 variants=dict(variants), rows=rows, table=table)
+    return rows
