@@ -58,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning rate of the loss's class weights (default %(default)s)")
     train.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay,
                        help="AdamW weight decay (default %(default)s)")
-    train.add_argument("--freeze-bn", action="store_true",
+    train.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS.freeze_bn,
                        help="keep the backbone's BatchNorm statistics (ImageNet's) after the "
-                            "frozen warm-up too; its weights still train")
+                            "frozen warm-up too; its weights still train (default on: re-estimating "
+                            "them from small batches destroyed the features on colour photos)")
     train.add_argument("--arcface-margin", type=float, default=DEFAULTS.arcface_margin,
                        help="ArcFace / sub-center ArcFace angular margin in degrees "
                             "(default %(default)s = 0.5 rad)")

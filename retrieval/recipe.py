@@ -11,8 +11,10 @@ as a plain setup does), that is a ``Recipe`` parameter, not a copy of the code.
 * The first ``warmup_epochs`` keep the backbone frozen, in eval mode (its ImageNet BatchNorm
   statistics intact), so random new layers do not push large gradients into good features.
 * Then cosine decay to 1 % of each group's rate (``schedule="cosine"``), or constant.
-* ``freeze_bn``: the backbone's BatchNorm statistics stay ImageNet's after the warm-up too (a few
-  hundred photos give poor batch statistics).
+* ``freeze_bn`` (default on): the backbone's BatchNorm statistics stay ImageNet's after the warm-up
+  too. Re-estimating them from batches of 16 new-domain images is what made fine-tuning destroy
+  the features on colour photos: even at a backbone rate of 1e-5 validation MAP@5 fell from 0.58
+  to 0.37 the epoch the backbone was released, and rose steadily with the statistics frozen.
 """
 from __future__ import annotations
 
@@ -29,13 +31,13 @@ FINAL_LR_FRACTION = 0.01
 
 @dataclass(frozen=True)
 class Recipe:
-    lr: float = 1e-3  # backbone
+    lr: float = 3e-4  # backbone
     head_lr: float = 3e-3  # GeM + neck (+ a classifier head)
     loss_lr: float = 3e-2  # the loss's own weights
     weight_decay: float = 1e-4
     warmup_epochs: int = 1  # epochs with the backbone frozen
     schedule: Literal["cosine", "constant"] = "cosine"
-    freeze_bn: bool = False  # keep the backbone's BatchNorm statistics after the warm-up too
+    freeze_bn: bool = True  # keep the backbone's BatchNorm statistics after the warm-up too
 
 
 def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None,
