@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import Report, data_path, format_table, mean_std, pm, suite_config
+from .peers import engine_train_seconds
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="orl", help="omniglot | orl | dogfacenet | a folder path")
@@ -62,11 +63,10 @@ def _samples(args):
     return samples
 
 
-def _selection_stats(run: Path) -> tuple[float, float]:
-    """(best validation MAP@5 of the selection stage, training seconds) from the run's log."""
+def _best_validation(run: Path) -> float:
+    """The best validation MAP@5 of the selection stage, from the run's log."""
     rows = list(csv.DictReader(open(run / "log.csv")))
-    best = max(float(r["val_map5"]) for r in rows if r["stage"] == "select" and r["val_map5"])
-    return best, sum(float(r["seconds"]) for r in rows)
+    return max(float(r["val_map5"]) for r in rows if r["stage"] == "select" and r["val_map5"])
 
 
 def run(args) -> dict:
@@ -85,10 +85,11 @@ def run(args) -> dict:
                 config = replace(suite_config(args, "arcface", seed, out), **overrides)
                 started = time.time()
                 result = run_seed(config, samples, seed)
-                best_val, seconds = _selection_stats(out / f"seed{seed}")
+                best_val = _best_validation(out / f"seed{seed}")
+                seconds = engine_train_seconds(out / f"seed{seed}" / "model.pt")
                 rows.setdefault(name, []).append({**result, "overrides": overrides,
                                                   "val_map5_best": best_val,
-                                                  "train_seconds": round(seconds, 1),
+                                                  "train_seconds": seconds,
                                                   "wall_seconds": round(time.time() - started, 1)})
                 print(f"{name} seed {seed}: val {best_val:.3f}, test {result['engine']:.3f} "
                       f"(untrained {result['pretrained_gem_calibrated_threshold']:.3f})", flush=True)

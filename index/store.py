@@ -242,8 +242,7 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
               "counts": {"images": len(paths), "identities": len(set(identities))},
               "created": created or now, "updated": now, "metric": METRIC, "format": FORMAT}
     target = real_path(directory)
-    check_replaceable(target)
-    previous = _read_valid_manifest(target)
+    previous = check_replaceable(target)
     data_dir = _write_data_dir(target, faiss_index, vectors, paths, identities)
     try:
         manifest = Manifest.validated({**values, "data_dir": data_dir.name, "files": {
@@ -330,24 +329,25 @@ def real_path(directory: str | Path) -> Path:
     return Path(directory).expanduser().resolve()
 
 
-def check_replaceable(target: Path) -> None:
+def check_replaceable(target: Path) -> Manifest | None:
     """Only write into a new or empty folder, or one holding a valid index manifest: a typo in
-    --out must never mix an index into a folder of photos or overwrite another manifest.json."""
+    --out must never mix an index into a folder of photos or overwrite another manifest.json.
+    Returns the manifest being replaced (None for a new or empty folder)."""
     if not target.exists():
-        return
+        return None
     if not target.is_dir():
         raise NotReplaceable(f"{target} exists and is not a folder", target)
     manifest = target / MANIFEST
     if manifest.is_file() or manifest.is_symlink():
         try:
-            _parse_manifest(target)
+            return _parse_manifest(target)
         except IndexCorrupt as err:
             raise NotReplaceable(f"{target} holds a {MANIFEST} that is not a valid gallery index "
                                  f"manifest ({err.detail}); if it is a damaged index, delete that "
                                  "folder yourself first", target) from None
-        return
     if any(not _is_leftover(entry) for entry in target.iterdir()):
         raise NotReplaceable(f"{target} exists and is not a gallery index", target)
+    return None
 
 
 def _is_leftover(entry: Path) -> bool:
