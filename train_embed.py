@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the backbone's BatchNorm statistics (ImageNet's) after the "
                             "frozen warm-up too; its weights still train (default on: re-estimating "
                             "them from small batches destroyed the features on colour photos)")
+    train.add_argument("--layer-decay", type=float, default=DEFAULTS.layer_decay,
+                       help="layer-wise learning-rate decay: the backbone's last block learns at "
+                            "--lr, each block below at this factor times the one above, so early, "
+                            "generic features move least (default %(default)s = off)")
+    train.add_argument("--ema-decay", type=float, default=DEFAULTS.ema_decay,
+                       help="validate and ship an exponential moving average of the weights with "
+                            "this decay, e.g. 0.999 (its decay warms up over the first steps; "
+                            "default %(default)s = off)")
     train.add_argument("--arcface-margin", type=float, default=DEFAULTS.arcface_margin,
                        help="ArcFace / sub-center ArcFace angular margin in degrees "
                             "(default %(default)s = 0.5 rad)")
@@ -75,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--flip", action="store_true",
                        help="augment with horizontal flips (only if a mirror image shows the same "
                             "identity: not for whale flukes or characters)")
+    train.add_argument("--augment", type=float, default=DEFAULTS.augment,
+                       help="augmentation strength: scales the ranges of the random scale, shift, "
+                            "rotation, brightness and contrast (0 = none, 2 = twice the default "
+                            "ranges; default %(default)s)")
     train.add_argument("--val-new-fraction", type=float, default=DEFAULTS.val_new_fraction,
                        help="share of training identities held back as pseudo-new validation "
                             "queries (default %(default)s)")

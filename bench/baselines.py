@@ -53,7 +53,8 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample]) -> 
     model.to(device)
     classifier.to(device)
     dataset = ImageDataset([s.path for s in gallery],
-                           train_transform(preprocessing, config.flip, seed=config.seed),
+                           train_transform(preprocessing, config.flip, seed=config.seed,
+                                           strength=config.augment),
                            [index_of[s.identity] for s in gallery])
     batch = max(2, min(config.batch_size, len(gallery)))
     generator = torch.Generator().manual_seed(config.seed)

@@ -213,7 +213,7 @@ def quiet_logs(progress: bool = False) -> None:
 def suite_config(args: Any, loss: str, seed: int, out: Path) -> "TrainConfig":
     """The engine's run config for one benchmark run: the suite's flags over ``TrainConfig``'s
     defaults. The frozen warm-up is capped below the epoch count, so short runs still train the
-    backbone; ``refit`` is the default unless the suite has a ``--refit`` flag (open-set)."""
+    backbone; ``refit`` is the engine's default unless the suite was given ``--no-refit``."""
     from retrieval.config import TrainConfig
 
     defaults = TrainConfig()

@@ -76,7 +76,8 @@ def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: 
     plan = peer_recipe(config)
     groups = recipe.param_groups(model, plan, loss)  # pml wants one optimiser per model part
     optimizers = {
-        "trunk_optimizer": recipe.create_optimizer([groups["backbone"], groups["pool"]], plan),
+        "trunk_optimizer": recipe.create_optimizer([*recipe.backbone_groups(groups), groups["pool"]],
+                                                   plan),
         "embedder_optimizer": recipe.create_optimizer([groups["neck"]], plan),
         "metric_loss_optimizer": recipe.create_optimizer([groups["loss"]], plan),
     }

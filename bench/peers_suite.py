@@ -36,7 +36,7 @@ def run(args) -> dict:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as temp:
         cfg_args = argparse.Namespace(backbone=None, image_size=args.image_size, epochs=args.epochs,
-                                      refit=False, workers=args.workers,
+                                      refit=True, workers=args.workers,
                                       device=getattr(args, "device", None))
         checkpoint = train(suite_config(cfg_args, "arcface", args.seed, Path(temp) / "engine"),
                            train_samples)

@@ -47,12 +47,18 @@ class TrainConfig:
     loss_lr: float = 3e-2  # ArcFace class weights
     weight_decay: float = 1e-4
     freeze_bn: bool = True  # backbone BatchNorm statistics stay ImageNet's even once it trains
+    # exponential moving average of the weights (evaluated and shipped instead of the raw ones);
+    # 0 = off. The decay warms up as 1 - (1 + step)^(-2/3), capped at this value, so short runs
+    # average over their recent steps rather than over the random start
+    ema_decay: float = 0.0
+    layer_decay: float = 1.0  # backbone lr x this per block below the last one (1: off)
     # ArcFace margin in degrees (28.6 deg = 0.5 rad, the paper's value); scale 30 suits small sets
     arcface_margin: float = 28.6
     arcface_scale: float = 30.0
     sub_centers: int = 3  # sub-center ArcFace: centres per identity
     triplet_margin: float = 0.1
     flip: bool = False
+    augment: float = 1.0  # augmentation strength: scales every range (0: none, 2: twice)
     val_new_fraction: float = 0.2
     refit: bool = True
     seed: int = 0
@@ -70,7 +76,7 @@ class TrainConfig:
 
         return Recipe(lr=self.lr, head_lr=self.head_lr, loss_lr=self.loss_lr,
                       weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
-                      freeze_bn=self.freeze_bn)
+                      freeze_bn=self.freeze_bn, layer_decay=self.layer_decay)
 
     def loss_params(self) -> dict[str, float]:
         """Keyword arguments of ``retrieval.losses.create_loss``."""

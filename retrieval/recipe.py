@@ -11,6 +11,9 @@ as a plain setup does), that is a ``Recipe`` parameter, not a copy of the code.
 * The first ``warmup_epochs`` keep the backbone frozen, in eval mode (its ImageNet BatchNorm
   statistics intact), so random new layers do not push large gradients into good features.
 * Then cosine decay to 1 % of each group's rate (``schedule="cosine"``), or constant.
+* ``layer_decay`` < 1: layer-wise learning-rate decay over the backbone (timm's
+  ``param_groups_layer_decay``): its last block learns at ``lr``, each block below at
+  ``layer_decay`` times the one above, so generic early features move least.
 * ``freeze_bn`` (default on): the backbone's BatchNorm statistics stay ImageNet's after the warm-up
   too. Re-estimating them from batches of 16 new-domain images is what made fine-tuning destroy
   the features on colour photos: even at a backbone rate of 1e-5 validation MAP@5 fell from 0.58
@@ -38,21 +41,42 @@ class Recipe:
     warmup_epochs: int = 1  # epochs with the backbone frozen
     schedule: Literal["cosine", "constant"] = "cosine"
     freeze_bn: bool = True  # keep the backbone's BatchNorm statistics after the warm-up too
+    layer_decay: float = 1.0  # backbone learning rate x this per block below the last (1: off)
 
 
 def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None,
                  extra_head: Iterable[nn.Parameter] = ()) -> dict[str, dict]:
     """AdamW parameter groups by part: ``backbone``, ``pool``, ``neck`` (+ ``extra_head``, e.g. a
     classifier) and ``loss``. Named so a trainer that wants one optimiser per part (pytorch-metric-
-    learning's trunk / embedder / loss) can split them without restating the learning rates."""
+    learning's trunk / embedder / loss) can split them without restating the learning rates.
+    With ``layer_decay`` < 1 the backbone is several groups, ``backbone``, ``backbone.1``, ...
+    (``backbone_groups`` collects them)."""
     groups = {
-        "backbone": {"params": list(model.backbone.parameters()), "lr": recipe.lr},
+        **_backbone_groups(model.backbone, recipe),
         "pool": {"params": list(model.pool.parameters()), "lr": recipe.head_lr},
         "neck": {"params": list(model.neck.parameters()) + list(extra_head), "lr": recipe.head_lr},
     }
     if loss is not None:
         groups["loss"] = {"params": list(loss.parameters()), "lr": recipe.loss_lr, "weight_decay": 0.0}
     return {name: group for name, group in groups.items() if group["params"]}
+
+
+def _backbone_groups(backbone: nn.Module, recipe: Recipe) -> dict[str, dict]:
+    if recipe.layer_decay >= 1.0:
+        return {"backbone": {"params": list(backbone.parameters()), "lr": recipe.lr}}
+    from timm.optim import param_groups_layer_decay
+
+    layered = param_groups_layer_decay(backbone, weight_decay=recipe.weight_decay,
+                                       layer_decay=recipe.layer_decay)
+    return {("backbone" if i == 0 else f"backbone.{i}"):
+            {"params": group["params"], "lr": recipe.lr * group["lr_scale"],
+             "weight_decay": group["weight_decay"]}
+            for i, group in enumerate(reversed(layered))}  # "backbone": the last block, at lr
+
+
+def backbone_groups(groups: dict[str, dict]) -> list[dict]:
+    """The backbone's group(s) of ``param_groups``."""
+    return [g for name, g in groups.items() if name == "backbone" or name.startswith("backbone.")]
 
 
 def create_optimizer(groups: Iterable[dict], recipe: Recipe) -> torch.optim.AdamW:

@@ -91,6 +91,7 @@ class Trainer:
         self.scheduler = recipe.create_scheduler(self.optimizer, self.steps_per_epoch, epochs,
                                                  self.recipe)
         self.scaler = torch.amp.GradScaler(enabled=ctx.device.type == "cuda")
+        self.ema = _create_ema(self.model, config.ema_decay)
         self.epoch = 0
         self._wrapped: nn.Module | None = None
         self._wrapped_frozen: bool | None = None
@@ -101,7 +102,8 @@ class Trainer:
         labels = [index_of[s.identity] for s in samples]
         dataset = ImageDataset([s.path for s in samples],
                                train_transform(self.preprocessing, cfg.flip,
-                                               seed=cfg.seed * 1009 + ctx.rank), labels)
+                                               seed=cfg.seed * 1009 + ctx.rank,
+                                               strength=cfg.augment), labels)
         per_rank = max(1, min(cfg.batch_size, len(samples) // ctx.world_size))
         if self.spec.pair_based:
             m = cfg.m_per_identity
@@ -156,27 +158,59 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.scheduler.last_epoch)
             total, count = total + float(loss.detach()), count + 1
             batches.set_postfix(loss=f"{total / count:.3f}")
         self.epoch += 1
         return distributed.mean_across_ranks(self.ctx, total / max(count, 1))
 
+    @property
+    def shipped_model(self) -> EmbeddingModel:
+        """The weights that are validated and shipped: the moving average when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "loss_state": self.spec.loss.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "loss_state": self.spec.loss.state_dict(), "scaler": self.scaler.state_dict(),
+                 "epoch": self.epoch}
+        if self.ema is not None:
+            state["ema"] = _plain_state(self.ema.module)
+        return state
 
     def load_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.spec.loss.load_state_dict(state["loss_state"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
         self.epoch = state["epoch"]
 
 
+EMA_WARMUP_POWER = 2 / 3
+
+
+def _create_ema(model: EmbeddingModel, decay: float):
+    """timm's weight EMA with its decay warm-up (``1 - (1 + step)^(-2/3)``, capped at ``decay``):
+    a run of a few hundred steps averages its recent steps, not the random neck it started
+    from. None when ``decay`` is 0 (off)."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=EMA_WARMUP_POWER)
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
-                       metrics: dict | None = None) -> dict:
-    state_dict = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+                       metrics: dict | None = None, raw: bool = False) -> dict:
+    """A checkpoint of the shipped weights (the EMA's, when on); ``raw``: the weights being
+    trained, which a resumed run continues from (``last.pt``)."""
+    state_dict = _plain_state(trainer.model if raw else trainer.shipped_model)
     return {**model_spec(trainer.model, trainer.preprocessing),
             "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
             "threshold": threshold, "identities": trainer.identities,
@@ -228,7 +262,7 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
             selection.best_epoch = trainer.epoch
             selection.best_fingerprint = _save_best(trainer, out, None, {})
         elif ctx.is_main:
-            result = evaluate_queries(trainer.model, trainer.preprocessing, split.gallery,
+            result = evaluate_queries(trainer.shipped_model, trainer.preprocessing, split.gallery,
                                       split.queries, device=ctx.device, progress=False)
             row.update(val_map5=round(result.map5, 5), threshold=round(result.threshold, 5),
                        val_map5_no_threshold=round(result.map5_no_threshold, 5))
@@ -245,7 +279,7 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
                      "  %.0fs", trainer.epoch, config.epochs, loss, row.get("val_map5", "-"),
                      row.get("val_map5_no_threshold", "-"), row.get("threshold", "-"),
                      row["seconds"])
-            save_checkpoint(out / "last.pt", {**checkpoint_payload(trainer, None, "select"),
+            save_checkpoint(out / "last.pt", {**checkpoint_payload(trainer, None, "select", raw=True),
                                               "trainer": trainer.state(),
                                               "selection": asdict(selection)})
         distributed.barrier(ctx)
@@ -295,7 +329,7 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
                             seconds=round(time.time() - started, 1))
             log.info("refit epoch %d/%d  loss %.4f  %.0fs", trainer.epoch, epochs, loss,
                      time.time() - started)
-            save_checkpoint(out / "last.pt", {**checkpoint_payload(trainer, None, "refit"),
+            save_checkpoint(out / "last.pt", {**checkpoint_payload(trainer, None, "refit", raw=True),
                                               "trainer": trainer.state(),
                                               "selection": asdict(selection)})
         distributed.barrier(ctx)

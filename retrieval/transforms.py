@@ -30,17 +30,23 @@ def eval_transform(pre: Preprocessing) -> A.Compose:
     return A.Compose(_resize_and_pad(pre) + _normalise(pre))
 
 
-def train_transform(pre: Preprocessing, flip: bool = False, seed: int | None = None) -> A.Compose:
+def train_transform(pre: Preprocessing, flip: bool = False, seed: int | None = None,
+                    strength: float = 1.0) -> A.Compose:
     """Mild augmentation; ``flip`` only where a mirror image shows the same identity.
+
+    ``strength`` scales every range (scale, shift, rotation, brightness, contrast) and, capped at
+    1, every probability: 0 is no augmentation, 2 twice the default ranges.
 
     albumentations keeps its own random state, untouched by ``torch.manual_seed``: ``seed`` fixes
     it (DataLoader workers re-seed their copy with ``seed_worker_transform``), so a training run
     can be repeated exactly.
     """
-    augment = [
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
-                 border_mode=cv2.BORDER_REPLICATE, p=0.7),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+    s = strength
+    augment = [] if s <= 0 else [
+        A.Affine(scale=(1 - 0.1 * s, 1 + 0.1 * s), translate_percent=(-0.05 * s, 0.05 * s),
+                 rotate=(-10 * s, 10 * s), border_mode=cv2.BORDER_REPLICATE, p=min(1.0, 0.7 * s)),
+        A.RandomBrightnessContrast(brightness_limit=0.2 * s, contrast_limit=0.2 * s,
+                                   p=min(1.0, 0.5 * s)),
     ]
     if flip:
         augment.append(A.HorizontalFlip(p=0.5))

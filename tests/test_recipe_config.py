@@ -183,3 +183,23 @@ def test_pair_losses_mine_across_ranks_under_ddp(wrapped):
         assert all(value > 0 for value in losses)
     else:
         assert losses == [0.0, 0.0]
+
+
+def test_layer_decay_gives_each_backbone_block_a_geometric_rate():
+    """layer_decay 0.5: the backbone's last block at lr, the stem lowest, every rate lr * 0.5^n,
+    and still every parameter exactly once (the layering is timm's own)."""
+    model = create_model(ModelConfig(embedding_dim=16), pretrained=False)
+    loss = create_loss("arcface", 5, 16).loss
+    plan = recipe.Recipe(lr=1.0, head_lr=2.0, loss_lr=3.0, layer_decay=0.5)
+    groups = recipe.param_groups(model, plan, loss)
+    seen = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in [*model.parameters(), *loss.parameters()])
+    backbone = recipe.backbone_groups(groups)
+    rates = sorted({g["lr"] for g in backbone})
+    assert groups["backbone"]["lr"] == 1.0 == rates[-1] and len(rates) > 5
+    for rate in rates:
+        assert math.log2(rate) == pytest.approx(round(math.log2(rate)))  # a power of 0.5
+    stem = next(p for name, p in model.backbone.named_parameters() if name.startswith("conv_stem"))
+    stem_rate = next(g["lr"] for g in backbone if any(p is stem for p in g["params"]))
+    assert stem_rate == rates[0]
+    assert {g["lr"] for name, g in groups.items() if not name.startswith("backbone")} == {2.0, 3.0}

@@ -270,3 +270,52 @@ def test_torchrun_two_cpu_processes(orl_subset, tmp_path):
     assert [r["stage"] for r in rows] == ["select"] * 2 + ["refit"] * chosen  # rank 0 logs once
     model, pre, payload = load_model(out / "model.pt")
     assert payload["train_config"]["batch_size"] == 8 and pre.image_size == 48
+
+
+def test_ema_follows_the_naive_average_of_the_trained_weights(orl_subset):
+    """With ``ema_decay`` the shipped weights are an exponential moving average of the trained
+    ones, step by step, with the decay warming up as 1 - (1 + step)^(-2/3) (timm's schedule):
+    checked against that average computed by hand from the weights after every step."""
+    config = TrainConfig(epochs=2, ema_decay=0.9, **TINY)
+    trainer = Trainer(config, orl_subset, config.epochs, distributed.setup("cpu"))
+    naive = {k: v.detach().clone().double() for k, v in trainer.model.state_dict().items()}
+    update = trainer.ema.update
+
+    def recording_update(model, step):
+        steps_done = max(0, step - 1)
+        decay = 0.0 if steps_done == 0 else min(0.9, 1 - (1 + steps_done) ** (-2 / 3))
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                naive[key] = decay * naive[key] + (1 - decay) * value.detach().double()
+            else:
+                naive[key] = value.detach().clone().double()
+        update(model, step)
+
+    trainer.ema.update = recording_update
+    for _ in range(config.epochs):
+        trainer.train_epoch()
+    shipped, raw = trainer.shipped_model.state_dict(), trainer.model.state_dict()
+    assert trainer.shipped_model is not trainer.model
+    for key, value in shipped.items():
+        assert torch.allclose(value.double(), naive[key], atol=1e-5), key
+    neck = "neck.0.weight"
+    assert not torch.allclose(shipped[neck], raw[neck], atol=1e-4)  # really an average
+
+
+def test_ema_is_part_of_the_resumable_state(orl_subset, tmp_path, monkeypatch):
+    """last.pt holds the raw weights a resumed run continues from and the average beside them;
+    a resumed trainer gets the average back (otherwise it would restart from the raw weights),
+    and model.pt ships the average."""
+    _scripted_validation(monkeypatch, [0.1, 0.9])  # selection keeps the last epoch
+    config = TrainConfig(out=str(tmp_path), epochs=2, refit=False, ema_decay=0.9, **TINY)
+    shipped = load_checkpoint(train(config, orl_subset))
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["fingerprint"] != shipped["fingerprint"]
+    for key, value in last["trainer"]["ema"].items():
+        assert torch.equal(value, shipped["state_dict"][key]), key
+    split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
+    resumed = Trainer(config, split.gallery, config.epochs, distributed.setup("cpu"))
+    resumed.model.load_state_dict(last["state_dict"])
+    resumed.load_state(last["trainer"])
+    for key, value in resumed.shipped_model.state_dict().items():
+        assert torch.equal(value, shipped["state_dict"][key]), key
