@@ -13,7 +13,8 @@ import argparse
 import logging
 
 from retrieval.cli import add_gallery_arguments
-from retrieval.config import DEFAULT_BACKBONE, LOSS_NAMES, TrainConfig, read_config_file
+from retrieval.config import (DEFAULT_BACKBONE, LOSS_NAMES, NEW_IDENTITY_CHOICES, TrainConfig,
+                              read_config_file)
 from retrieval.errors import run_cli
 
 DEFAULTS = TrainConfig()
@@ -83,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--flip", action="store_true",
                        help="augment with horizontal flips (only if a mirror image shows the same "
                             "identity: not for whale flukes or characters)")
+    train.add_argument("--new-identities", choices=list(NEW_IDENTITY_CHOICES),
+                       default=DEFAULTS.new_identities,
+                       help="train also on transformed images as extra identities, where the "
+                            "transform shows another identity: 'mirror' (characters, whale "
+                            "flukes), 'rotations' by 90/180/270 degrees (characters), or both; "
+                            "doubles (x4, x5) the images per epoch. Never for faces or animals "
+                            "whose mirror image is the same one: use --flip there (default "
+                            "%(default)s)")
     train.add_argument("--augment", type=float, default=DEFAULTS.augment,
                        help="augmentation strength: scales the ranges of the random scale, shift, "
                             "rotation, brightness and contrast (0 = none, 2 = twice the default "

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 LOSS_NAMES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
+NEW_IDENTITY_CHOICES = ("none", "mirror", "rotations", "mirror+rotations")
 CONFIG_FILE = "config.json"
 
 
@@ -58,6 +59,9 @@ class TrainConfig:
     sub_centers: int = 3  # sub-center ArcFace: centres per identity
     triplet_margin: float = 0.1
     flip: bool = False
+    # transforms whose result is another identity, a fact the user states about the domain
+    # (retrieval.identity_transforms): "none", "mirror", "rotations", "mirror+rotations"
+    new_identities: Literal["none", "mirror", "rotations", "mirror+rotations"] = "none"
     augment: float = 1.0  # augmentation strength: scales every range (0: none, 2: twice)
     val_new_fraction: float = 0.2
     refit: bool = True

@@ -20,18 +20,26 @@ def default_device() -> torch.device:
 
 
 class ImageDataset(Dataset):
-    """Decodes and transforms one image per item; ``labels`` (ints) are optional."""
+    """Decodes and transforms one image per item; ``labels`` (ints) are optional; ``ops`` are
+    per-item ``identity_transforms`` applied to the decoded image first ("" = none)."""
 
-    def __init__(self, paths: Sequence[str | Path], transform, labels: Sequence[int] | None = None):
+    def __init__(self, paths: Sequence[str | Path], transform, labels: Sequence[int] | None = None,
+                 ops: Sequence[str] | None = None):
         self.paths = list(paths)
         self.transform = transform
         self.labels = labels
+        self.ops = ops
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = self.transform(image=load_image(self.paths[i]))["image"]
+        image = load_image(self.paths[i])
+        if self.ops is not None and self.ops[i]:
+            from .identity_transforms import apply
+
+            image = apply(image, self.ops[i])
+        image = self.transform(image=image)["image"]
         return image if self.labels is None else (image, self.labels[i])
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import distributed, recipe
+from . import distributed, identity_transforms, recipe
 from .checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from .data import Sample, identities_of, require_identities, validation_split
 from .embed import ImageDataset
@@ -76,14 +76,15 @@ class Trainer:
     def __init__(self, config: TrainConfig, samples: Sequence[Sample], epochs: int,
                  ctx: distributed.Context, model: EmbeddingModel | None = None):
         self.config, self.ctx, self.epochs = config, ctx, epochs
-        self.identities = identities_of(samples)
+        items = identity_transforms.expand(samples, config.new_identities)
+        self.identities = sorted({item.identity for item in items})
         self.model = model or create_model(ModelConfig(config.backbone, config.embedding_dim),
                                            pretrained=config.pretrained)
         self.preprocessing = preprocessing_for(self.model, config.image_size)
         self.spec = create_loss(config.loss, len(self.identities), self.model.embedding_dim,
                                 distributed=ctx.distributed, **config.loss_params())
         self.head = LossHead(self.model, self.spec).to(ctx.device)
-        self.loader = self._loader(samples)
+        self.loader = self._loader(items)
         self.recipe = config.recipe()
         self.optimizer = recipe.create_optimizer(
             recipe.param_groups(self.model, self.recipe, self.spec.loss).values(), self.recipe)
@@ -96,14 +97,15 @@ class Trainer:
         self._wrapped: nn.Module | None = None
         self._wrapped_frozen: bool | None = None
 
-    def _loader(self, samples: Sequence[Sample]) -> DataLoader:
+    def _loader(self, samples: Sequence[identity_transforms.TrainItem]) -> DataLoader:
         cfg, ctx = self.config, self.ctx
         index_of = {name: i for i, name in enumerate(self.identities)}
         labels = [index_of[s.identity] for s in samples]
+        ops = [s.op for s in samples] if cfg.new_identities != "none" else None
         dataset = ImageDataset([s.path for s in samples],
                                train_transform(self.preprocessing, cfg.flip,
                                                seed=cfg.seed * 1009 + ctx.rank,
-                                               strength=cfg.augment), labels)
+                                               strength=cfg.augment), labels, ops)
         per_rank = max(1, min(cfg.batch_size, len(samples) // ctx.world_size))
         if self.spec.pair_based:
             m = cfg.m_per_identity
@@ -377,6 +379,9 @@ def seed_everything(seed: int) -> None:
 def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | None = None) -> Path:
     """Train on ``samples`` (never the test queries); returns the path of ``model.pt``."""
     require_identities(samples, 2)
+    if config.flip and "mirror" in config.new_identities:
+        raise UserError("--flip says a mirror image shows the same identity, --new-identities "
+                        f"{config.new_identities} that it shows another one: drop one of them")
     ctx = distributed.setup(config.device)
     seed_everything(config.seed)
     out = Path(config.out)
