@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--postprocess", action="store_true",
+                   help="also score query expansion / database-side augmentation on every run "
+                        "(bench/postprocess.py)")
     p.add_argument("--variants", nargs="+", default=["base"],
                    help="NAME=field:value,... over TrainConfig; 'base' is the default recipe")
 
@@ -87,6 +90,12 @@ def run(args) -> dict:
                 result = run_seed(config, samples, seed)
                 best_val = _best_validation(out / f"seed{seed}")
                 seconds = engine_train_seconds(out / f"seed{seed}" / "model.pt")
+                if args.postprocess:
+                    from .postprocess import scores
+
+                    result["postprocess"] = scores(out / f"seed{seed}", samples, seed,
+                                                   config.val_new_fraction)
+                    print(f"{name} seed {seed} post-processing: {result['postprocess']}", flush=True)
                 rows.setdefault(name, []).append({**result, "overrides": overrides,
                                                   "val_map5_best": best_val,
                                                   "train_seconds": seconds,

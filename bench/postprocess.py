@@ -1,0 +1,85 @@
+"""Post-processing of batch queries, measured on a trained run (issue 16, lever 7).
+
+``python -m bench ablation ... --postprocess`` calls ``scores`` after each seed: the selection
+model (``best.pt``) embeds the validation carve-out (the numbers to choose by) and the refit model
+(``model.pt``) the protocol's gallery and test queries; every variant is scored with a threshold
+calibrated on its own validation scores. Variants (Radenović et al., TPAMI 2018):
+
+* ``qe<k>``: alpha-query expansion, each query replaced by the normalised sum of itself and its
+  ``k`` nearest gallery images weighted by similarity^alpha (alpha = 3);
+* ``dba<k>``: database-side augmentation, each gallery image replaced by the same sum over its
+  ``k`` nearest other gallery images.
+
+They live here, not in the engine: with 1-3 gallery images per identity neither was better on
+the validation carve-outs (bench/README.md), so no user-facing option carries them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+ALPHA = 3.0
+VARIANTS: dict[str, tuple[int, int]] = {"plain": (0, 0), "qe1": (1, 0), "qe2": (2, 0),
+                                        "dba1": (0, 1), "dba2": (0, 2), "qe1+dba1": (1, 1)}
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _neighbour_sum(vectors: np.ndarray, base: np.ndarray, k: int, skip_self: bool) -> np.ndarray:
+    """``vectors`` + the similarity^alpha-weighted sum of their ``k`` nearest rows of ``base``."""
+    if k == 0:
+        return vectors
+    sims = vectors @ base.T
+    if skip_self:
+        np.fill_diagonal(sims, -np.inf)
+    top = np.argsort(-sims, axis=1)[:, :k]
+    weights = np.clip(np.take_along_axis(sims, top, axis=1), 0, None) ** ALPHA
+    return _normalise(vectors + (weights[..., None] * base[top]).sum(axis=1))
+
+
+def expand(gallery: np.ndarray, queries: np.ndarray, qe: int, dba: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (gallery, queries) vectors after ``dba`` then ``qe`` (0: off)."""
+    gallery = _neighbour_sum(gallery, gallery, dba, skip_self=True)
+    return gallery, _neighbour_sum(queries, gallery, qe, skip_self=False)
+
+
+def _map5(gallery, gallery_ids, queries, truths, threshold: float | None) -> tuple[float, float]:
+    from index import GalleryIndex
+    from retrieval.evaluate import score
+    from retrieval.metrics import calibrate_threshold
+
+    ranking = GalleryIndex(gallery, list(gallery_ids)).search(queries, 5)
+    if threshold is None:
+        return calibrate_threshold(ranking.identities, ranking.scores, truths)
+    return threshold, score(ranking, truths, threshold)
+
+
+def scores(run: Path, samples: Sequence, seed: int, val_new_fraction: float) -> dict[str, dict]:
+    """``{variant: {"val": MAP@5, "test": MAP@5}}`` for the run folder of one protocol seed."""
+    from retrieval.checkpoint import load_model
+    from retrieval.data import validation_split, whale_split
+    from retrieval.embed import embed_images
+
+    split = whale_split(samples, seed)
+    validation = validation_split(split.gallery, seed=seed, new_fraction=val_new_fraction)
+    embedded: dict[str, np.ndarray] = {}
+    for name, checkpoint, part in (("val_g", "best.pt", validation.gallery),
+                                   ("val_q", "best.pt", validation.queries),
+                                   ("test_g", "model.pt", split.gallery),
+                                   ("test_q", "model.pt", split.queries)):
+        model, preprocessing, _ = load_model(run / checkpoint)
+        embedded[name] = embed_images(model, [s.path for s in part], preprocessing, progress=False)
+    ids: Callable = lambda part: [s.identity for s in part]  # noqa: E731
+    result = {}
+    for variant, (qe, dba) in VARIANTS.items():
+        gallery, queries = expand(embedded["val_g"], embedded["val_q"], qe, dba)
+        threshold, val = _map5(gallery, ids(validation.gallery), queries, ids(validation.queries),
+                               None)
+        gallery, queries = expand(embedded["test_g"], embedded["test_q"], qe, dba)
+        _, test = _map5(gallery, ids(split.gallery), queries, ids(split.queries), threshold)
+        result[variant] = {"val": round(val, 5), "test": round(test, 5)}
+    return result
