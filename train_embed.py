@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the backbone's BatchNorm statistics (ImageNet's) after the "
                             "frozen warm-up too; its weights still train (default on: re-estimating "
                             "them from small batches destroyed the features on colour photos)")
+    train.add_argument("--blend-pretrained", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS.blend_pretrained,
+                       help="ship the trained embedding blended with the untrained ImageNet "
+                            "features (a frozen second backbone: twice the embedding time), at "
+                            "the share of the similarity (0, 1/4, 1/2, 3/4, 1) that scores best "
+                            "on the validation carve-out; 0 ships the trained model alone "
+                            "(default: %(default)s)")
     train.add_argument("--layer-decay", type=float, default=DEFAULTS.layer_decay,
                        help="layer-wise learning-rate decay: the backbone's last block learns at "
                             "--lr, each block below at this factor times the one above, so early, "

@@ -52,6 +52,9 @@ class TrainConfig:
     # 0 = off. The decay warms up as 1 - (1 + step)^(-2/3), capped at this value, so short runs
     # average over their recent steps rather than over the random start
     ema_decay: float = 0.0
+    # blend the untrained ImageNet features into the shipped model, at the share of the cosine
+    # similarity (0, 1/4, 1/2, 3/4 or 1) that selection finds best on validation (model.blend)
+    blend_pretrained: bool = False
     layer_decay: float = 1.0  # backbone lr x this per block below the last one (1: off)
     # ArcFace margin in degrees (28.6 deg = 0.5 rad, the paper's value); scale 30 suits small sets
     arcface_margin: float = 28.6

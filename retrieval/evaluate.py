@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from index import GalleryIndex, IdentityRanking
@@ -12,7 +13,7 @@ from index import GalleryIndex, IdentityRanking
 from .data import Sample
 from .embed import embed_images
 from .metrics import calibrate_threshold, insert_new_whale, map_at_k
-from .model import EmbeddingModel, Preprocessing
+from .model import EmbeddingModel, Preprocessing, blend
 
 
 @dataclass
@@ -20,6 +21,7 @@ class EvalResult:
     map5: float  # with ``threshold``
     map5_no_threshold: float
     threshold: float
+    pretrained_share: float = 0.0  # of the untrained reference in the similarity (see ``blend``)
 
 
 def answers(ranking: IdentityRanking, threshold: float | None, k: int = 5) -> list[list[str]]:
@@ -48,7 +50,30 @@ def evaluate_queries(model: EmbeddingModel, preprocessing: Preprocessing,
                      gallery: Sequence[Sample], queries: Sequence[Sample], k: int = 5,
                      device: torch.device | None = None, progress: bool = True) -> EvalResult:
     """MAP@k of these queries, and the threshold calibrated on them (validation use only)."""
-    ranking = rank_queries(model, preprocessing, gallery, queries, k, device, progress)
-    truths = [q.identity for q in queries]
-    threshold, best = calibrate_threshold(ranking.identities, ranking.scores, truths, k)
-    return EvalResult(best, score(ranking, truths, None, k), threshold)
+    return evaluate_blends(model, preprocessing, gallery, queries, k, device, progress)[0]
+
+
+def evaluate_blends(model: EmbeddingModel, preprocessing: Preprocessing,
+                    gallery: Sequence[Sample], queries: Sequence[Sample], k: int = 5,
+                    device: torch.device | None = None, progress: bool = True,
+                    reference: tuple[np.ndarray, np.ndarray] | None = None,
+                    shares: Sequence[float] = (0.0,)) -> list[EvalResult]:
+    """``evaluate_queries`` for ``model`` blended (``model.blend``) with the untrained
+    reference's vectors of ``gallery`` and ``queries`` at each of ``shares``: one result per
+    share, in order (only share 0 without ``reference``). Embeds the images once."""
+    embed = dict(device=device, progress=progress)
+    gallery_vectors = embed_images(model, [s.path for s in gallery], preprocessing,
+                                   desc="embedding gallery", **embed)
+    query_vectors = embed_images(model, [s.path for s in queries], preprocessing,
+                                 desc="embedding queries", **embed)
+    identities, truths = [s.identity for s in gallery], [q.identity for q in queries]
+    results = []
+    for share in (shares if reference is not None else (0.0,)):
+        g, q = gallery_vectors, query_vectors
+        if share > 0:
+            g, q = blend(g, reference[0], share), blend(q, reference[1], share)
+        ranking = GalleryIndex(np.ascontiguousarray(g), identities).search(
+            np.ascontiguousarray(q), k)
+        threshold, map5 = calibrate_threshold(ranking.identities, ranking.scores, truths, k)
+        results.append(EvalResult(map5, score(ranking, truths, None, k), threshold, share))
+    return results

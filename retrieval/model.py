@@ -6,7 +6,8 @@ rebuild a model and feed it images, and both are stored in every checkpoint and 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated
 
 import timm
@@ -28,11 +29,18 @@ MAX_IMAGE_SIZE = 4096
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture. ``embedding_dim=0`` means no neck: the GeM features themselves
-    (the zero-shot model: pretrained backbone, no fine-tuning)."""
+    (the zero-shot model: pretrained backbone, no fine-tuning).
+
+    ``pretrained_share`` > 0 adds a frozen copy of the *untrained* ImageNet backbone + GeM beside
+    the trained one: the model's vector is both unit vectors concatenated, scaled so that a cosine
+    similarity is ``(1 - share) * trained + share * untrained``. Training chooses the share on
+    its validation carve-out (``TrainConfig.blend_pretrained``): the two see different things,
+    and on colour photos the blend beat either alone."""
 
     backbone: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_BACKBONE
     embedding_dim: Annotated[int, Field(ge=0, le=MAX_EMBEDDING_DIM)] = 512
     gem_p: Annotated[float, Field(gt=0, le=100)] = 3.0
+    pretrained_share: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 @dataclass(frozen=True)
@@ -60,11 +68,42 @@ class GeM(nn.Module):
         return pooled.pow(1.0 / self.p)
 
 
+class PretrainedReference(nn.Module):
+    """The untrained ImageNet backbone + GeM (p=3), frozen: never trained, always in eval mode."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = GeM(3.0)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "PretrainedReference":
+        return super().train(False)  # its BatchNorm statistics are ImageNet's, whatever the parent does
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.pool(self.backbone(images)), dim=1)
+
+
+def blend(trained: torch.Tensor, untrained: torch.Tensor, share: float) -> torch.Tensor:
+    """Unit vectors whose dot products are ``(1 - share) * trained.trained' + share *
+    untrained.untrained'`` (both inputs unit vectors). Works on torch tensors and NumPy arrays."""
+    scale_trained, scale_untrained = math.sqrt(1.0 - share), math.sqrt(share)
+    if isinstance(trained, torch.Tensor):
+        return torch.cat([scale_trained * trained, scale_untrained * untrained], dim=1)
+    import numpy as np
+
+    return np.concatenate([scale_trained * trained, scale_untrained * untrained], axis=1)
+
+
 class EmbeddingModel(nn.Module):
     """``forward_features`` gives the backbone's unpooled map; ``forward_head`` pools, projects and
-    normalises it. The split lets training run a frozen backbone under ``no_grad``."""
+    normalises it: the trained embedding (``head_dim`` wide), what the loss sees. The split lets
+    training run a frozen backbone under ``no_grad``. ``forward`` is what gets indexed: the
+    trained embedding, blended with the untrained reference's when ``pretrained_share`` > 0."""
 
-    def __init__(self, config: ModelConfig, backbone: nn.Module):
+    def __init__(self, config: ModelConfig, backbone: nn.Module,
+                 reference: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.backbone = backbone
@@ -75,7 +114,9 @@ class EmbeddingModel(nn.Module):
                                                  nn.BatchNorm1d(config.embedding_dim))
         else:
             self.neck = nn.Identity()
-        self.embedding_dim = config.embedding_dim or features
+        self.head_dim = config.embedding_dim or features
+        self.reference = PretrainedReference(reference) if config.pretrained_share > 0 else None
+        self.embedding_dim = self.head_dim + (reference.num_features if self.reference else 0)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -84,7 +125,10 @@ class EmbeddingModel(nn.Module):
         return F.normalize(self.neck(self.pool(features)), dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
+        trained = self.forward_head(self.forward_features(images))
+        if self.reference is None:
+            return trained
+        return blend(trained, self.reference(images), self.config.pretrained_share)
 
 
 def _create_backbone(name: str, pretrained: bool) -> nn.Module:
@@ -110,7 +154,25 @@ def _create_backbone(name: str, pretrained: bool) -> nn.Module:
 
 def create_model(config: ModelConfig = ModelConfig(), pretrained: bool = True) -> EmbeddingModel:
     """The one factory for embedding models."""
-    return EmbeddingModel(config, _create_backbone(config.backbone, pretrained))
+    reference = _create_backbone(config.backbone, pretrained) if config.pretrained_share > 0 else None
+    return EmbeddingModel(config, _create_backbone(config.backbone, pretrained), reference)
+
+
+def with_pretrained_share(model: EmbeddingModel, share: float) -> EmbeddingModel:
+    """``model``'s trained modules (shared, not copied) with an untrained ImageNet reference
+    blended in at ``share`` (0: the model as it is)."""
+    if share == model.config.pretrained_share:
+        return model
+    config = replace(model.config, pretrained_share=share)
+    reference = None
+    if share > 0:
+        reference = (model.reference.backbone if model.reference is not None
+                     else _create_backbone(config.backbone, pretrained=True))
+    blended = EmbeddingModel(config, model.backbone, reference)
+    blended.pool, blended.neck = model.pool, model.neck
+    if blended.reference is not None and model.reference is not None:
+        blended.reference.pool = model.reference.pool
+    return blended.to(next(model.parameters()).device)
 
 
 def zero_shot_model(backbone: str = DEFAULT_BACKBONE) -> EmbeddingModel:

@@ -98,6 +98,7 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
     return {
         "seed": seed, "queries": len(truths), "new_queries": truths.count(NEW_WHALE),
         "gallery_images": len(split.gallery), "threshold": payload["threshold"],
+        "pretrained_share": payload["model_config"].get("pretrained_share", 0.0),
         "constant_new_whale": map_at_k([[NEW_WHALE]] * len(truths), truths),
         **zero_shot_scores(run_config, split.gallery, split.queries),
         "engine_no_threshold": score(ranking, truths, None),

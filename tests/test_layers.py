@@ -43,7 +43,8 @@ def imports_of(path: Path) -> set[str]:
 
 
 def project_graph() -> dict[str, set[str]]:
-    files = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
+    files = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")
+             if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]  # venvs
     files += [ROOT / f"{cli}.py" for cli in CLIS]
     modules = {module_name(p): p for p in files}
     return {name: {m for m in imports_of(path) if m in modules and m != name}

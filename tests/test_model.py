@@ -90,3 +90,42 @@ def test_unknown_backbone_is_a_clear_error():
     from retrieval.errors import UserError
     with pytest.raises(UserError, match="unknown backbone 'no_such_net'"):
         create_model(ModelConfig("no_such_net"), pretrained=False)
+
+
+def test_blend_gives_the_weighted_sum_of_both_similarities():
+    """Naive reference: the dot product of two blended vectors is (1-s) * trained + s * untrained,
+    for torch and NumPy alike; the blended vectors stay unit vectors."""
+    from retrieval.model import blend
+
+    rng = np.random.default_rng(0)
+    unit = lambda n, d: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(  # noqa: E731
+        rng.normal(size=(n, d)))
+    trained, untrained = unit(4, 8), unit(4, 5)
+    for share in (0.0, 0.25, 0.5, 1.0):
+        mixed = blend(trained, untrained, share)
+        expected = (1 - share) * trained @ trained.T + share * untrained @ untrained.T
+        assert np.allclose(mixed @ mixed.T, expected)
+        assert np.allclose(np.linalg.norm(mixed, axis=1), 1.0)
+        as_torch = blend(torch.from_numpy(trained), torch.from_numpy(untrained), share).numpy()
+        assert np.allclose(as_torch, mixed)
+
+
+def test_a_blended_model_embeds_with_the_untrained_backbone_beside_the_trained_one():
+    """pretrained_share 0.25: the vector is [trained neck | untrained ImageNet GeM] in the blend's
+    proportions; the reference is the untouched zero-shot model, frozen, even in train mode."""
+    from retrieval.model import with_pretrained_share, zero_shot_model
+
+    torch.manual_seed(0)
+    trained = create_model(ModelConfig(embedding_dim=16), pretrained=True).eval()
+    blended = with_pretrained_share(trained, 0.25).eval()
+    assert blended.neck is trained.neck and blended.backbone is trained.backbone
+    assert blended.embedding_dim == 16 + 1280 and blended.head_dim == 16
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = blended(images)
+        assert torch.allclose(out[:, :16], 0.75 ** 0.5 * trained(images), atol=1e-5)
+        assert torch.allclose(out[:, 16:], 0.25 ** 0.5 * zero_shot_model().eval()(images), atol=1e-5)
+    blended.train()
+    assert not blended.reference.training and not blended.reference.backbone.training
+    assert not any(p.requires_grad for p in blended.reference.parameters())
+    assert with_pretrained_share(trained, 0.0) is trained

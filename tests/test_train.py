@@ -216,8 +216,8 @@ def _scripted_validation(monkeypatch, scores):
     from retrieval.evaluate import EvalResult
 
     epochs = iter(scores)
-    monkeypatch.setattr(train_module, "evaluate_queries",
-                        lambda *args, **kwargs: EvalResult(next(epochs), 0.1, 0.5))
+    monkeypatch.setattr(train_module, "evaluate_blends",
+                        lambda *args, **kwargs: [EvalResult(next(epochs), 0.1, 0.5)])
 
 
 def test_refit_of_a_frozen_epoch_ships_the_untouched_backbone(orl_subset, tmp_path, monkeypatch):
@@ -319,3 +319,33 @@ def test_ema_is_part_of_the_resumable_state(orl_subset, tmp_path, monkeypatch):
     resumed.load_state(last["trainer"])
     for key, value in resumed.shipped_model.state_dict().items():
         assert torch.equal(value, shipped["state_dict"][key]), key
+
+
+def test_a_blended_model_reproduces_its_validation_score(orl_subset, tmp_path, monkeypatch):
+    """Selection scores blends of the trained and the untrained features on validation; the
+    share it picks ships inside model.pt (a second, frozen backbone), and the reloaded model
+    answers the validation queries exactly as selection scored them."""
+    import retrieval.train as train_module
+
+    monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))  # force a blend to be shipped
+    config = TrainConfig(out=str(tmp_path), epochs=2, refit=False, blend_pretrained=True, **TINY)
+    model, pre, payload = load_model(train(config, orl_subset))
+    assert payload["model_config"]["pretrained_share"] == 0.5
+    assert model.embedding_dim == 64 + 1280
+    split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
+    result = evaluate_queries(model, pre, split.gallery, split.queries, progress=False)
+    assert result.map5 == pytest.approx(payload["metrics"]["val_map5"])
+    assert result.threshold == pytest.approx(payload["threshold"])
+    assert [r["pretrained_share"] for r in read_log(tmp_path)] == ["0.5", "0.5"]
+
+
+def test_a_blend_is_kept_only_where_it_scores_better():
+    from retrieval.evaluate import EvalResult
+    from retrieval.train import _best_blend
+
+    plain = EvalResult(0.8, 0.6, 0.5, 0.0)
+    tie = EvalResult(0.8, 0.7, 0.4, 0.25)  # ranks better without threshold, same MAP@5
+    assert _best_blend([plain, tie]) is plain  # a tie keeps the trained model alone
+    better = EvalResult(0.85, 0.5, 0.4, 0.5)
+    best = EvalResult(0.9, 0.5, 0.3, 0.75)
+    assert _best_blend([plain, tie, better, best, EvalResult(0.9, 0.6, 0.3, 1.0)]) is best
