@@ -216,7 +216,9 @@ def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
     """A checkpoint of the shipped weights (the EMA's, when on) with the untrained reference
     blended in at ``pretrained_share``; ``raw``: the weights being trained, which a resumed run
     continues from (``last.pt``)."""
-    model = trainer.model if raw else with_pretrained_share(trainer.shipped_model, pretrained_share)
+    with torch.random.fork_rng(devices=[]):  # building a reference draws random init weights
+        model = trainer.model if raw else with_pretrained_share(trainer.shipped_model,
+                                                                pretrained_share)
     state_dict = _plain_state(model)
     return {**model_spec(model, trainer.preprocessing),
             "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
@@ -326,12 +328,15 @@ def _best_blend(results: Sequence[EvalResult]) -> EvalResult:
 
 def _reference_vectors(config: TrainConfig, preprocessing, split, device) -> tuple:
     """The untrained reference's vectors of the validation gallery and queries: computed once,
-    since that model never changes."""
+    since that model never changes. Built outside the run's random stream (timm initialises
+    weights randomly before the pretrained ones replace them), so blending or not trains the
+    very same model."""
     from .embed import embed_images
 
-    reference = zero_shot_model(config.backbone)
-    return tuple(embed_images(reference, [s.path for s in part], preprocessing, device=device,
-                              progress=False) for part in (split.gallery, split.queries))
+    with torch.random.fork_rng(devices=[]):  # embedding draws DataLoader seeds, too
+        reference = zero_shot_model(config.backbone)
+        return tuple(embed_images(reference, [s.path for s in part], preprocessing, device=device,
+                                  progress=False) for part in (split.gallery, split.queries))
 
 
 def _save_best(trainer: Trainer, out: Path, threshold: float | None, metrics: dict,

@@ -349,3 +349,22 @@ def test_a_blend_is_kept_only_where_it_scores_better():
     better = EvalResult(0.85, 0.5, 0.4, 0.5)
     best = EvalResult(0.9, 0.5, 0.3, 0.75)
     assert _best_blend([plain, tie, better, best, EvalResult(0.9, 0.6, 0.3, 1.0)]) is best
+
+
+def test_blending_leaves_the_trained_weights_as_they_were(orl_subset, tmp_path, monkeypatch):
+    """Building the untrained reference must not shift the run's random stream: with or without
+    the blend, the trained part of model.pt is the same, weight for weight."""
+    import retrieval.train as train_module
+
+    monkeypatch.setattr(train_module, "BLEND_SHARES", (0.0, 0.5))
+
+    def trained_part(name: str, blend: bool) -> dict:
+        config = TrainConfig(out=str(tmp_path / name), epochs=2, refit=False,
+                             blend_pretrained=blend, **TINY)
+        state = load_checkpoint(train(config, orl_subset))["state_dict"]
+        return {k: v for k, v in state.items() if not k.startswith("reference.")}
+
+    plain, blended = trained_part("plain", False), trained_part("blended", True)
+    assert plain.keys() == blended.keys()
+    for key, value in plain.items():
+        assert torch.equal(value, blended[key]), key
