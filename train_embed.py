@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "the share of the similarity (0, 1/4, 1/2, 3/4, 1) that scores best "
                             "on the validation carve-out; 0 ships the trained model alone "
                             "(default: %(default)s)")
+    train.add_argument("--interpolate-pretrained", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS.interpolate_pretrained,
+                       help="after training, move the backbone's weights back towards its "
+                            "ImageNet weights by the share (0, 1/4, 1/2, 3/4, 1) that scores best "
+                            "on the validation carve-out (WiSE-FT: one network, so embedding "
+                            "costs the same); 0 ships the model as trained (default: %(default)s)")
     train.add_argument("--layer-decay", type=float, default=DEFAULTS.layer_decay,
                        help="layer-wise learning-rate decay: the backbone's last block learns at "
                             "--lr, each block below at this factor times the one above, so early, "

@@ -55,6 +55,9 @@ class TrainConfig:
     # blend the untrained ImageNet features into the shipped model, at the share of the cosine
     # similarity (0, 1/4, 1/2, 3/4 or 1) that selection finds best on validation (model.blend)
     blend_pretrained: bool = False
+    # after training, move the backbone's weights back towards the ImageNet ones by the share
+    # (0, 1/4, 1/2, 3/4 or 1) that selection finds best on validation (WiSE-FT; one network)
+    interpolate_pretrained: bool = False
     layer_decay: float = 1.0  # backbone lr x this per block below the last one (1: off)
     # ArcFace margin in degrees (28.6 deg = 0.5 rad, the paper's value); scale 30 suits small sets
     arcface_margin: float = 28.6

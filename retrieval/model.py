@@ -175,6 +175,33 @@ def with_pretrained_share(model: EmbeddingModel, share: float) -> EmbeddingModel
     return blended.to(next(model.parameters()).device)
 
 
+def pretrained_backbone(name: str) -> nn.Module:
+    """The untouched ImageNet backbone of ``name`` (the start every fine-tuning moves away from)."""
+    return _create_backbone(name, pretrained=True)
+
+
+def interpolate_towards(model: EmbeddingModel, start: nn.Module, share: float) -> EmbeddingModel:
+    """A copy of ``model`` whose backbone weights are ``(1 - share) * trained + share * start``
+    and whose GeM exponent moves the same way towards its initial ``gem_p`` (WiSE-FT: Wortsman et al.,
+    "Robust fine-tuning of zero-shot models", CVPR 2022). ``start`` is the pretrained backbone the
+    training began from. BatchNorm statistics are interpolated too (with ``freeze_bn`` they are
+    ImageNet's in both); integer buffers (batch counters) keep the trained value. The neck and
+    an untrained reference (``pretrained_share``) are kept as they are. Share 0 returns ``model``
+    itself; one network, so embedding costs what it did."""
+    if share == 0:
+        return model
+    import copy
+
+    moved = copy.deepcopy(model)
+    start_state = start.state_dict()
+    with torch.no_grad():
+        for name, tensor in moved.backbone.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.mul_(1.0 - share).add_(start_state[name].to(tensor), alpha=share)
+        moved.pool.p.mul_(1.0 - share).add_(share * model.config.gem_p)
+    return moved
+
+
 def zero_shot_model(backbone: str = DEFAULT_BACKBONE) -> EmbeddingModel:
     """The untrained reference: ImageNet backbone + GeM, no neck, no fine-tuning."""
     return create_model(ModelConfig(backbone, embedding_dim=0), pretrained=True)

@@ -29,16 +29,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import distributed, identity_transforms, recipe
-from .checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
+from .checkpoint import load_checkpoint, load_model, save_checkpoint, state_fingerprint
 from .data import Sample, identities_of, require_identities, validation_split
 from .embed import ImageDataset
 from .errors import UserError
-from .evaluate import EvalResult, evaluate_blends
+from .evaluate import EvalResult, evaluate_blends, evaluate_queries
 from .losses import LossSpec, create_loss
 from .progress import bar
 from .config import TrainConfig, write_config
-from .model import (EmbeddingModel, ModelConfig, create_model, model_spec, preprocessing_for,
-                    with_pretrained_share, zero_shot_model)
+from .model import (EmbeddingModel, ModelConfig, create_model, interpolate_towards, model_spec,
+                    preprocessing_for, pretrained_backbone, with_pretrained_share,
+                    zero_shot_model)
 from .transforms import seed_worker_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Selection:
     history: list[dict] = field(default_factory=list)
     best_fingerprint: str | None = None  # of the best.pt this run wrote
     pretrained_share: float = 0.0  # of the untrained reference blended in (model.blend)
+    weight_share: float = 0.0  # of the ImageNet weights interpolated in (model.interpolate_towards)
 
 
 class LossHead(nn.Module):
@@ -212,13 +214,18 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
                        metrics: dict | None = None, raw: bool = False,
-                       pretrained_share: float = 0.0) -> dict:
-    """A checkpoint of the shipped weights (the EMA's, when on) with the untrained reference
-    blended in at ``pretrained_share``; ``raw``: the weights being trained, which a resumed run
-    continues from (``last.pt``)."""
-    with torch.random.fork_rng(devices=[]):  # building a reference draws random init weights
-        model = trainer.model if raw else with_pretrained_share(trainer.shipped_model,
-                                                                pretrained_share)
+                       pretrained_share: float = 0.0, weight_share: float = 0.0) -> dict:
+    """A checkpoint of the shipped weights (the EMA's, when on), moved towards the ImageNet
+    weights by ``weight_share`` and with the untrained reference blended in at
+    ``pretrained_share``; ``raw``: the weights being trained, which a resumed run continues from
+    (``last.pt``)."""
+    with torch.random.fork_rng(devices=[]):  # building a backbone draws random init weights
+        model = trainer.model if raw else trainer.shipped_model
+        if not raw and weight_share:
+            model = interpolate_towards(model, pretrained_backbone(trainer.config.backbone),
+                                        weight_share)
+        if not raw:
+            model = with_pretrained_share(model, pretrained_share)
     state_dict = _plain_state(model)
     return {**model_spec(model, trainer.preprocessing),
             "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
@@ -304,7 +311,45 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
                                               "trainer": trainer.state(),
                                               "selection": asdict(selection)})
         distributed.barrier(ctx)
+    if ctx.is_main and split.queries and config.interpolate_pretrained and config.pretrained:
+        _choose_weight_share(config.backbone, split, selection, out, ctx.device)
     return distributed.broadcast(ctx, selection)
+
+
+WEIGHT_SHARES = (0.25, 0.5, 0.75, 1.0)  # shares of the ImageNet weights selection tries
+
+
+def _choose_weight_share(backbone: str, split, selection: Selection, out: Path,
+                         device: torch.device) -> None:
+    """``interpolate_pretrained``: move the chosen model's backbone weights back towards the
+    ImageNet ones by each of ``WEIGHT_SHARES`` and keep the share that scores strictly best on
+    validation (with its re-calibrated threshold), rewriting ``best.pt``; a tie keeps the model
+    as trained. Like the blend, the epoch is chosen first and the share for that epoch only."""
+    model, preprocessing, payload = load_model(out / "best.pt")
+    with torch.random.fork_rng(devices=[]):
+        start = pretrained_backbone(backbone)
+    best = evaluate_queries(model, preprocessing, split.gallery, split.queries, device=device,
+                            progress=False)
+    chosen, scores = None, {0.0: round(best.map5, 5)}
+    for share in WEIGHT_SHARES:
+        candidate = interpolate_towards(model, start, share)
+        result = evaluate_queries(candidate, preprocessing, split.gallery, split.queries,
+                                  device=device, progress=False)
+        scores[share] = round(result.map5, 5)
+        if result.map5 > best.map5:
+            chosen, best = (share, candidate), result
+    log.info("validation MAP@5 with the backbone moved towards its ImageNet weights, by share: "
+             "%s", scores)
+    if chosen is None:
+        return
+    share, candidate = chosen
+    state_dict = _plain_state(candidate)
+    payload = {**payload, "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
+               "threshold": best.threshold,
+               "metrics": {**payload["metrics"], "val_map5": best.map5, "weight_share": share}}
+    save_checkpoint(out / "best.pt", payload)
+    selection.weight_share, selection.threshold = share, best.threshold
+    selection.best_fingerprint = payload["fingerprint"]
 
 
 BLEND_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # untrained shares selection tries (blend_pretrained)
@@ -390,8 +435,9 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
         distributed.barrier(ctx)
     if ctx.is_main:
         save_checkpoint(out / "model.pt", checkpoint_payload(
-            trainer, selection.threshold, "refit", {"val_map5": selection.best_map5},
-            pretrained_share=selection.pretrained_share))
+            trainer, selection.threshold, "refit",
+            {"val_map5": selection.best_map5, "weight_share": selection.weight_share},
+            pretrained_share=selection.pretrained_share, weight_share=selection.weight_share))
 
 
 def _restore(trainer: Trainer, resume: dict) -> None:
@@ -458,8 +504,9 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
         selection = Selection(**state["selection"])
     if ctx.is_main:
         log.info("selected epoch %d: validation MAP@5 %.4f, new_whale threshold %s, share of "
-                 "the untrained features %s", selection.best_epoch, selection.best_map5,
-                 selection.threshold, selection.pretrained_share)
+                 "the untrained features %s, of the ImageNet weights %s", selection.best_epoch,
+                 selection.best_map5, selection.threshold, selection.pretrained_share,
+                 selection.weight_share)
     if config.refit:
         _run_refit(config, samples, selection, ctx, out, epoch_log, state)
     elif ctx.is_main:

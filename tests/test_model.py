@@ -129,3 +129,33 @@ def test_a_blended_model_embeds_with_the_untrained_backbone_beside_the_trained_o
     assert not blended.reference.training and not blended.reference.backbone.training
     assert not any(p.requires_grad for p in blended.reference.parameters())
     assert with_pretrained_share(trained, 0.0) is trained
+
+
+def test_interpolating_towards_the_start_gives_the_weighted_weights():
+    """Naive reference, weight by weight: (1 - s) * trained + s * start for every float tensor
+    of the backbone (BatchNorm statistics included), GeM's exponent towards its initial value,
+    integer counters and the neck as trained; the trained model itself is left untouched."""
+    from retrieval.model import interpolate_towards
+
+    torch.manual_seed(0)
+    trained = create_model(ModelConfig(embedding_dim=16), pretrained=False)
+    with torch.no_grad():
+        trained.pool.p.fill_(5.0)
+    start = create_model(ModelConfig(embedding_dim=16), pretrained=False).backbone
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    moved = interpolate_towards(trained, start, 0.25)
+    start_state = start.state_dict()
+    for key, value in moved.backbone.state_dict().items():
+        old = before[f"backbone.{key}"]
+        expected = 0.75 * old + 0.25 * start_state[key] if old.is_floating_point() else old
+        assert torch.allclose(value, expected, atol=1e-6), key
+    assert float(moved.pool.p.detach()) == pytest.approx(0.75 * 5.0 + 0.25 * 3.0)
+    for key, value in moved.neck.state_dict().items():
+        assert torch.equal(value, before[f"neck.{key}"]), key
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the original is unchanged
+    whole = interpolate_towards(trained, start, 1.0)
+    for key, value in whole.backbone.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, start_state[key]), key
+    assert interpolate_towards(trained, start, 0.0) is trained

@@ -368,3 +368,59 @@ def test_blending_leaves_the_trained_weights_as_they_were(orl_subset, tmp_path, 
     assert plain.keys() == blended.keys()
     for key, value in plain.items():
         assert torch.equal(value, blended[key]), key
+
+
+def test_a_weight_interpolated_model_reproduces_its_validation_score(orl_subset, tmp_path,
+                                                                     monkeypatch):
+    """--interpolate-pretrained: the share of the ImageNet weights selection picks on
+    validation ships inside model.pt as plain weights (same size, one network), the reloaded
+    model answers the validation queries exactly as selection scored it, and share 1 gives the
+    untouched ImageNet backbone."""
+    import retrieval.train as train_module
+    from retrieval.evaluate import EvalResult
+    from retrieval.model import pretrained_backbone
+
+    real = train_module.evaluate_queries
+    calls = []
+
+    def prefer_full_share(*args, **kwargs):  # force share 1: score it above everything else
+        result = real(*args, **kwargs)
+        calls.append(result)
+        return EvalResult(result.map5 + len(calls), result.map5_no_threshold, result.threshold)
+
+    monkeypatch.setattr(train_module, "evaluate_queries", prefer_full_share)
+    config = TrainConfig(out=str(tmp_path), epochs=2, refit=False, interpolate_pretrained=True,
+                         **TINY)
+    model, pre, payload = load_model(train(config, orl_subset))
+    assert len(calls) == 1 + len(train_module.WEIGHT_SHARES)
+    assert payload["metrics"]["weight_share"] == 1.0
+    assert model.embedding_dim == 64 and payload["model_config"]["pretrained_share"] == 0.0
+    start = pretrained_backbone(config.backbone).state_dict()
+    for key, value in model.backbone.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, start[key], atol=1e-6), key
+    split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
+    result = real(model, pre, split.gallery, split.queries, progress=False)
+    assert result.map5 == pytest.approx(calls[-1].map5)
+    assert result.threshold == pytest.approx(payload["threshold"])
+
+
+def test_the_refit_ships_the_weight_share_selection_chose(orl_subset, tmp_path, monkeypatch):
+    """The refit model is moved towards the ImageNet weights by the share selection chose."""
+    import retrieval.train as train_module
+    from retrieval.model import pretrained_backbone
+
+    def choose_half(backbone, split, selection, out, device):
+        selection.weight_share = 0.5
+
+    monkeypatch.setattr(train_module, "_choose_weight_share", choose_half)
+    config = TrainConfig(out=str(tmp_path), epochs=2, interpolate_pretrained=True, **TINY)
+    payload = load_checkpoint(train(config, orl_subset))
+    last = load_checkpoint(tmp_path / "last.pt")  # the raw refit weights
+    assert payload["metrics"]["weight_share"] == 0.5
+    start = pretrained_backbone(config.backbone).state_dict()
+    for key, value in start.items():
+        if value.is_floating_point():
+            expected = 0.5 * last["state_dict"][f"backbone.{key}"] + 0.5 * value
+            assert torch.allclose(payload["state_dict"][f"backbone.{key}"], expected,
+                                  atol=1e-6), key
