@@ -158,16 +158,19 @@ def create_model(config: ModelConfig = ModelConfig(), pretrained: bool = True) -
     return EmbeddingModel(config, _create_backbone(config.backbone, pretrained), reference)
 
 
-def with_pretrained_share(model: EmbeddingModel, share: float) -> EmbeddingModel:
+def with_pretrained_share(model: EmbeddingModel, share: float,
+                          imagenet_backbone: nn.Module | None = None) -> EmbeddingModel:
     """``model``'s trained modules (shared, not copied) with an untrained ImageNet reference
-    blended in at ``share`` (0: the model as it is)."""
+    blended in at ``share`` (0: the model as it is). The reference is ``model``'s own if it has
+    one, else ``imagenet_backbone`` (the untouched pretrained backbone, shared, never trained),
+    else one built here."""
     if share == model.config.pretrained_share:
         return model
     config = replace(model.config, pretrained_share=share)
     reference = None
     if share > 0:
         reference = (model.reference.backbone if model.reference is not None
-                     else _create_backbone(config.backbone, pretrained=True))
+                     else imagenet_backbone or pretrained_backbone(config.backbone))
     blended = EmbeddingModel(config, model.backbone, reference)
     blended.pool, blended.neck = model.pool, model.neck
     if blended.reference is not None and model.reference is not None:

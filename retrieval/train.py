@@ -14,6 +14,7 @@ Each epoch writes ``last.pt`` (resumable) atomically; the result is ``model.pt``
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import random
 import time
@@ -171,6 +172,14 @@ class Trainer:
         self.epoch += 1
         return distributed.mean_across_ranks(self.ctx, total / max(count, 1))
 
+    @functools.cached_property
+    def imagenet_backbone(self) -> nn.Module:
+        """The untouched ImageNet backbone, built once and outside the run's random stream (timm
+        draws random initial weights before the pretrained ones replace them): the reference a
+        blend adds and the start a weight share moves back towards."""
+        with torch.random.fork_rng(devices=[]):
+            return pretrained_backbone(self.config.backbone).to(self.ctx.device).eval()
+
     @property
     def shipped_model(self) -> EmbeddingModel:
         """The weights that are validated and shipped: the moving average when there is one."""
@@ -219,13 +228,11 @@ def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
     weights by ``weight_share`` and with the untrained reference blended in at
     ``pretrained_share``; ``raw``: the weights being trained, which a resumed run continues from
     (``last.pt``)."""
-    with torch.random.fork_rng(devices=[]):  # building a backbone draws random init weights
-        model = trainer.model if raw else trainer.shipped_model
-        if not raw and weight_share:
-            model = interpolate_towards(model, pretrained_backbone(trainer.config.backbone),
-                                        weight_share)
-        if not raw:
-            model = with_pretrained_share(model, pretrained_share)
+    model = trainer.model if raw else trainer.shipped_model
+    if not raw and weight_share:
+        model = interpolate_towards(model, trainer.imagenet_backbone, weight_share)
+    if not raw:
+        model = with_pretrained_share(model, pretrained_share, trainer.imagenet_backbone)
     state_dict = _plain_state(model)
     return {**model_spec(model, trainer.preprocessing),
             "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
@@ -312,22 +319,20 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
                                               "selection": asdict(selection)})
         distributed.barrier(ctx)
     if ctx.is_main and split.queries and config.interpolate_pretrained and config.pretrained:
-        _choose_weight_share(config.backbone, split, selection, out, ctx.device)
+        _choose_weight_share(trainer.imagenet_backbone, split, selection, out, ctx.device)
     return distributed.broadcast(ctx, selection)
 
 
 WEIGHT_SHARES = (0.25, 0.5, 0.75, 1.0)  # shares of the ImageNet weights selection tries
 
 
-def _choose_weight_share(backbone: str, split, selection: Selection, out: Path,
+def _choose_weight_share(start: nn.Module, split, selection: Selection, out: Path,
                          device: torch.device) -> None:
     """``interpolate_pretrained``: move the chosen model's backbone weights back towards the
     ImageNet ones by each of ``WEIGHT_SHARES`` and keep the share that scores strictly best on
     validation (with its re-calibrated threshold), rewriting ``best.pt``; a tie keeps the model
-    as trained. Like the blend, the epoch is chosen first and the share for that epoch only."""
+    as trained. ``start``: the ImageNet backbone the training began from. Like the blend, the epoch is chosen first and the share for that epoch only."""
     model, preprocessing, payload = load_model(out / "best.pt")
-    with torch.random.fork_rng(devices=[]):
-        start = pretrained_backbone(backbone)
     best = evaluate_queries(model, preprocessing, split.gallery, split.queries, device=device,
                             progress=False)
     chosen, scores = None, {0.0: round(best.map5, 5)}

@@ -410,7 +410,7 @@ def test_the_refit_ships_the_weight_share_selection_chose(orl_subset, tmp_path, 
     import retrieval.train as train_module
     from retrieval.model import pretrained_backbone
 
-    def choose_half(backbone, split, selection, out, device):
+    def choose_half(start, split, selection, out, device):
         selection.weight_share = 0.5
 
     monkeypatch.setattr(train_module, "_choose_weight_share", choose_half)
