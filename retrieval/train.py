@@ -319,7 +319,8 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
                                               "selection": asdict(selection)})
         distributed.barrier(ctx)
     if ctx.is_main and split.queries and config.interpolate_pretrained and config.pretrained:
-        _choose_weight_share(trainer.imagenet_backbone, split, selection, out, ctx.device)
+        with torch.random.fork_rng(devices=[]):  # embedding draws seeds: keep the refit's stream
+            _choose_weight_share(trainer.imagenet_backbone, split, selection, out, ctx.device)
     return distributed.broadcast(ctx, selection)
 
 
