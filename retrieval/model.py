@@ -185,9 +185,9 @@ def pretrained_backbone(name: str) -> nn.Module:
 
 def interpolate_towards(model: EmbeddingModel, start: nn.Module, share: float) -> EmbeddingModel:
     """A copy of ``model`` whose backbone weights are ``(1 - share) * trained + share * start``
-    and whose GeM exponent moves the same way towards its initial ``gem_p`` (WiSE-FT: Wortsman et al.,
-    "Robust fine-tuning of zero-shot models", CVPR 2022). ``start`` is the pretrained backbone the
-    training began from. BatchNorm statistics are interpolated too (with ``freeze_bn`` they are
+    and whose GeM exponent moves the same way towards its initial ``gem_p`` (WiSE-FT: Wortsman
+    et al., "Robust fine-tuning of zero-shot models", CVPR 2022). ``start`` is the pretrained
+    backbone the training began from. BatchNorm statistics are interpolated too (with ``freeze_bn`` they are
     ImageNet's in both); integer buffers (batch counters) keep the trained value. The neck and
     an untrained reference (``pretrained_share``) are kept as they are. Share 0 returns ``model``
     itself; one network, so embedding costs what it did."""

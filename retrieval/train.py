@@ -57,6 +57,7 @@ class Selection:
     best_fingerprint: str | None = None  # of the best.pt this run wrote
     pretrained_share: float = 0.0  # of the untrained reference blended in (model.blend)
     weight_share: float = 0.0  # of the ImageNet weights interpolated in (model.interpolate_towards)
+    shipped_map5: float = -1.0  # validation MAP@5 of the chosen model as shipped (blend, share)
 
 
 class LossHead(nn.Module):
@@ -300,6 +301,7 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
                 selection.best_epoch, selection.best_map5 = trainer.epoch, result.map5
                 selection.threshold = blended.threshold
                 selection.pretrained_share = blended.pretrained_share
+                selection.shipped_map5 = blended.map5
                 selection.best_fingerprint = _save_best(trainer, out, blended.threshold,
                                                         {"val_map5": blended.map5,
                                                          "val_map5_trained": result.map5},
@@ -332,7 +334,8 @@ def _choose_weight_share(start: nn.Module, split, selection: Selection, out: Pat
     """``interpolate_pretrained``: move the chosen model's backbone weights back towards the
     ImageNet ones by each of ``WEIGHT_SHARES`` and keep the share that scores strictly best on
     validation (with its re-calibrated threshold), rewriting ``best.pt``; a tie keeps the model
-    as trained. ``start``: the ImageNet backbone the training began from. Like the blend, the epoch is chosen first and the share for that epoch only."""
+    as trained. ``start``: the ImageNet backbone the training began from. Like the blend, the
+    epoch is chosen first and the share for that epoch only."""
     model, preprocessing, payload = load_model(out / "best.pt")
     best = evaluate_queries(model, preprocessing, split.gallery, split.queries, device=device,
                             progress=False)
@@ -355,6 +358,7 @@ def _choose_weight_share(start: nn.Module, split, selection: Selection, out: Pat
                "metrics": {**payload["metrics"], "val_map5": best.map5, "weight_share": share}}
     save_checkpoint(out / "best.pt", payload)
     selection.weight_share, selection.threshold = share, best.threshold
+    selection.shipped_map5 = best.map5
     selection.best_fingerprint = payload["fingerprint"]
 
 
@@ -442,7 +446,8 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
     if ctx.is_main:
         save_checkpoint(out / "model.pt", checkpoint_payload(
             trainer, selection.threshold, "refit",
-            {"val_map5": selection.best_map5, "weight_share": selection.weight_share},
+            {"val_map5": selection.shipped_map5, "val_map5_trained": selection.best_map5,
+             "weight_share": selection.weight_share},
             pretrained_share=selection.pretrained_share, weight_share=selection.weight_share))
 
 
@@ -509,10 +514,10 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
     else:
         selection = Selection(**state["selection"])
     if ctx.is_main:
-        log.info("selected epoch %d: validation MAP@5 %.4f, new_whale threshold %s, share of "
-                 "the untrained features %s, of the ImageNet weights %s", selection.best_epoch,
-                 selection.best_map5, selection.threshold, selection.pretrained_share,
-                 selection.weight_share)
+        log.info("selected epoch %d: validation MAP@5 %.4f trained alone, %.4f as shipped (share "
+                 "of the untrained features %s, of the ImageNet weights %s), new_whale threshold "
+                 "%s", selection.best_epoch, selection.best_map5, selection.shipped_map5,
+                 selection.pretrained_share, selection.weight_share, selection.threshold)
     if config.refit:
         _run_refit(config, samples, selection, ctx, out, epoch_log, state)
     elif ctx.is_main:

@@ -88,7 +88,7 @@ def test_a_reloaded_checkpoint_reproduces_its_validation_score(orl_subset, tmp_p
     result = evaluate_queries(model, pre, split.gallery, split.queries, progress=False)
     assert result.map5 == pytest.approx(payload["metrics"]["val_map5"])
     assert result.threshold == pytest.approx(payload["threshold"])
-    assert pre.image_size == 48 and model.embedding_dim == 64
+    assert pre.image_size == 48 and model.head_dim == 64
     written = json.loads((tmp_path / "config.json").read_text())
     assert written == payload["train_config"] and written["epochs"] == 2
 
@@ -390,7 +390,7 @@ def test_a_weight_interpolated_model_reproduces_its_validation_score(orl_subset,
 
     monkeypatch.setattr(train_module, "evaluate_queries", prefer_full_share)
     config = TrainConfig(out=str(tmp_path), epochs=2, refit=False, interpolate_pretrained=True,
-                         **TINY)
+                         blend_pretrained=False, **TINY)
     model, pre, payload = load_model(train(config, orl_subset))
     assert len(calls) == 1 + len(train_module.WEIGHT_SHARES)
     assert payload["metrics"]["weight_share"] == 1.0
@@ -414,7 +414,8 @@ def test_the_refit_ships_the_weight_share_selection_chose(orl_subset, tmp_path, 
         selection.weight_share = 0.5
 
     monkeypatch.setattr(train_module, "_choose_weight_share", choose_half)
-    config = TrainConfig(out=str(tmp_path), epochs=2, interpolate_pretrained=True, **TINY)
+    config = TrainConfig(out=str(tmp_path), epochs=2, interpolate_pretrained=True,
+                         blend_pretrained=False, **TINY)
     payload = load_checkpoint(train(config, orl_subset))
     last = load_checkpoint(tmp_path / "last.pt")  # the raw refit weights
     assert payload["metrics"]["weight_share"] == 0.5
@@ -424,3 +425,19 @@ def test_the_refit_ships_the_weight_share_selection_chose(orl_subset, tmp_path, 
             expected = 0.5 * last["state_dict"][f"backbone.{key}"] + 0.5 * value
             assert torch.allclose(payload["state_dict"][f"backbone.{key}"], expected,
                                   atol=1e-6), key
+
+
+def test_the_refit_model_records_the_shipped_validation_score(orl_subset, tmp_path, monkeypatch):
+    """model.pt carries the validation MAP@5 of the model as shipped (here blended), the one its
+    threshold was calibrated with, beside that of the trained embedding alone."""
+    import retrieval.train as train_module
+
+    monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))  # force a blend to be shipped
+    config = TrainConfig(out=str(tmp_path), epochs=2, **TINY)
+    payload = load_checkpoint(train(config, orl_subset))
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert payload["model_config"]["pretrained_share"] == 0.5
+    assert payload["metrics"]["val_map5"] == pytest.approx(best["metrics"]["val_map5"])
+    assert payload["threshold"] == pytest.approx(best["threshold"])
+    trained = [float(r["val_map5"]) for r in read_log(tmp_path) if r["stage"] == "select"]
+    assert payload["metrics"]["val_map5_trained"] == pytest.approx(max(trained), abs=1e-5)
