@@ -10,8 +10,9 @@ calibrated on its own validation scores. Variants (Radenović et al., TPAMI 2018
 * ``dba<k>``: database-side augmentation, each gallery image replaced by the same sum over its
   ``k`` nearest other gallery images.
 
-They live here, not in the engine: with 1-3 gallery images per identity neither was better on
-the validation carve-outs (bench/README.md), so no user-facing option carries them.
+They live here, not in the engine: with 1-3 gallery images per identity neither was ever better
+than the plain search on the validation carve-outs, on any of the three shared sets or any variant
+(bench/README.md, "Second screen"), so no user-facing option carries them.
 """
 from __future__ import annotations
 
