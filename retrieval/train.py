@@ -230,9 +230,9 @@ def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
     ``pretrained_share``; ``raw``: the weights being trained, which a resumed run continues from
     (``last.pt``)."""
     model = trainer.model if raw else trainer.shipped_model
-    if not raw and weight_share:
+    if not raw and weight_share:  # the ImageNet backbone is built only where it is needed
         model = interpolate_towards(model, trainer.imagenet_backbone, weight_share)
-    if not raw:
+    if not raw and pretrained_share:
         model = with_pretrained_share(model, pretrained_share, trainer.imagenet_backbone)
     state_dict = _plain_state(model)
     return {**model_spec(model, trainer.preprocessing),
@@ -292,7 +292,7 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
             results = evaluate_blends(trainer.shipped_model, trainer.preprocessing, split.gallery,
                                       split.queries, device=ctx.device, progress=False,
                                       reference=reference, shares=BLEND_SHARES)
-            result, blended = results[0], _best_blend(results)
+            result, blended = results[0], _best_result(results)
             row.update(val_map5=round(result.map5, 5), threshold=round(blended.threshold, 5),
                        val_map5_no_threshold=round(result.map5_no_threshold, 5),
                        pretrained_share=blended.pretrained_share,
@@ -337,21 +337,17 @@ def _choose_weight_share(start: nn.Module, split, selection: Selection, out: Pat
     as trained. ``start``: the ImageNet backbone the training began from. Like the blend, the
     epoch is chosen first and the share for that epoch only."""
     model, preprocessing, payload = load_model(out / "best.pt")
-    best = evaluate_queries(model, preprocessing, split.gallery, split.queries, device=device,
-                            progress=False)
-    chosen, scores = None, {0.0: round(best.map5, 5)}
-    for share in WEIGHT_SHARES:
-        candidate = interpolate_towards(model, start, share)
-        result = evaluate_queries(candidate, preprocessing, split.gallery, split.queries,
-                                  device=device, progress=False)
-        scores[share] = round(result.map5, 5)
-        if result.map5 > best.map5:
-            chosen, best = (share, candidate), result
+    shares = (0.0, *WEIGHT_SHARES)
+    candidates = [interpolate_towards(model, start, share) for share in shares]
+    results = [evaluate_queries(candidate, preprocessing, split.gallery, split.queries,
+                                device=device, progress=False) for candidate in candidates]
     log.info("validation MAP@5 with the backbone moved towards its ImageNet weights, by share: "
-             "%s", scores)
-    if chosen is None:
+             "%s", {share: round(r.map5, 5) for share, r in zip(shares, results)})
+    best = _best_result(results)
+    chosen = next(i for i, result in enumerate(results) if result is best)
+    if chosen == 0:
         return
-    share, candidate = chosen
+    share, candidate = shares[chosen], candidates[chosen]
     state_dict = _plain_state(candidate)
     payload = {**payload, "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
                "threshold": best.threshold,
@@ -365,10 +361,11 @@ def _choose_weight_share(start: nn.Module, split, selection: Selection, out: Pat
 BLEND_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # untrained shares selection tries (blend_pretrained)
 
 
-def _best_blend(results: Sequence[EvalResult]) -> EvalResult:
-    """The best share by MAP@5 (with its threshold), the first (smallest) among equals: a blend
-    is kept only where it scores strictly better than the trained embedding alone. (Breaking
-    ties by MAP@5 without threshold instead picked blends on ORL that then lost on test.)
+def _best_result(results: Sequence[EvalResult]) -> EvalResult:
+    """The best share (of a blend or of the weights) by MAP@5 with its threshold, the first
+    (smallest) among equals: a share is kept only where it scores strictly better than the
+    trained model alone. (Breaking ties by MAP@5 without threshold instead picked blends on ORL
+    that then lost on test.)
 
     The epoch itself is chosen on the trained embedding alone (share 0), as without blending,
     and the share for that epoch only: one choice on top of the usual one, not a grid searched

@@ -341,14 +341,14 @@ def test_a_blended_model_reproduces_its_validation_score(orl_subset, tmp_path, m
 
 def test_a_blend_is_kept_only_where_it_scores_better():
     from retrieval.evaluate import EvalResult
-    from retrieval.train import _best_blend
+    from retrieval.train import _best_result
 
     plain = EvalResult(0.8, 0.6, 0.5, 0.0)
     tie = EvalResult(0.8, 0.7, 0.4, 0.25)  # ranks better without threshold, same MAP@5
-    assert _best_blend([plain, tie]) is plain  # a tie keeps the trained model alone
+    assert _best_result([plain, tie]) is plain  # a tie keeps the trained model alone
     better = EvalResult(0.85, 0.5, 0.4, 0.5)
     best = EvalResult(0.9, 0.5, 0.3, 0.75)
-    assert _best_blend([plain, tie, better, best, EvalResult(0.9, 0.6, 0.3, 1.0)]) is best
+    assert _best_result([plain, tie, better, best, EvalResult(0.9, 0.6, 0.3, 1.0)]) is best
 
 
 def test_blending_leaves_the_trained_weights_as_they_were(orl_subset, tmp_path, monkeypatch):
@@ -441,3 +441,22 @@ def test_the_refit_model_records_the_shipped_validation_score(orl_subset, tmp_pa
     assert payload["threshold"] == pytest.approx(best["threshold"])
     trained = [float(r["val_map5"]) for r in read_log(tmp_path) if r["stage"] == "select"]
     assert payload["metrics"]["val_map5_trained"] == pytest.approx(max(trained), abs=1e-5)
+
+
+def test_training_from_scratch_needs_no_pretrained_weights(orl_subset, tmp_path, monkeypatch):
+    """--no-pretrained with a backbone whose weights only the hub has: nothing may try to fetch
+    ImageNet weights (no blend reference, no weight share), with the blend on by default."""
+    import retrieval.model as model_module
+
+    def no_hub(name, pretrained):
+        if pretrained:
+            raise AssertionError(f"fetched pretrained weights for {name}")
+        return real(name, pretrained)
+
+    real = model_module._create_backbone
+    monkeypatch.setattr(model_module, "_create_backbone", no_hub)
+    config = TrainConfig(out=str(tmp_path), backbone="resnet18", pretrained=False, epochs=2,
+                         **TINY)
+    assert config.blend_pretrained
+    payload = load_checkpoint(train(config, orl_subset))
+    assert payload["model_config"]["pretrained_share"] == 0.0
