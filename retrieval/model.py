@@ -170,7 +170,8 @@ def with_pretrained_share(model: EmbeddingModel, share: float,
     reference = None
     if share > 0:
         reference = (model.reference.backbone if model.reference is not None
-                     else imagenet_backbone or pretrained_backbone(config.backbone))
+                     else imagenet_backbone if imagenet_backbone is not None
+                     else pretrained_backbone(config.backbone))
     blended = EmbeddingModel(config, model.backbone, reference)
     blended.pool, blended.neck = model.pool, model.neck
     if blended.reference is not None and model.reference is not None:
@@ -187,10 +188,10 @@ def interpolate_towards(model: EmbeddingModel, start: nn.Module, share: float) -
     """A copy of ``model`` whose backbone weights are ``(1 - share) * trained + share * start``
     and whose GeM exponent moves the same way towards its initial ``gem_p`` (WiSE-FT: Wortsman
     et al., "Robust fine-tuning of zero-shot models", CVPR 2022). ``start`` is the pretrained
-    backbone the training began from. BatchNorm statistics are interpolated too (with ``freeze_bn`` they are
-    ImageNet's in both); integer buffers (batch counters) keep the trained value. The neck and
-    an untrained reference (``pretrained_share``) are kept as they are. Share 0 returns ``model``
-    itself; one network, so embedding costs what it did."""
+    backbone the training began from. BatchNorm statistics are interpolated too (with
+    ``freeze_bn`` they are ImageNet's in both); integer buffers (batch counters) keep the trained
+    value. The neck and an untrained reference (``pretrained_share``) are kept as they are.
+    Share 0 returns ``model`` itself; one network, so embedding costs what it did."""
     if share == 0:
         return model
     import copy

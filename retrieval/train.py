@@ -39,8 +39,7 @@ from .losses import LossSpec, create_loss
 from .progress import bar
 from .config import TrainConfig, write_config
 from .model import (EmbeddingModel, ModelConfig, create_model, interpolate_towards, model_spec,
-                    preprocessing_for, pretrained_backbone, with_pretrained_share,
-                    zero_shot_model)
+                    preprocessing_for, pretrained_backbone, with_pretrained_share)
 from .transforms import seed_worker_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -279,7 +278,7 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
         selection = Selection(**resume["selection"])
     reference = None
     if ctx.is_main and split.queries and config.blend_pretrained and config.pretrained:
-        reference = _reference_vectors(config, trainer.preprocessing, split, ctx.device)
+        reference = _reference_vectors(trainer, split)
     while trainer.epoch < config.epochs:
         started = time.time()
         loss = trainer.train_epoch()
@@ -378,17 +377,19 @@ def _best_result(results: Sequence[EvalResult]) -> EvalResult:
     return best
 
 
-def _reference_vectors(config: TrainConfig, preprocessing, split, device) -> tuple:
+def _reference_vectors(trainer: Trainer, split) -> tuple:
     """The untrained reference's vectors of the validation gallery and queries: computed once,
-    since that model never changes. Built outside the run's random stream (timm initialises
-    weights randomly before the pretrained ones replace them), so blending or not trains the
-    very same model."""
+    since that model never changes, by the trainer's one ImageNet backbone + GeM (the reference
+    a chosen blend ships). Outside the run's random stream, so blending or not trains the very
+    same model."""
     from .embed import embed_images
 
-    with torch.random.fork_rng(devices=[]):  # embedding draws DataLoader seeds, too
-        reference = zero_shot_model(config.backbone)
-        return tuple(embed_images(reference, [s.path for s in part], preprocessing, device=device,
-                                  progress=False) for part in (split.gallery, split.queries))
+    reference = EmbeddingModel(ModelConfig(trainer.config.backbone, embedding_dim=0),
+                               trainer.imagenet_backbone)
+    with torch.random.fork_rng(devices=[]):  # embedding draws DataLoader seeds
+        return tuple(embed_images(reference, [s.path for s in part], trainer.preprocessing,
+                                  device=trainer.ctx.device, progress=False)
+                     for part in (split.gallery, split.queries))
 
 
 def _save_best(trainer: Trainer, out: Path, threshold: float | None, metrics: dict,
