@@ -5,8 +5,8 @@
   python build_index.py --out runs/index --remove-identity w_123abc       # drop one identity
   torchrun --nproc_per_node=N build_index.py --gallery DIR ...           # N processes embed shards
 
-Without --model the index uses the zero-shot model (pretrained backbone + GeM, no fine-tuning,
-no new_whale threshold). The folder holds the FAISS index, the gallery table, the raw vectors and
+Without --model the index uses the zero-shot model (pretrained backbone + GeM, no fine-tuning);
+its new_whale threshold is then calibrated on the gallery itself (leave-one-out queries). The folder holds the FAISS index, the gallery table, the raw vectors and
 manifest.json (model fingerprint and preprocessing, TTA, threshold); it is replaced atomically.
 """
 from __future__ import annotations
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="test-time augmentation: 'flip' averages each image with its mirror "
                             "(only where a mirror shows the same identity); recorded in the index "
                             "and applied to queries too (default: none, or the index's own with --append)")
+    model.add_argument("--threshold", type=float,
+                       help="new_whale threshold to record in the index (default: the checkpoint's; "
+                            "for the zero-shot model, one calibrated on the gallery's own images by "
+                            "leave-one-out MAP@5; an edited index keeps its own)")
     index = p.add_argument_group("index")
     index.add_argument("--out", default=DEFAULT_INDEX_DIR,
                        help="index folder to write, replaced atomically (default %(default)s)")

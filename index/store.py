@@ -122,6 +122,7 @@ class ManifestSchema(BaseModel):
     model: ModelEntry
     tta: Annotated[str, Field(pattern=r"^[a-z]{1,16}$")]
     threshold: float | None
+    threshold_source: Literal["checkpoint", "gallery", "user"] | None = None
     index: IndexEntry
     counts: Counts
     created: Annotated[str, Field(max_length=64)]
@@ -156,7 +157,7 @@ class Manifest:
     dim: int
     model: dict[str, Any]  # fingerprint, source, checkpoint, model_config, preprocessing
     tta: str  # "none" or "flip": applied to queries exactly as to the gallery
-    threshold: float | None  # new_whale threshold, from the checkpoint (None: zero-shot model)
+    threshold: float | None  # new_whale threshold (None: never insert new_whale)
     index: dict[str, Any]  # IndexSpec.to_dict()
     counts: dict[str, int]
     created: str
@@ -165,6 +166,9 @@ class Manifest:
     metric: str = METRIC
     format: str = FORMAT
     data_dir: str = ""  # the data-<id> folder holding the files ("" for format 1: beside it)
+    # where the threshold came from: the checkpoint's validation, the gallery itself
+    # (retrieval.gallery_threshold, for the zero-shot model), or the user (build_index --threshold)
+    threshold_source: str | None = None
 
     @classmethod
     def validated(cls, values: Any) -> "Manifest":
@@ -213,7 +217,7 @@ class StoredIndex:
 def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
                identities: Sequence[str], *, model: dict[str, Any], tta: str,
                threshold: float | None, index_type: str | IndexSpec = "flat",
-               created: str | None = None) -> Manifest:
+               created: str | None = None, threshold_source: str | None = None) -> Manifest:
     """Build the FAISS index over ``vectors`` and write it into ``directory`` atomically.
 
     ``index_type`` is a name (``auto`` resolves by gallery size) or an already resolved spec.
@@ -238,7 +242,9 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
     faiss_index = types.build(vectors, spec)
     now = _now()
     values = {"dim": int(vectors.shape[1]), "model": dict(model), "tta": tta,
-              "threshold": None if threshold is None else float(threshold), "index": spec.to_dict(),
+              "threshold": None if threshold is None else float(threshold),
+              "threshold_source": None if threshold is None else threshold_source,
+              "index": spec.to_dict(),
               "counts": {"images": len(paths), "identities": len(set(identities))},
               "created": created or now, "updated": now, "metric": METRIC, "format": FORMAT}
     target = real_path(directory)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class BuildOptions:
     batch_size: int = 64
     workers: int | None = None  # None: encoder.default_workers()
     image_size: int | None = None
+    threshold: float | None = None  # new_whale threshold to record instead of the model's/gallery's
     strict: bool = False
     allow_outside: bool = False  # CSV rows may name images outside --gallery
     device: str | None = None
@@ -111,6 +113,9 @@ def _check_options(opts: BuildOptions) -> None:
     if opts.remove and opts.gallery is not None and not opts.append:
         raise UserError("--remove-identity edits an existing index: use it alone, or with "
                         "--append to add images in the same run (a fresh build takes no removals)")
+    if opts.threshold is not None and not math.isfinite(opts.threshold):
+        raise UserError(f"--threshold must be a finite number (a cosine similarity, -1 to 1), "
+                        f"got {opts.threshold}")
     if opts.gallery is None and (opts.model or opts.tta or opts.image_size):
         raise UserError("--model / --tta / --image-size only apply when embedding images: "
                         "--remove-identity alone re-embeds nothing; drop them")
@@ -269,19 +274,47 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
         raise UserError(_empty_message(opts, current))
     manifest = current.manifest
     if opts.append and not new and not opts.remove and manifest is not None and \
-            (index_type or manifest.index["requested"]) == manifest.index["requested"]:
+            (index_type or manifest.index["requested"]) == manifest.index["requested"] and \
+            (opts.threshold is None or opts.threshold == manifest.threshold):
         log.info("nothing new to add: %s left unchanged", opts.out)
         return manifest
+    vectors_all = np.concatenate(parts)
+    threshold, source = _threshold(opts, manifest, encoder, vectors_all, identities)
     written = save_index(
-        opts.out, np.concatenate(parts), paths, identities,
+        opts.out, vectors_all, paths, identities,
         model=encoder.model_info() if encoder else manifest.model,
         tta=encoder.tta if encoder else manifest.tta,
-        threshold=encoder.threshold if encoder else manifest.threshold,
+        threshold=threshold, threshold_source=source,
         index_type=index_type or (manifest.index["requested"] if manifest else "flat"),
         created=manifest.created if manifest else None)
     log.info("index %s: %d images of %d identities (%s); %d new", opts.out,
              written.counts["images"], written.counts["identities"], written.index["kind"], len(new))
     return written
+
+
+def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None, vectors: np.ndarray,
+               identities: list[str]) -> tuple[float | None, str | None]:
+    """The new_whale threshold to record, and where it came from: ``--threshold``; else the index's
+    own (an edit keeps it); else the checkpoint's; else one calibrated on the gallery itself (the
+    zero-shot model has none: without it the index would never answer new_whale)."""
+    from .gallery_threshold import calibrate_on_gallery
+
+    if opts.threshold is not None:
+        log.info("new_whale threshold %.4f, as given by --threshold", opts.threshold)
+        return opts.threshold, "user"
+    if manifest is not None and manifest.threshold is not None:
+        return manifest.threshold, manifest.threshold_source
+    if encoder is not None and encoder.threshold is not None:
+        return encoder.threshold, "checkpoint"
+    calibration = calibrate_on_gallery(vectors, identities)
+    if calibration is None:
+        log.warning("no new_whale threshold: no identity in the gallery has two images to calibrate "
+                    "one on, so queries never get new_whale (pass --threshold to set one)")
+        return None, None
+    log.info("new_whale threshold %.4f calibrated on the gallery itself (%d leave-one-out queries "
+             "of known identities, %d standing in for new ones; MAP@5 %.3f); --threshold overrides",
+             calibration.threshold, calibration.known_queries, calibration.new_queries, calibration.map5)
+    return calibration.threshold, "gallery"
 
 
 def _empty_message(opts: BuildOptions, current: Current) -> str:

@@ -142,12 +142,32 @@ def test_zero_shot_index_with_flip_tta_applies_it_to_queries(data, tmp_path, orl
     gallery = copy_gallery(orl_samples, tmp_path / "gallery", KNOWN[:4], per_identity=2)
     build(tmp_path / "idx", gallery, tta="flip", image_size=IMAGE_SIZE)
     stored = load_index(tmp_path / "idx")
-    assert stored.manifest.tta == "flip" and stored.manifest.threshold is None
+    assert stored.manifest.tta == "flip" and stored.manifest.threshold_source == "gallery"
     assert stored.manifest.model["source"] == "pretrained" and stored.manifest.dim == 1280
     image = sorted(gallery.rglob("*.pgm"))[0]
     answer = run_query(image, tmp_path / "idx").answers[0]
     assert answer.hits[0].gallery_image == str(image)  # itself, only if flipped both ways
     assert answer.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_zero_shot_index_calibrates_a_threshold_on_its_gallery_that_says_new(data, tmp_path, caplog):
+    caplog.set_level("INFO")
+    build(tmp_path / "idx", data.gallery, image_size=IMAGE_SIZE)
+    manifest = read_manifest(tmp_path / "idx")
+    assert manifest.threshold_source == "gallery" and -1 < manifest.threshold < 1
+    assert "calibrated on the gallery itself" in caplog.text
+    answers = run_query(data.queries, tmp_path / "idx", progress=False).answers
+    new_first = {a.image: a.hits[0].identity == NEW_WHALE for a in answers}
+    unknown = [v for image, v in new_first.items() if any(f"/{u}_" in image for u in UNKNOWN)]
+    known = [v for image, v in new_first.items() if not any(f"/{u}_" in image for u in UNKNOWN)]
+    assert len(unknown) == 3 and len(known) == 5
+    assert np.mean(unknown) > np.mean(known)  # unseen people are called new more often
+
+    build(tmp_path / "idx", data.gallery, image_size=IMAGE_SIZE, append=True, threshold=0.9)
+    assert (read_manifest(tmp_path / "idx").threshold,
+            read_manifest(tmp_path / "idx").threshold_source) == (0.9, "user")
+    build(tmp_path / "idx", None, remove=["s1"])  # an edit keeps the recorded threshold
+    assert read_manifest(tmp_path / "idx").threshold == 0.9
 
 
 def test_kaggle_layout_gallery_with_nested_identities(data, tmp_path, omniglot_samples):
@@ -235,6 +255,8 @@ def test_torchrun_two_processes_build_the_same_index(data, tmp_path):
      ["no images found"]),
     (lambda d: ["query.py", d.queries, "--index", d.root / "index", "--model", d.other],
      ["built by another model"]),
+    (lambda d: ["build_index.py", "--out", d.root / "index", "--remove-identity", "s1",
+                "--threshold", "nan"], ["--threshold must be a finite number"]),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(data, index_dir, make_args, fragments):
     (data.root / "empty" / "s1").mkdir(parents=True, exist_ok=True)

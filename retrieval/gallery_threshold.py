@@ -1,0 +1,99 @@
+"""A ``new_whale`` threshold for an index whose model has none, calibrated on the gallery itself.
+
+A trained checkpoint brings a threshold calibrated on its validation carve-out. The zero-shot model
+(ImageNet backbone + GeM) has none, so its index would never say "new". The gallery can stand in
+for validation data, the way the whale competition's train.csv does:
+
+* an image of an identity with at least two images is a **known** query: searched against the
+  gallery without itself (leave-one-out), its truth is its identity;
+* an image of an identity with one image is a **new** query: without itself its identity is gone,
+  so its truth is ``new_whale``;
+* a gallery with no single-image identity has no natural new queries; each known query is then
+  also asked once with its whole identity left out (truth ``new_whale``), half known, half new.
+
+The threshold is ``metrics.calibrate_threshold`` over these answers: the one MAP@5 calibration that
+training uses. At most ``max_queries`` images are drawn (seeded), so a large gallery costs one
+batched exact search of that many queries.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from . import NEW_WHALE
+from .metrics import calibrate_threshold
+
+log = logging.getLogger(__name__)
+
+MAX_QUERIES = 4000
+
+
+@dataclass(frozen=True)
+class GalleryCalibration:
+    threshold: float
+    map5: float  # leave-one-out MAP@5 on the gallery with that threshold
+    known_queries: int
+    new_queries: int
+
+
+def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int = 5,
+                         max_queries: int = MAX_QUERIES, seed: int = 0) -> GalleryCalibration | None:
+    """The MAP@``k``-best ``new_whale`` threshold from leave-one-out queries over the gallery, or
+    None when the gallery cannot show what a known identity looks like (no identity has 2 images)."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    labels = np.asarray(identities, dtype=str)
+    names, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if counts.max() < 2:
+        return None
+    rows = _query_rows(len(labels), max_queries, seed)
+    leave_identity_out = counts.min() >= 2  # no single-image identity: make new queries by hand
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    n_neighbours = min(len(labels), (k + 1) * int(counts.max()) + 1)
+    similarities, neighbours = index.search(vectors[rows], n_neighbours)
+    ranked, scores, truths = [], [], []
+    for query, sims, found in zip(rows, similarities, neighbours):
+        single = counts[codes[query]] == 1
+        ranked_ids, ranked_scores = _identities_without(found, sims, codes, exclude_row=query, k=k)
+        ranked.append([names[c] for c in ranked_ids])
+        scores.append(ranked_scores)
+        truths.append(NEW_WHALE if single else labels[query])
+        if leave_identity_out:
+            ranked_ids, ranked_scores = _identities_without(found, sims, codes, k=k,
+                                                            exclude_code=codes[query])
+            ranked.append([names[c] for c in ranked_ids])
+            scores.append(ranked_scores)
+            truths.append(NEW_WHALE)
+    new = sum(t == NEW_WHALE for t in truths)
+    threshold, map5 = calibrate_threshold(ranked, np.stack(scores), truths, k)
+    return GalleryCalibration(threshold, map5, len(truths) - new, new)
+
+
+def _query_rows(n: int, max_queries: int, seed: int) -> np.ndarray:
+    if n <= max_queries:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_queries, replace=False))
+
+
+def _identities_without(found: np.ndarray, sims: np.ndarray, codes: np.ndarray, k: int,
+                        exclude_row: int = -1, exclude_code: int = -1) -> tuple[list[int], np.ndarray]:
+    """The ``k`` best identity codes among ``found`` neighbours (best image per identity), skipping
+    one gallery row or one whole identity; scores padded with -inf where fewer exist."""
+    ranked: list[int] = []
+    scores = np.full(k, -np.inf, dtype=np.float64)
+    for row, similarity in zip(found, sims):
+        if row < 0:
+            break
+        code = int(codes[row])
+        if row == exclude_row or code == exclude_code or code in ranked:
+            continue
+        scores[len(ranked)] = similarity
+        ranked.append(code)
+        if len(ranked) == k:
+            break
+    return ranked, scores
