@@ -16,7 +16,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -226,26 +226,31 @@ def read_gallery(gallery: str | Path, labels: str | Path | None = None,
     return read_folder_gallery(gallery)
 
 
-def load_image(path: str | Path, max_side: int | None = None) -> np.ndarray:
+def load_image(path: "str | Path | BinaryIO", max_side: int | None = None,
+               name: str | None = None) -> np.ndarray:
     """Decode an image as an RGB uint8 array; grey and 1-bit images become 3-channel.
 
-    The one image loader (gallery, training, queries, report thumbnails), so every caller gets the
-    same size guard and the same one-line UserError for a file it cannot use. The size is checked
-    from the header, before any pixel is decoded. ``max_side`` lets a JPEG decode at a reduced
-    scale (still at least that size) when only a thumbnail is wanted.
+    The one image loader (gallery, training, queries, report thumbnails, the server's uploads), so
+    every caller gets the same size guard and the same one-line UserError for a file it cannot
+    use. The size is checked from the header, before any pixel is decoded. ``max_side`` lets a
+    JPEG decode at a reduced scale (still at least that size) when only a thumbnail is wanted.
+    ``path`` may be an open binary stream (an upload); ``name`` then names it in messages.
     """
+    label = name or path
     try:
         with Image.open(path) as image:
-            _check_size(path, image.size)
+            _check_size(label, image.size)
             if max_side is not None:
                 image.draft("RGB", (max_side, max_side))
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
-        raise UserError(f"image {path} does not exist") from None
+        raise UserError(f"image {label} does not exist") from None
     except Image.DecompressionBombError:  # PIL's own guard, at open: not an OSError
-        raise _too_large(path) from None
+        raise _too_large(label) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise UserError(f"image {path} is unreadable or corrupt ({err}): replace or remove it") from None
+        detail = "not a recognised image format" if isinstance(err, UnidentifiedImageError) else err
+        raise UserError(f"image {label} is unreadable or corrupt ({detail}): replace or remove it") \
+            from None
 
 
 def _check_size(path: str | Path, size: tuple[int, int]) -> None:

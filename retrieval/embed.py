@@ -55,14 +55,27 @@ def embed_images(model: EmbeddingModel, paths: Sequence[str | Path], preprocessi
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(ImageDataset(paths, eval_transform(preprocessing)), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
-    chunks = []
-    for images in bar(loader, progress, desc=desc, unit="batch", leave=False):
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            vectors = model(images)
-            if tta_flip:
-                vectors = F.normalize(vectors + model(images.flip(-1)), dim=1)
-        chunks.append(vectors.float().cpu())
+    chunks = [_forward(model, images.to(device, non_blocking=True), tta_flip).cpu()
+              for images in bar(loader, progress, desc=desc, unit="batch", leave=False)]
     if not chunks:
         return np.zeros((0, model.embedding_dim), dtype=np.float32)
     return torch.cat(chunks).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def embed_arrays(model: EmbeddingModel, images: Sequence[np.ndarray], preprocessing: Preprocessing,
+                 device: torch.device | None = None, tta_flip: bool = False) -> np.ndarray:
+    """``embed_images`` for images already decoded (RGB uint8 arrays, e.g. uploads to the server):
+    the same transform and forward pass, in one batch, no DataLoader."""
+    device = device or next(model.parameters()).device
+    transform = eval_transform(preprocessing)
+    batch = torch.stack([transform(image=image)["image"] for image in images]).to(device)
+    return _forward(model.eval(), batch, tta_flip).cpu().numpy().astype(np.float32)
+
+
+def _forward(model: EmbeddingModel, images: torch.Tensor, tta_flip: bool) -> torch.Tensor:
+    with torch.autocast(images.device.type, enabled=images.device.type == "cuda"):
+        vectors = model(images)
+        if tta_flip:
+            vectors = F.normalize(vectors + model(images.flip(-1)), dim=1)
+    return vectors.float()

@@ -79,6 +79,14 @@ class Encoder:
                             num_workers=num_workers, device=device, tta_flip=self.tta == "flip",
                             progress=progress, desc=desc)
 
+    def encode_arrays(self, images: Sequence[np.ndarray],
+                      device: "torch.device | None" = None) -> np.ndarray:
+        """(N, D) float32 unit vectors of decoded RGB images, with this encoder's TTA."""
+        from .embed import embed_arrays
+
+        return embed_arrays(self.model, images, self.preprocessing, device=device,
+                            tta_flip=self.tta == "flip")
+
 
 def check_index_model(manifest: "Manifest", directory: Path, fingerprint: str, fix: str = "") -> None:
     """Refuse to mix models: an index answers only queries embedded by the model it was built with."""

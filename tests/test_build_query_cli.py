@@ -12,6 +12,7 @@ import pytest
 
 import build_index
 import query
+import serve
 from index import GalleryIndex, load_index, read_manifest
 from retrieval import NEW_WHALE
 from retrieval.checkpoint import load_model
@@ -271,7 +272,7 @@ def test_cli_refuses_a_truncated_index(data, index_dir, tmp_path):
     assert_one_line_error(result, "index.faiss is truncated", "rebuild it with build_index.py")
 
 
-@pytest.mark.parametrize("module", [build_index, query])
+@pytest.mark.parametrize("module", [build_index, query, serve])
 def test_every_cli_flag_has_help(module):
     for action in module.build_parser()._actions:
         assert action.help, action.dest

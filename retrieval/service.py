@@ -1,0 +1,381 @@
+"""The engine kept warm: one loaded model and index that answer photos and learn new ones.
+
+``GalleryService`` is what serve.py puts behind HTTP, free of any web framework, so it can be used
+and tested on its own. It is safe to call from many threads at once:
+
+* **queries** read an immutable snapshot of the index (swapped in by one reference assignment), so
+  they keep being answered while a photo is appended;
+* **edits** (append a photo, remove an identity) are read-modify-write under a thread lock and the
+  index folder's writer lock (``index.store.writer_lock``, which also serialises other processes
+  such as ``build_index.py --append``). They read the index from disk, not from memory, so nothing
+  another writer committed is lost, and they commit with ``save_index``'s atomic manifest swap: a
+  crash leaves the index as before or as after. An edit returns only after that commit, so an
+  acknowledged photo survives a restart;
+* an uploaded photo is stored in the index folder under ``uploads/``, named by the SHA-256 of its
+  bytes (never by anything the client sends, so no upload can write elsewhere): the same photo
+  sent twice is the same gallery image, never a duplicate.
+
+The index is re-read when its manifest changes on disk (another process appended), checked by one
+``stat`` per request.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import NEW_WHALE
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+UPLOADS_DIR = "uploads"
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a 48-Mpixel phone JPEG is ~15 MB
+MAX_IDENTITY_LENGTH = 100
+IMAGES_PER_CANDIDATE = 3  # gallery images shown per answered identity
+_FORMAT_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
+                      "WEBP": ".webp", "PPM": ".ppm"}
+
+
+class NotFound(UserError):
+    """An identity or image the gallery does not hold (HTTP 404)."""
+
+
+class Conflict(UserError):
+    """The request contradicts the gallery's state, e.g. a new identity that exists (HTTP 409)."""
+
+
+class TooLarge(UserError):
+    """An upload over ``MAX_UPLOAD_BYTES`` (HTTP 413)."""
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    id: str  # stable name of a gallery image for URLs: a hash of its path
+    identity: str
+    similarity: float | None = None  # to the query, where there is one
+
+
+@dataclass
+class Candidate:
+    identity: str  # or new_whale
+    similarity: float | None  # best image's similarity; None for new_whale
+    images: list[GalleryImage] = field(default_factory=list)  # its best-matching gallery images
+
+
+@dataclass
+class Answer:
+    candidates: list[Candidate]
+    threshold: float | None
+
+    @property
+    def probably_new(self) -> bool:
+        return bool(self.candidates) and self.candidates[0].identity == NEW_WHALE
+
+
+@dataclass
+class Added:
+    identity: str
+    image: GalleryImage
+    added: bool  # False: this exact photo was already in the gallery under this identity
+    images: int  # gallery size after the edit
+
+
+class _Snapshot:
+    """One committed state of the index, never changed once built: safe to share between threads."""
+
+    def __init__(self, stored, stamp: tuple[int, ...]):
+        self.stored = stored
+        self.stamp = stamp
+        self.paths: list[str] = stored.paths
+        self.identities: list[str] = stored.identities
+        self.image_ids = [image_id(path) for path in self.paths]
+        self.row_of_id = {iid: row for row, iid in enumerate(self.image_ids)}
+        self.rows_of: dict[str, list[int]] = {}
+        for row, identity in enumerate(self.identities):
+            self.rows_of.setdefault(identity, []).append(row)
+        self._vectors: np.ndarray | None = None
+        self._vectors_lock = threading.Lock()
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The raw vectors, checked once, then memory-mapped (not held twice beside FAISS's copy)."""
+        with self._vectors_lock:
+            if self._vectors is None:
+                self.stored.vectors()  # size, checksum and finiteness checks
+                from index.store import VECTORS_FILE
+
+                path = self.stored.directory / self.stored.manifest.data_dir / VECTORS_FILE
+                self._vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+            return self._vectors
+
+
+def image_id(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()[:20]
+
+
+class GalleryService:
+    """A loaded index and its model, answering and editing from any number of threads."""
+
+    def __init__(self, index_dir: str | Path, model: str | None = None, device: str | None = None):
+        from index.store import load_index, real_path
+
+        from .encoder import check_index_model
+        from .query import _device, _encoder_for
+
+        self.index_dir = real_path(index_dir)
+        snapshot = _Snapshot(load_index(self.index_dir), self._stamp())
+        self.encoder = _encoder_for(snapshot.stored.manifest, model)
+        check_index_model(snapshot.stored.manifest, self.index_dir, self.encoder.fingerprint,
+                          "pass --model with the checkpoint the index was built from")
+        self.device = _device(device)
+        if self.device is not None:
+            self.encoder.model.to(self.device)
+        self._snapshot = snapshot
+        self._model_lock = threading.Lock()  # one forward pass at a time: the CPU has few cores
+        self._edit_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ reading
+
+    def current(self) -> _Snapshot:
+        """The latest committed index (re-read if another process changed it on disk)."""
+        snapshot = self._snapshot
+        if self._stamp() == snapshot.stamp:
+            return snapshot
+        with self._reload_lock:
+            if self._stamp() != self._snapshot.stamp:
+                self._reload()
+            return self._snapshot
+
+    def query(self, data: bytes, k: int = 5, name: str = "upload") -> Answer:
+        """The top-``k`` identities for one photo, ``new_whale`` placed by the index's threshold."""
+        if k < 1:
+            raise UserError(f"k must be at least 1, got {k}")
+        vector = self.embed(decode_upload(data, name))
+        snapshot = self.current()
+        k = min(k, len(snapshot.rows_of) + 1)
+        ranking = snapshot.stored.gallery.search(vector, k)
+        threshold = snapshot.stored.manifest.threshold
+        from .metrics import insert_new_whale
+
+        labels = insert_new_whale(ranking.identities[0], ranking.scores[0], threshold, k)
+        scores = dict(zip(ranking.identities[0], ranking.scores[0].tolist()))
+        candidates = [Candidate(label, None) if label == NEW_WHALE and label not in scores else
+                      Candidate(label, float(scores[label]), self._matches(snapshot, label, vector[0]))
+                      for label in labels]
+        return Answer(candidates, threshold)
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        with self._model_lock:
+            return self.encoder.encode_arrays([image], device=self.device)
+
+    def _matches(self, snapshot: _Snapshot, identity: str, vector: np.ndarray) -> list[GalleryImage]:
+        rows = snapshot.rows_of[identity]
+        similarity = np.asarray(snapshot.vectors[rows]) @ vector
+        order = np.argsort(-similarity, kind="stable")[:IMAGES_PER_CANDIDATE]
+        return [GalleryImage(snapshot.image_ids[rows[i]], identity, float(similarity[i]))
+                for i in order]
+
+    def identities(self) -> list[dict[str, Any]]:
+        snapshot = self.current()
+        return [{"identity": identity, "images": [snapshot.image_ids[r] for r in rows]}
+                for identity, rows in sorted(snapshot.rows_of.items())]
+
+    def image_path(self, image: str) -> Path:
+        """The file of a gallery image named by its id (only images the index holds are served)."""
+        snapshot = self.current()
+        row = snapshot.row_of_id.get(image)
+        if row is None:
+            raise NotFound(f"no gallery image {image!r} in the index (it may have been removed)")
+        return Path(snapshot.paths[row])
+
+    def health(self) -> dict[str, Any]:
+        manifest = self.current().stored.manifest
+        return {"status": "ok", "index": str(self.index_dir), "images": manifest.counts["images"],
+                "identities": manifest.counts["identities"], "threshold": manifest.threshold,
+                "threshold_source": manifest.threshold_source, "model": manifest.fingerprint,
+                "index_type": manifest.index["kind"], "uptime_s": round(time.time() - self.started, 1)}
+
+    # ------------------------------------------------------------------ editing
+
+    def add(self, data: bytes, identity: str, new_identity: bool = False,
+            name: str = "upload") -> Added:
+        """Put a photo into the gallery as ``identity`` (an existing one, or a ``new_identity``)
+        and return once that is committed to disk; the next query sees it."""
+        identity = check_identity_name(identity)
+        image = decode_upload(data, name)
+        snapshot = self.current()
+        if not new_identity and identity not in snapshot.rows_of:
+            raise NotFound(f"identity {identity!r} is not in the gallery: add it as a new identity")
+        vector = self.embed(image)  # outside the edit lock: queries and other uploads go on
+        with self._edit_lock, self._writer_lock():
+            stored, vectors = self._read_for_edit()
+            if new_identity and identity in set(stored.identities):
+                raise Conflict(f"identity {identity!r} already exists: add the photo to it instead")
+            if not new_identity and identity not in set(stored.identities):
+                raise NotFound(f"identity {identity!r} is not in the gallery (removed meanwhile?)")
+            path = self._store_upload(data)
+            known = dict(zip(stored.paths, stored.identities))
+            if str(path) in known:
+                if known[str(path)] != identity:
+                    raise Conflict(f"this photo is already in the gallery as {known[str(path)]!r}: "
+                                   "remove that identity first to relabel it")
+                return Added(identity, GalleryImage(image_id(str(path)), identity), False,
+                             len(stored.paths))
+            self._commit(stored, np.concatenate([vectors, vector]), stored.paths + [str(path)],
+                         stored.identities + [identity])
+        log.info("added %s to %s (%s)", path.name, identity, "new identity" if new_identity else "existing")
+        return Added(identity, GalleryImage(image_id(str(path)), identity), True, len(stored.paths) + 1)
+
+    def remove_identity(self, identity: str) -> int:
+        """Drop every image of ``identity``; returns how many. Its uploaded photos are deleted."""
+        with self._edit_lock, self._writer_lock():
+            stored, vectors = self._read_for_edit()
+            keep = np.asarray(stored.identities, dtype=object) != identity
+            removed = int((~keep).sum())
+            if not removed:
+                raise NotFound(f"identity {identity!r} is not in the gallery")
+            if not keep.any():
+                raise Conflict(f"removing {identity!r} would leave the gallery empty: an index "
+                               "needs at least one image")
+            self._commit(stored, np.asarray(vectors)[keep],
+                         [p for p, k in zip(stored.paths, keep) if k],
+                         [i for i, k in zip(stored.identities, keep) if k])
+            uploads = self.index_dir / UPLOADS_DIR
+            for path, kept in zip(stored.paths, keep):
+                if not kept and Path(path).parent == uploads:
+                    Path(path).unlink(missing_ok=True)
+        log.info("removed identity %s (%d image(s))", identity, removed)
+        return removed
+
+    def _writer_lock(self):
+        from index.store import writer_lock
+
+        return writer_lock(self.index_dir)
+
+    def _read_for_edit(self):
+        """Under the locks: the committed index and its vectors (what this process last loaded,
+        unless another writer has committed since)."""
+        if self._stamp() != self._snapshot.stamp:
+            self._reload()
+        snapshot = self._snapshot
+        return snapshot.stored, snapshot.vectors
+
+    def _commit(self, stored, vectors: np.ndarray, paths: list[str], identities: list[str]) -> None:
+        from index.store import save_index
+
+        manifest = stored.manifest
+        save_index(self.index_dir, vectors, paths, identities, model=manifest.model,
+                   tta=manifest.tta, threshold=manifest.threshold,
+                   threshold_source=manifest.threshold_source, index_type=manifest.index["requested"],
+                   created=manifest.created)
+        self._reload()
+
+    def _reload(self) -> None:
+        from index.store import load_index
+
+        stamp = self._stamp()
+        self._snapshot = _Snapshot(load_index(self.index_dir), stamp)
+
+    def _stamp(self) -> tuple[int, ...]:
+        try:
+            info = os.stat(self.index_dir / "manifest.json")
+        except OSError:
+            return ()
+        return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+    def _store_upload(self, data: bytes) -> Path:
+        """``uploads/<sha256><ext>``, written whole (temp file, flush, rename) before the index
+        names it; the same bytes always give the same path."""
+        folder = self.index_dir / UPLOADS_DIR
+        folder.mkdir(exist_ok=True)
+        path = folder / (hashlib.sha256(data).hexdigest()[:40] + _extension(data))
+        if path.is_file() and path.stat().st_size == len(data):
+            return path
+        temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return path
+
+
+def decode_upload(data: bytes, name: str = "upload") -> np.ndarray:
+    """An uploaded image as RGB uint8, with the loader's size guard and one-line errors."""
+    from .data import load_image
+
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise TooLarge(f"{name} is {len(data) / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES // 2**20} MB "
+                       "limit: downscale it")
+    if not data:
+        raise UserError(f"{name} is empty: send the image's bytes")
+    return load_image(io.BytesIO(data), name=name)
+
+
+def check_identity_name(identity: str) -> str:
+    """A usable identity label (the same rule as a gallery's folder names or CSV ids)."""
+    from .data import identity_problem, suggested_identity
+
+    identity = (identity or "").strip()
+    if not identity:
+        raise UserError("the identity name is empty: give the identity a name")
+    if len(identity) > MAX_IDENTITY_LENGTH:
+        raise UserError(f"the identity name is {len(identity)} characters long, over "
+                        f"{MAX_IDENTITY_LENGTH}: shorten it")
+    if identity == NEW_WHALE:
+        raise UserError(f"{NEW_WHALE!r} means 'not in the gallery' and cannot be an identity: name it")
+    problem = identity_problem(identity)
+    if problem:
+        raise UserError(f"identity {identity!r} {problem}: try {suggested_identity(identity)!r}")
+    return identity
+
+
+def _extension(data: bytes) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return _FORMAT_EXTENSIONS.get(image.format or "", ".img")
+
+
+def thumbnail(path: Path, size: int = 192) -> bytes:
+    """A JPEG no larger than ``size`` on its longer side, for the page's cards."""
+    from PIL import Image
+
+    from .data import load_image
+
+    image = Image.fromarray(load_image(path, max_side=size))
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def answer_json(answer: Answer, image_url: Any = None) -> dict[str, Any]:
+    """The JSON of an answer; ``image_url(id)`` adds each gallery image's thumbnail URL."""
+    def image(img: GalleryImage) -> dict[str, Any]:
+        entry = {"id": img.id, "similarity": None if img.similarity is None else round(img.similarity, 6)}
+        if image_url is not None:
+            entry["url"] = image_url(img.id)
+        return entry
+
+    return {"threshold": answer.threshold, "probably_new": answer.probably_new,
+            "candidates": [{"identity": c.identity,
+                            "similarity": None if c.similarity is None else round(c.similarity, 6),
+                            "images": [image(i) for i in c.images]} for c in answer.candidates]}
+

@@ -1,0 +1,206 @@
+"""The warm service and its HTTP API, in process (FastAPI's TestClient), on real ORL faces at
+64 px: answers, edits that the next query sees and a restart keeps, one-line 4xx errors, uploads
+that cannot land outside the index folder, and appends racing queries from threads."""
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from index import load_index
+from retrieval import NEW_WHALE
+from retrieval.indexing import BuildOptions, run
+from retrieval.service import UPLOADS_DIR, GalleryService
+
+from .conftest import ORL
+from .index_helpers import IMAGE_SIZE, copy_gallery, single_threaded
+
+GALLERY = [f"s{i}" for i in range(1, 7)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from single_threaded()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, orl_samples):
+    root = tmp_path_factory.mktemp("service")
+    gallery = copy_gallery(orl_samples, root / "gallery", GALLERY, per_identity=3)
+    run(BuildOptions(out=str(root / "index"), gallery=str(gallery), image_size=IMAGE_SIZE,
+                     workers=0, batch_size=16, progress=False))
+    return root
+
+
+@pytest.fixture
+def index_dir(built, tmp_path):
+    """A private copy of the built index per test: tests edit it."""
+    import shutil
+
+    shutil.copytree(built / "index", tmp_path / "index")
+    return tmp_path / "index"
+
+
+@pytest.fixture
+def client(index_dir):
+    from server.app import create_app
+
+    return TestClient(create_app(GalleryService(index_dir)))
+
+
+def photo(identity: str, number: int) -> bytes:
+    return (ORL / identity / f"{number}.pgm").read_bytes()
+
+
+def post_query(client, data: bytes, k: int = 5):
+    return client.post("/query", files={"image": ("q.pgm", data)}, data={"k": str(k)})
+
+
+def post_add(client, data: bytes, identity: str, new: bool = False, name: str = "p.pgm"):
+    return client.post("/gallery", files={"image": (name, data)},
+                       data={"identity": identity, "new_identity": str(new).lower()})
+
+
+def test_query_answers_the_identity_with_its_matching_gallery_thumbnails(client, built):
+    gallery_photo = sorted((built / "gallery" / "s3").iterdir())[0]
+    response = post_query(client, gallery_photo.read_bytes(), k=3)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    first = answer["candidates"][0]
+    assert first["identity"] == "s3" and first["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert len(first["images"]) == 3  # s3's three gallery photos, best first
+    assert [i["similarity"] for i in first["images"]] == sorted(
+        (i["similarity"] for i in first["images"]), reverse=True)
+    assert len(answer["candidates"]) == 3 and answer["threshold"] is not None
+    thumb = client.get(first["images"][0]["url"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 192
+    assert client.get("/health").json()["images"] == 18
+
+
+def test_a_new_identity_is_answered_next_and_survives_a_restart(client, index_dir):
+    stranger = photo("s30", 1)
+    before = post_query(client, stranger).json()
+    assert before["candidates"][0]["identity"] in {NEW_WHALE, *GALLERY}
+    added = post_add(client, stranger, "newcomer", new=True)
+    assert added.status_code == 200 and added.json()["added"] and added.json()["images"] == 19
+    after = post_query(client, photo("s30", 1)).json()
+    assert after["candidates"][0]["identity"] == "newcomer" and not after["probably_new"]
+    assert post_add(client, stranger, "newcomer").json()["added"] is False  # no duplicate
+    assert post_add(client, photo("s30", 2), "newcomer").json()["images"] == 20
+
+    restarted = GalleryService(index_dir)  # what a new server process reads
+    rows = restarted.current().rows_of["newcomer"]
+    assert len(rows) == 2
+    stored = load_index(index_dir)
+    assert stored.manifest.counts == {"images": 20, "identities": 7}
+    assert all(Path(p).parent == index_dir.resolve() / UPLOADS_DIR
+               for p, i in zip(stored.paths, stored.identities) if i == "newcomer")
+    assert restarted.query(stranger).candidates[0].identity == "newcomer"
+
+
+def test_removing_an_identity_drops_its_images_and_uploaded_files(client, index_dir):
+    post_add(client, photo("s31", 1), "visitor", new=True)
+    uploads = list((index_dir / UPLOADS_DIR).iterdir())
+    assert len(uploads) == 1
+    response = client.delete("/identities/visitor")
+    assert response.json() == {"identity": "visitor", "removed": 1}
+    assert not uploads[0].exists()
+    assert "visitor" not in {i["identity"] for i in client.get("/identities").json()}
+    assert post_query(client, photo("s31", 1)).json()["candidates"][0]["identity"] != "visitor"
+
+
+@pytest.mark.parametrize("request_, status, fragment", [
+    (lambda c: post_query(c, b"not an image at all"), 400, "not a recognised image format"),
+    (lambda c: post_query(c, b""), 400, "is empty"),
+    (lambda c: post_query(c, photo("s1", 9), k=0), 422, "k: Input should be greater than"),
+    (lambda c: post_add(c, photo("s1", 9), "nobody"), 404, "not in the gallery"),
+    (lambda c: post_add(c, photo("s1", 9), "s2", new=True), 409, "already exists"),
+    (lambda c: post_add(c, photo("s1", 9), "two words", new=True), 400, "contains whitespace"),
+    (lambda c: post_add(c, photo("s1", 9), NEW_WHALE, new=True), 400, "cannot be an identity"),
+    (lambda c: c.delete("/identities/nobody"), 404, "not in the gallery"),
+    (lambda c: c.get("/images/0123456789abcdef0123"), 404, "no gallery image"),
+])
+def test_bad_input_answers_4xx_with_a_one_line_reason(client, request_, status, fragment):
+    response = request_(client)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and fragment in detail
+
+
+def test_an_upload_over_the_limit_is_refused_with_413(client, monkeypatch):
+    import server.app
+    import retrieval.service
+
+    monkeypatch.setattr(server.app, "MAX_UPLOAD_BYTES", 1000)
+    monkeypatch.setattr(retrieval.service, "MAX_UPLOAD_BYTES", 1000)
+    response = post_query(client, photo("s1", 9))
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+
+def test_a_photo_cannot_be_relabelled_or_remove_the_last_identity(client, index_dir):
+    post_add(client, photo("s32", 1), "first", new=True)
+    again = post_add(client, photo("s32", 1), "second", new=True)
+    assert again.status_code == 409 and "already in the gallery as 'first'" in again.json()["detail"]
+    service = GalleryService(index_dir)
+    for identity in GALLERY:
+        service.remove_identity(identity)
+    with pytest.raises(Exception, match="would leave the gallery empty"):
+        service.remove_identity("first")
+
+
+def test_nothing_a_client_sends_is_written_outside_the_index_folder(client, index_dir, tmp_path):
+    before = {p for p in tmp_path.rglob("*")}
+    for name in ("../../escape.pgm", "/etc/evil.pgm", "..\\x.pgm"):
+        response = post_add(client, photo("s33", 1), "s1", name=name)
+        assert response.status_code == 200
+    lock = tmp_path / ".index.lock"  # the index's own writer lock, beside it (index.store)
+    created = {p for p in tmp_path.rglob("*")} - before - {lock}
+    assert created and all(index_dir in p.parents for p in created)
+    uploads = list((index_dir / UPLOADS_DIR).iterdir())
+    assert [p.suffix for p in uploads] == [".ppm"] and len(uploads[0].stem) == 40
+
+
+def test_appends_from_two_threads_while_queries_run_lose_and_duplicate_nothing(index_dir):
+    service = GalleryService(index_dir)
+    errors: list[BaseException] = []
+    answered = []
+    stop = threading.Event()
+
+    def append(identity: str, numbers):
+        try:
+            service.add(photo(identity, numbers[0]), f"new_{identity}", new_identity=True)
+            for n in numbers[1:]:
+                service.add(photo(identity, n), f"new_{identity}")
+                service.add(photo(identity, n), f"new_{identity}")  # a retry: no duplicate
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    def ask():
+        while not stop.is_set():
+            try:
+                answered.append(service.query(photo("s2", 9), k=3).candidates[0].identity)
+            except BaseException as err:
+                errors.append(err)
+
+    reader = threading.Thread(target=ask)
+    writers = [threading.Thread(target=append, args=(person, [1, 2, 3, 4])) for person in ("s20", "s21")]
+    reader.start()
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    stop.set()
+    reader.join()
+    assert not errors, errors
+    assert answered and set(answered) <= {"s2", NEW_WHALE, *GALLERY}
+    stored = load_index(index_dir)
+    assert stored.manifest.counts == {"images": 18 + 8, "identities": 6 + 2}
+    assert len(set(stored.paths)) == len(stored.paths)
+    assert stored.identities.count("new_s20") == stored.identities.count("new_s21") == 4
+    np.testing.assert_allclose(np.linalg.norm(stored.vectors(), axis=1), 1.0, atol=1e-5)
