@@ -10,12 +10,13 @@ import pytest
 
 from .conftest import ROOT
 
-PACKAGES = ("index", "retrieval", "bench")
-CLIS = ("train_embed", "build_index", "query")
+PACKAGES = ("index", "retrieval", "server", "bench")
+CLIS = ("train_embed", "build_index", "query", "serve")
 # what each floor may not import
 FORBIDDEN = {
-    "index": {"retrieval", "bench", "tests", *CLIS},
-    "retrieval": {"bench", "tests", *CLIS},
+    "index": {"retrieval", "server", "bench", "tests", *CLIS},
+    "retrieval": {"server", "bench", "tests", *CLIS},
+    "server": {"bench", "tests", *CLIS},
     "bench": {"tests", *CLIS},
 }
 
