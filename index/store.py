@@ -63,6 +63,8 @@ INDEX_FILE = "index.faiss"
 TABLE_FILE = "gallery.parquet"
 VECTORS_FILE = "vectors.npy"
 DATA_FILES = (INDEX_FILE, TABLE_FILE, VECTORS_FILE)
+# files the model side may keep with an index (opaque here: listed, checksummed, carried along)
+ATTACHMENTS = ("encoder.onnx",)
 DATA_DIR_PATTERN = re.compile(r"^data-[0-9a-f]{12}$")
 MANIFEST_TEMP_PATTERN = re.compile(r"^\.manifest\.json\.[0-9a-f]{12}\.tmp$")
 MAX_DIM = 65_536
@@ -140,8 +142,9 @@ class ManifestSchema(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ManifestSchema":
-        if set(self.files) != set(DATA_FILES):
-            raise ValueError(f"files must list exactly {', '.join(DATA_FILES)}")
+        if not set(DATA_FILES) <= set(self.files) <= set(DATA_FILES + ATTACHMENTS):
+            raise ValueError(f"files must list {', '.join(DATA_FILES)}, and may list "
+                             f"{', '.join(ATTACHMENTS)}")
         if self.counts.identities > self.counts.images:
             raise ValueError("more identities than images")
         if self.format == FORMAT and not self.data_dir:
@@ -180,6 +183,10 @@ class Manifest:
         return self.model["fingerprint"]
 
     @property
+    def attachments(self) -> list[str]:
+        return [name for name in ATTACHMENTS if name in self.files]
+
+    @property
     def spec(self) -> IndexSpec:
         return IndexSpec.from_dict(self.index)
 
@@ -196,6 +203,12 @@ class StoredIndex:
     paths: list[str]
     identities: list[str]
     gallery: GalleryIndex
+
+    def attachment(self, name: str) -> Path | None:
+        """The path of an attached file (checked against the manifest), or None if it has none."""
+        if name not in self.manifest.files:
+            return None
+        return _verified(self.directory, name, self.manifest)
 
     def vectors(self) -> np.ndarray:
         """The raw embeddings (checked against the manifest), row for row with ``paths``."""
@@ -217,10 +230,12 @@ class StoredIndex:
 def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
                identities: Sequence[str], *, model: dict[str, Any], tta: str,
                threshold: float | None, index_type: str | IndexSpec = "flat",
-               created: str | None = None, threshold_source: str | None = None) -> Manifest:
+               created: str | None = None, threshold_source: str | None = None,
+               attachments: dict[str, Path] | None = None) -> Manifest:
     """Build the FAISS index over ``vectors`` and write it into ``directory`` atomically.
 
     ``index_type`` is a name (``auto`` resolves by gallery size) or an already resolved spec.
+    ``attachments`` ({name in ATTACHMENTS: file}) are copied into the new data folder with it.
     A caller editing an existing index (read, change, write) holds ``writer_lock`` around it.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -249,10 +264,14 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
               "created": created or now, "updated": now, "metric": METRIC, "format": FORMAT}
     target = real_path(directory)
     previous = check_replaceable(target)
-    data_dir = _write_data_dir(target, faiss_index, vectors, paths, identities)
+    attachments = dict(attachments or {})
+    unknown = sorted(set(attachments) - set(ATTACHMENTS))
+    if unknown:
+        raise ValueError(f"unknown attachment(s) {unknown}: an index carries only {ATTACHMENTS}")
+    data_dir = _write_data_dir(target, faiss_index, vectors, paths, identities, attachments)
     try:
         manifest = Manifest.validated({**values, "data_dir": data_dir.name, "files": {
-            name: _describe(data_dir / name) for name in DATA_FILES}})
+            name: _describe(data_dir / name) for name in DATA_FILES + tuple(attachments)}})
         _replace_manifest(target, manifest)
     except BaseException:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -263,8 +282,8 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
 
 
 def _write_data_dir(target: Path, faiss_index: faiss.Index, vectors: np.ndarray,
-                    paths: list[str], identities: list[str]) -> Path:
-    """A new ``data-<id>`` folder with the three data files, flushed to disk."""
+                    paths: list[str], identities: list[str], attachments: dict[str, Path]) -> Path:
+    """A new ``data-<id>`` folder with the three data files and the attachments, flushed."""
     target.mkdir(parents=True, exist_ok=True)
     folder = target / f"data-{secrets.token_hex(6)}"
     folder.mkdir()
@@ -272,7 +291,9 @@ def _write_data_dir(target: Path, faiss_index: faiss.Index, vectors: np.ndarray,
         faiss.write_index(faiss_index, str(folder / INDEX_FILE))
         _write_table(folder / TABLE_FILE, paths, identities)
         np.save(folder / VECTORS_FILE, vectors, allow_pickle=False)
-        for name in DATA_FILES:
+        for name, source in attachments.items():
+            shutil.copyfile(source, folder / name)
+        for name in DATA_FILES + tuple(attachments):
             _fsync(folder / name)
         _fsync(folder)
     except BaseException:
@@ -321,7 +342,7 @@ def _remove_data_dir(folder: Path) -> None:
     if folder.is_symlink() or not folder.is_dir():
         folder.unlink(missing_ok=True)
         return
-    for name in DATA_FILES:
+    for name in DATA_FILES + ATTACHMENTS:
         (folder / name).unlink(missing_ok=True)
     try:
         folder.rmdir()
@@ -514,7 +535,9 @@ def _read_table(path: Path) -> tuple[list[str], list[str]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path, columns=["path", "identity", "vector_id"])
+        # ParquetFile, not read_table: the latter goes through pyarrow.dataset, which imports
+        # pandas (0.25 s and ~100 MB for query.py's cold start)
+        table = pq.ParquetFile(path).read(columns=["path", "identity", "vector_id"])
     except Exception as err:  # pyarrow raises several types for damaged files
         raise _corrupt(path, f"{type(err).__name__}: {err}") from None
     for name in ("path", "identity"):
@@ -523,10 +546,23 @@ def _read_table(path: Path) -> tuple[list[str], list[str]]:
             raise _corrupt(path, f"column {name} holds {column.type}, not text")
         if column.null_count:
             raise _corrupt(path, f"{column.null_count} row(s) have no {name}")
-    ids = table.column("vector_id").to_numpy()
+    ids = _int64_values(path, table.column("vector_id").combine_chunks())
     if not np.array_equal(ids, np.arange(len(ids))):
         raise _corrupt(path, "vector ids are not 0..N-1")
     return table.column("path").to_pylist(), table.column("identity").to_pylist()
+
+
+def _int64_values(path: Path, column) -> np.ndarray:
+    """An int64 column as NumPy, read from its buffer: pyarrow's own ``to_numpy`` imports pandas
+    (a quarter of a second of query.py's cold start)."""
+    import pyarrow as pa
+
+    if not pa.types.is_int64(column.type) or column.null_count:
+        raise _corrupt(path, f"column vector_id holds {column.type} with {column.null_count} null(s)")
+    if len(column) == 0:
+        return np.zeros(0, dtype=np.int64)
+    values = np.frombuffer(column.buffers()[1], dtype=np.int64)
+    return values[column.offset:column.offset + len(column)]
 
 
 def _verified(directory: Path, name: str, manifest: Manifest) -> Path:

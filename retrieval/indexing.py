@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ class Current:
     paths: list[str] = field(default_factory=list)
     identities: list[str] = field(default_factory=list)
     vectors: np.ndarray | None = None
+    attachments: dict[str, Path] = field(default_factory=dict)  # the exported encoder, if any
 
 
 def run(opts: BuildOptions) -> Any:
@@ -159,7 +161,8 @@ def _read_current(opts: BuildOptions) -> Current:
         keep &= np.asarray(stored.identities) != identity
     log.info("removing %d image(s) of %d identit(y/ies)", int((~keep).sum()), len(opts.remove))
     return Current(stored.manifest, [p for p, k in zip(stored.paths, keep) if k],
-                   [i for i, k in zip(stored.identities, keep) if k], vectors[keep])
+                   [i for i, k in zip(stored.identities, keep) if k], vectors[keep],
+                   {name: stored.attachment(name) for name in stored.manifest.attachments})
 
 
 def _plan(opts: BuildOptions, current: Current, encoder_box: list[Encoder]) -> Plan:
@@ -280,16 +283,33 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
         return manifest
     vectors_all = np.concatenate(parts)
     threshold, source = _threshold(opts, manifest, encoder, vectors_all, identities)
-    written = save_index(
-        opts.out, vectors_all, paths, identities,
-        model=encoder.model_info() if encoder else manifest.model,
-        tta=encoder.tta if encoder else manifest.tta,
-        threshold=threshold, threshold_source=source,
-        index_type=index_type or (manifest.index["requested"] if manifest else "flat"),
-        created=manifest.created if manifest else None)
+    with tempfile.TemporaryDirectory(prefix="export-") as scratch:
+        attachments = current.attachments or _export(encoder, Path(scratch))
+        written = save_index(
+            opts.out, vectors_all, paths, identities,
+            model=encoder.model_info() if encoder else manifest.model,
+            tta=encoder.tta if encoder else manifest.tta,
+            threshold=threshold, threshold_source=source,
+            index_type=index_type or (manifest.index["requested"] if manifest else "flat"),
+            created=manifest.created if manifest else None, attachments=attachments)
     log.info("index %s: %d images of %d identities (%s); %d new", opts.out,
              written.counts["images"], written.counts["identities"], written.index["kind"], len(new))
     return written
+
+
+def _export(encoder: Encoder | None, scratch: Path) -> dict[str, Path]:
+    """The encoder exported to ONNX for the fast cold query path ({} where it cannot be)."""
+    from .onnx_encoder import ENCODER_FILE, export_onnx
+
+    if encoder is None:
+        return {}
+    started = time.perf_counter()
+    path = scratch / ENCODER_FILE
+    if not export_onnx(encoder.model, encoder.preprocessing.image_size, path):
+        return {}
+    log.info("exported the encoder to ONNX for query.py (%.1f s, %.1f MB)",
+             time.perf_counter() - started, path.stat().st_size / 2**20)
+    return {ENCODER_FILE: path}
 
 
 def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None, vectors: np.ndarray,

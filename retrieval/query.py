@@ -84,7 +84,7 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     stored = load_index(index_dir)  # cheap checks first: all of them before any model loads
     k = _clamp_k(k, stored.gallery.num_identities)
     images = _readable_queries(images, folder=Path(target).is_dir(), strict=strict)
-    encoder = _encoder_for(stored.manifest, model)
+    encoder = encoder_for(stored, model, device)
     check_index_model(stored.manifest, Path(index_dir), encoder.fingerprint,
                       "pass --model with the checkpoint the index was built from, or rebuild the "
                       "index with build_index.py --model for this one")
@@ -102,7 +102,25 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     return QueryResult(answers, threshold, str(index_dir), k)
 
 
-def _encoder_for(manifest, model: str | None):
+def encoder_for(stored, model: str | None = None, device: str | None = None):
+    """The index's exported ONNX encoder where it has one (starts in a fraction of the time, no
+    torch); the full model for ``--model``, ``--device cuda``, an index without one, or where
+    onnxruntime is missing."""
+    from .onnx_encoder import ENCODER_FILE
+
+    if model is None and device != "cuda" and stored.attachment(ENCODER_FILE) is not None:
+        try:
+            from .onnx_encoder import OnnxEncoder
+        except ImportError:  # pragma: no cover - onnxruntime is a dependency
+            log.info("onnxruntime is not installed: loading the full model")
+        else:
+            manifest = stored.manifest
+            return OnnxEncoder(stored.attachment(ENCODER_FILE), manifest.model["preprocessing"],
+                               manifest.fingerprint, manifest.tta)
+    return _full_encoder(stored.manifest, model)
+
+
+def _full_encoder(manifest, model: str | None):
     from .encoder import EncoderSpec, load_encoder
 
     spec = EncoderSpec.of_index(manifest, model)

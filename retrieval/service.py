@@ -130,15 +130,15 @@ class GalleryService:
         from index.store import load_index, real_path
 
         from .encoder import check_index_model
-        from .query import _device, _encoder_for
+        from .query import _device, encoder_for
 
         self.index_dir = real_path(index_dir)
         snapshot = _Snapshot(load_index(self.index_dir), self._stamp())
-        self.encoder = _encoder_for(snapshot.stored.manifest, model)
+        self.encoder = encoder_for(snapshot.stored, model, device)
         check_index_model(snapshot.stored.manifest, self.index_dir, self.encoder.fingerprint,
                           "pass --model with the checkpoint the index was built from")
         self.device = _device(device)
-        if self.device is not None:
+        if self.device is not None and hasattr(self.encoder, "model"):
             self.encoder.model.to(self.device)
         self._snapshot = snapshot
         self._model_lock = threading.Lock()  # one forward pass at a time: the CPU has few cores
@@ -279,7 +279,8 @@ class GalleryService:
         save_index(self.index_dir, vectors, paths, identities, model=manifest.model,
                    tta=manifest.tta, threshold=manifest.threshold,
                    threshold_source=manifest.threshold_source, index_type=manifest.index["requested"],
-                   created=manifest.created)
+                   created=manifest.created,
+                   attachments={name: stored.attachment(name) for name in manifest.attachments})
         self._reload()
 
     def _reload(self) -> None:
