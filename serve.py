@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default %(default)s: this machine only; 0.0.0.0 "
                         "for every network interface, with no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+    p.add_argument("--no-batching", dest="batching", action="store_false",
+                   help="embed each photo on its own instead of letting photos that arrive "
+                        "together share one forward pass (dynamic batching, on by default)")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="force a device for embedding (default: cuda when available)")
     return p
@@ -40,7 +43,7 @@ def main() -> int:
     from retrieval.service import GalleryService
     from server.app import create_app
 
-    service = GalleryService(args.index, model=args.model, device=args.device)
+    service = GalleryService(args.index, model=args.model, device=args.device, batching=args.batching)
     logging.getLogger(__name__).info("serving %s on http://%s:%d/ (API docs at /docs)",
                                      args.index, args.host, args.port)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")

@@ -15,6 +15,9 @@ Parts:
           loop with the same model, loss (ArcFace), batch size, images and augmentation
   query   ``query.py`` on one image, as a fresh process: cold (first run) and warm (median of the
           next runs, files in the page cache)
+  serve   serve.py over HTTP: one client's p50/p95 by gallery size beside the bare in-process work,
+          8 concurrent clients with and without dynamic batching, and cold query.py's wall time
+          and peak RSS (bench/serve_speed.py)
   index   HNSW / IVF recall@5 and queries/s by gallery size: runs bench/index_speed.py
   scale   --scale-size vectors (default 1M x 512, float32, generated in chunks: ~2 GB): flat
           through GalleryIndex vs bare FAISS, and GalleryIndex's own --scale-types (ivf, hnsw)
@@ -38,7 +41,7 @@ import numpy as np
 
 from .common import ROOT, Report, data_path, format_table, torch_device
 
-PARTS = ("embed", "search", "knn", "train", "query", "index", "scale")
+PARTS = ("embed", "search", "knn", "train", "query", "serve", "index", "scale")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--query-runs", type=int, default=4, help="query.py runs (first = cold)")
+    p.add_argument("--serve-gallery", type=int, nargs="+", default=[1_000, 100_000],
+                   help="gallery sizes for the serve part (a real ORL index topped up with "
+                        "synthetic vectors)")
+    p.add_argument("--serve-requests", type=int, default=100, help="single-client requests per size")
+    p.add_argument("--serve-clients", type=int, default=8, help="concurrent clients (serve part)")
+    p.add_argument("--serve-seconds", type=float, default=30, help="length of the concurrent run")
     p.add_argument("--index-sizes", type=int, nargs="+", default=[10_000],
                    help="gallery sizes for bench/index_speed.py (1000000 takes long: see README)")
     p.add_argument("--index-types", nargs="+", default=["flat", "hnsw", "ivf"])
@@ -520,6 +529,25 @@ def run(args) -> dict:
                 ["of which: import torch+timm+faiss+albumentations", q["import_torch_timm_faiss_albumentations_s"]],
                 ["build_index.py (400 images, once)", q["build_index_s"]]],
                 f"query: {q['gallery']}, {q['image_size']}px"))
+        print(tables[-1], flush=True)
+        save()
+    if "serve" in args.parts:
+        from .serve_speed import bench_serve
+
+        sv = results["serve"] = bench_serve(args)
+        rows = [[f"1 client, gallery {r['gallery']}", r["server"]["p50_ms"], r["server"]["p95_ms"],
+                 f"{r['bare']['faiss']['p50_ms']} / {r['bare']['numpy']['p50_ms']}",
+                 r["ratio_bare_over_server_p50"], None, None] for r in sv["single"]]
+        rows += [[f"{c['clients']} clients, gallery {c['gallery']}, batching {'on' if c['batching'] else 'off'}",
+                  c["p50_ms"], c["p95_ms"], None, None, c["queries_per_s"], c["errors"]]
+                 for c in sv["concurrent"]]
+        cold = sv["cold_query"]
+        tables.append(format_table(["serve.py over HTTP", "p50 ms", "p95 ms",
+                                    "bare p50 ms (faiss / numpy)", "best bare ÷ server", "q/s",
+                                    "errors"], rows,
+                                   f"serve: {sv['model']}, {sv['image_size']} px; cold query.py "
+                                   f"{cold['wall_s_median']} s, {cold['peak_rss_mb_median']} MB peak "
+                                   f"RSS (median of {cold['runs']})"))
         print(tables[-1], flush=True)
         save()
     if "index" in args.parts:

@@ -119,6 +119,46 @@ class _Snapshot:
             return self._vectors
 
 
+class _Batcher:
+    """Dynamic batching without a waiting window: one thread runs the model; each pass takes every
+    photo queued while the previous pass ran (up to ``max_batch``). A lone client's photo is
+    embedded at once, as without batching; under load, concurrent photos share a forward pass."""
+
+    def __init__(self, encode, max_batch: int = 16):
+        import queue
+
+        self._encode = encode
+        self._max_batch = max_batch
+        self._queue: "queue.Queue" = queue.Queue()
+        threading.Thread(target=self._run, name="embed-batcher", daemon=True).start()
+
+    def submit(self, image: np.ndarray) -> np.ndarray:
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        self._queue.put((image, future))
+        return future.result()
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            items = [self._queue.get()]
+            while len(items) < self._max_batch:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                vectors = self._encode([image for image, _ in items])
+            except BaseException as err:  # every waiting request gets the error, not a hang
+                for _, future in items:
+                    future.set_exception(err)
+                continue
+            for (_, future), vector in zip(items, vectors):
+                future.set_result(vector)
+
+
 def image_id(path: str) -> str:
     return hashlib.sha256(path.encode()).hexdigest()[:20]
 
@@ -126,7 +166,8 @@ def image_id(path: str) -> str:
 class GalleryService:
     """A loaded index and its model, answering and editing from any number of threads."""
 
-    def __init__(self, index_dir: str | Path, model: str | None = None, device: str | None = None):
+    def __init__(self, index_dir: str | Path, model: str | None = None, device: str | None = None,
+                 batching: bool = True):
         from index.store import load_index, real_path
 
         from .encoder import check_index_model
@@ -142,6 +183,7 @@ class GalleryService:
             self.encoder.model.to(self.device)
         self._snapshot = snapshot
         self._model_lock = threading.Lock()  # one forward pass at a time: the CPU has few cores
+        self._batcher = _Batcher(self._encode_many) if batching else None
         self._edit_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self.started = time.time()
@@ -177,8 +219,14 @@ class GalleryService:
         return Answer(candidates, threshold)
 
     def embed(self, image: np.ndarray) -> np.ndarray:
+        """(1, D): through the batcher (photos that arrive together share one forward pass)."""
+        if self._batcher is not None:
+            return self._batcher.submit(image)[None]
+        return self._encode_many([image])
+
+    def _encode_many(self, images: list[np.ndarray]) -> np.ndarray:
         with self._model_lock:
-            return self.encoder.encode_arrays([image], device=self.device)
+            return self.encoder.encode_arrays(images, device=self.device)
 
     def _matches(self, snapshot: _Snapshot, identity: str, vector: np.ndarray) -> list[GalleryImage]:
         rows = snapshot.rows_of[identity]

@@ -30,13 +30,20 @@ def brute_force_identities(gallery, labels, queries, k):
     return result
 
 
-def test_search_folds_neighbours_into_identities_like_brute_force(orl_vectors):
+@pytest.mark.parametrize("batch", [40, 7, 1])  # FAISS's search; the few-queries NumPy path
+def test_search_folds_neighbours_into_identities_like_brute_force(orl_vectors, batch):
+    from index.search import FEW_QUERIES, IdentityRanking
+
     vectors, labels = orl_vectors
     gallery_rows = np.arange(len(labels)) % 10 < 3  # 3 images of each person in the gallery
     gallery, gallery_labels = vectors[gallery_rows], labels[gallery_rows]
     queries = vectors[np.arange(len(labels)) % 10 == 5]
     index = GalleryIndex(gallery, gallery_labels)
-    ranking = index.search(queries, k=5)
+    assert (batch < FEW_QUERIES) == (batch != 40)
+    parts = [index.search(queries[i:i + batch], k=5) for i in range(0, len(queries), batch)]
+    ranking = IdentityRanking([ids for p in parts for ids in p.identities],
+                              np.concatenate([p.scores for p in parts]),
+                              np.concatenate([p.best_rows for p in parts]))
     expected = brute_force_identities(gallery, gallery_labels, queries, 5)
     for q, reference in enumerate(expected):
         assert ranking.identities[q] == [name for name, _ in reference]

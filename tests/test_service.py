@@ -204,3 +204,25 @@ def test_appends_from_two_threads_while_queries_run_lose_and_duplicate_nothing(i
     assert len(set(stored.paths)) == len(stored.paths)
     assert stored.identities.count("new_s20") == stored.identities.count("new_s21") == 4
     np.testing.assert_allclose(np.linalg.norm(stored.vectors(), axis=1), 1.0, atol=1e-5)
+
+
+def test_photos_arriving_together_share_a_forward_pass_and_get_their_own_vectors(index_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrieval.service import decode_upload
+
+    service = GalleryService(index_dir)
+    sizes = []
+    encode = service._encode_many
+
+    def recording(images):
+        sizes.append(len(images))
+        return encode(images)
+
+    service._batcher._encode = recording
+    images = [decode_upload(photo(f"s{p}", 1)) for p in range(10, 22)]
+    alone = np.concatenate([service.encoder.encode_arrays([image]) for image in images])
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        together = np.concatenate(list(pool.map(service.embed, images)))
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert sum(sizes) == 12 and max(sizes) > 1
