@@ -40,7 +40,8 @@ def run_all(args) -> None:
             ("open-set", open_set, dict(data=data, seeds=[0], image_size=64, epochs=4)),
             ("speed", speed, dict(image_size=64, embed_images=128, train_images=96, gallery=[10_000],
                                   queries=500, query_runs=3, index_sizes=[10_000], repeats=3,
-                                  scale_size=100_000, scale_types=["ivf"])),
+                                  scale_size=100_000, scale_types=["ivf"], serve_gallery=[1_000],
+                                  serve_requests=50, serve_seconds=10)),
         ]
     else:
         plans = [(name, module, dict(data=data) if name != "speed" else {})
