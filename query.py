@@ -5,6 +5,8 @@
   python query.py test/ --submission submission.csv             # Kaggle file (Image,Id)
   python query.py test/ --json > answers.json
   python query.py test/ --html report.html                      # thumbnails, self-contained
+  python query.py test/ --truth truth.csv --metrics scores.json # score labelled queries
+  python query.py val/                                          # val/<identity>/<image>: scored too
 
 The model, preprocessing, TTA and new_whale threshold come from the index (build_index.py).
 """
@@ -32,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="CKPT",
                    help="the checkpoint the index was built from, if it has moved since "
                         "(default: the path recorded in the index)")
+    p.add_argument("--truth", metavar="CSV",
+                   help="score the answers: a CSV Image,Id with each query image's true identity "
+                        "(by file name; new_whale for someone not in the gallery). A query folder "
+                        "holding one sub-folder per identity is scored without it")
     out = p.add_argument_group("output (default: text on stdout)")
     out.add_argument("--json", action="store_true", help="print the answers as JSON on stdout")
     out.add_argument("--submission", metavar="CSV",
@@ -39,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "sorted by name, space-separated labels")
     out.add_argument("--html", metavar="FILE",
                      help="write a self-contained HTML page: each query beside its top-k gallery "
-                          "thumbnails, identities and similarities")
+                          "thumbnails, identities and similarities (with a truth: right answers "
+                          "marked, scores at the top)")
+    out.add_argument("--metrics", metavar="JSON",
+                     help="with a truth: write MAP@5, top-1/top-5 accuracy, macro-F1 and the "
+                          "per-identity table as JSON")
     run = p.add_argument_group("run")
     run.add_argument("--strict", action="store_true",
                      help="with a folder: fail on an unreadable image instead of leaving it out of "
@@ -55,11 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    from retrieval.query import format_text, run_query, to_json
+    from retrieval.query import check_scoring_request, format_text, run_query, to_json
+
+    check_scoring_request(args.query, args.truth, args.metrics)
 
     result = run_query(args.query, args.index, k=args.k, threshold=args.threshold, model=args.model,
                        batch_size=args.batch_size, workers=args.workers, device=args.device,
-                       strict=args.strict)
+                       strict=args.strict, truth=args.truth)
+    if args.metrics:
+        from retrieval.query import write_metrics
+
+        write_metrics(args.metrics, result)
+        print(f"wrote {args.metrics}", file=sys.stderr)
     if args.submission:
         from retrieval.submission import write_submission
         rows = write_submission(args.submission, result.answers)
@@ -70,8 +87,13 @@ def main() -> int:
         print(f"wrote {args.html}", file=sys.stderr)
     if args.json:
         print(json.dumps(to_json(result), indent=2))
-    elif not (args.submission or args.html):
+    elif not (args.submission or args.html or args.metrics):
         print(format_text(result))
+    elif result.evaluation is not None:
+        from retrieval.metrics import format_evaluation
+
+        print(format_evaluation(result.evaluation, result.truth_source, per_identity=False),
+              file=sys.stderr)
     return 0
 
 

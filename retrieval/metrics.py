@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -89,3 +90,64 @@ def calibrate_threshold(ranked_identities: Sequence[Sequence[str]], scores: np.n
     best = np.flatnonzero(ap >= ap.max() - 1e-12)
     chosen = best[len(best) // 2]
     return float(candidates[chosen]), float(ap[chosen])
+
+
+@dataclass
+class Evaluation:
+    """How a set of answers scores against one true label per query (``new_whale`` included)."""
+
+    queries: int
+    map5: float  # Kaggle's MAP@5
+    top1: float  # first answer is the truth
+    top5: float  # the truth is among the first five
+    macro_f1: float  # of the first answers, over every label in the truths or the first answers
+    per_identity: list[dict] = field(default_factory=list)  # identity, queries, top1, top5, map5, f1
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_answers(predictions: Sequence[Sequence[str]], truths: Sequence[str],
+                     k: int = 5) -> Evaluation:
+    """Every number a labelled query set gets: what ``query.py --truth`` prints and what the
+    submission scorer prints, from this one implementation."""
+    map5 = map_at_k(predictions, truths, k)
+    first = [p[0] if len(p) else "" for p in predictions]
+    hit1 = np.array([f == t for f, t in zip(first, truths)])
+    hit5 = np.array([t in list(p[:k]) for p, t in zip(predictions, truths)])
+    ap = np.array([average_precision_at_k(p, t, k) for p, t in zip(predictions, truths)])
+    f1 = f1_per_label(first, truths)
+    truth_array = np.asarray(truths, dtype=object)
+    per_identity = []
+    for identity in sorted(set(truths)):
+        rows = truth_array == identity
+        per_identity.append({"identity": identity, "queries": int(rows.sum()),
+                             "top1": float(hit1[rows].mean()), "top5": float(hit5[rows].mean()),
+                             "map5": float(ap[rows].mean()), "f1": f1[identity]})
+    return Evaluation(len(truths), map5, float(hit1.mean()), float(hit5.mean()),
+                      float(np.mean(list(f1.values()))), per_identity)
+
+
+def f1_per_label(predicted: Sequence[str], truths: Sequence[str]) -> dict[str, float]:
+    """F1 of each label (as scikit-learn's ``f1_score(average=None)``: every label that occurs in
+    the truths or the predictions; 0 where a label has no true positive)."""
+    from collections import Counter
+
+    true_positives = Counter(t for p, t in zip(predicted, truths) if p == t)
+    predicted_count, true_count = Counter(predicted), Counter(truths)
+    return {label: 2 * true_positives[label] / (predicted_count[label] + true_count[label])
+            for label in sorted(set(truths) | set(predicted))}
+
+
+def format_evaluation(evaluation: Evaluation, source: str, per_identity: bool = True) -> str:
+    """The summary lines (and the per-identity table) as query.py and the scorer print them."""
+    e = evaluation
+    lines = [f"evaluation against {source}: {e.queries} queries",
+             f"  MAP@5 {e.map5:.4f}   top-1 {e.top1:.4f}   top-5 {e.top5:.4f}   macro-F1 {e.macro_f1:.4f}"]
+    if per_identity and e.per_identity:
+        width = max(8, *(len(row["identity"]) for row in e.per_identity))
+        lines.append(f"  {'identity':<{width}s}  queries   top-1   top-5   MAP@5      F1")
+        for row in e.per_identity:
+            lines.append(f"  {row['identity']:<{width}s}  {row['queries']:7d}  {row['top1']:6.3f}  "
+                         f"{row['top5']:6.3f}  {row['map5']:6.3f}  {row['f1']:6.3f}")
+    return "\n".join(lines)

@@ -45,10 +45,15 @@ class QueryResult:
     threshold: float | None
     index_dir: str
     k: int
+    truths: dict[str, str] | None = None  # image -> true identity (or new_whale), where known
+    evaluation: Any = None  # metrics.Evaluation of the answers with a truth
+    truth_source: str | None = None  # the truth CSV, or "folder names"
 
 
 def list_query_images(target: str | Path) -> list[Path]:
-    """One image, or the images directly inside a folder (sorted): Kaggle's test/ layout."""
+    """One image; the images directly inside a folder (sorted: Kaggle's test/ layout); or, for a
+    folder holding only sub-folders, every image below it (a folder per identity: see
+    ``folder_truths``)."""
     from .data import IMAGE_EXTENSIONS, is_image
 
     target = Path(target)
@@ -59,20 +64,85 @@ def list_query_images(target: str | Path) -> list[Path]:
     if not target.exists():
         raise UserError(f"query {target} does not exist: pass an image file or a folder of images")
     images = sorted(p for p in target.iterdir() if is_image(p))
+    if not images and is_labelled_tree(target):
+        images = sorted(p for p in target.rglob("*") if is_image(p) and p.parent != target)
     if not images:
-        raise UserError(f"no images directly inside {target} (extensions: "
+        raise UserError(f"no images inside {target} (extensions: "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}): pass an image or a folder of images")
     return images
 
 
+def is_labelled_tree(target: Path) -> bool:
+    """A folder with no images of its own but images in sub-folders: one folder per identity."""
+    from .data import is_image
+
+    if not target.is_dir() or any(is_image(p) for p in target.iterdir()):
+        return False
+    return any(is_image(p) for p in target.rglob("*"))
+
+
+def read_truths(target: str | Path, images: Sequence[Path], truth: str | Path | None
+                ) -> tuple[dict[str, str] | None, str | None]:
+    """{image: true identity} for the query images that have one, and where it came from: the
+    ``truth`` CSV (``Image,Id`` by file name, ``new_whale`` allowed), or the sub-folder names of
+    a folder-per-identity query tree (a ``new_whale`` folder holds unknown ones). None without."""
+    target = Path(target)
+    if truth is not None:
+        from .submission import read_labels_csv
+
+        rows = read_labels_csv(truth, "truth file")
+        bad = [image for image, labels in rows.items() if len(labels) != 1]
+        if bad:
+            raise UserError(f"truth file {truth} gives {len(rows[bad[0]])} labels for {bad[0]}: "
+                            "one true Id per image")
+        truths = {str(image): rows[image.name][0] for image in images if image.name in rows}
+        _report_unmatched(images, truths, len(rows), f"truth file {truth}")
+        return truths, str(truth)
+    if is_labelled_tree(target):
+        return {str(image): image.parent.relative_to(target).as_posix() for image in images}, \
+            "folder names"
+    return None, None
+
+
+def _report_unmatched(images: Sequence[Path], truths: dict[str, str], rows: int, where: str) -> None:
+    if not truths:
+        raise UserError(f"no query image is named in {where} ({rows} rows, e.g. column Image = "
+                        f"{images[0].name!r} expected): check that it lists these images")
+    if len(truths) < len(images):
+        log.warning("%d of %d query image(s) have no row in %s: answered but not scored",
+                    len(images) - len(truths), len(images), where)
+    if len(truths) < rows:
+        log.warning("%d row(s) of %s name no query image: not scored", rows - len(truths), where)
+
+
+def check_scoring_request(target: str | Path, truth: str | Path | None, metrics: str | None) -> None:
+    """Before any work: --metrics needs something to score against."""
+    if metrics and truth is None and not is_labelled_tree(Path(target)):
+        raise UserError("--metrics needs a truth: pass --truth CSV, or query a folder with one "
+                        "sub-folder per identity")
+
+
+def evaluate(result: "QueryResult") -> Any:
+    """``metrics.evaluate_answers`` over the answers that have a truth."""
+    from .metrics import evaluate_answers
+
+    scored = [a for a in result.answers if a.image in result.truths]
+    if not scored:
+        raise UserError("no answered query has a truth (every one was unreadable?): nothing to score")
+    return evaluate_answers([a.labels for a in scored], [result.truths[a.image] for a in scored])
+
+
 def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: float | None = None,
               model: str | None = None, batch_size: int = 64, workers: int | None = None,
-              device: str | None = None, progress: bool = True, strict: bool = False) -> QueryResult:
+              device: str | None = None, progress: bool = True, strict: bool = False,
+              truth: str | Path | None = None) -> QueryResult:
     """Embed the query image(s) with the index's own model and rank the gallery's identities.
 
     ``threshold`` overrides the index's ``new_whale`` threshold; ``model`` replaces the
     checkpoint path recorded in the index (same weights required: checked by fingerprint).
     In a folder, unreadable images are left out with a warning (``strict``: an error instead).
+    With ``truth`` (a CSV ``Image,Id``), or for a folder-per-identity query tree, the answers are
+    also scored (``QueryResult.evaluation``).
     """
     from index.store import load_index
 
@@ -81,6 +151,7 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     if k < 1:
         raise UserError(f"-k must be at least 1, got {k}")
     images = list_query_images(target)
+    truths, truth_source = read_truths(target, images, truth)
     stored = load_index(index_dir)  # cheap checks first: all of them before any model loads
     k = _clamp_k(k, stored.gallery.num_identities)
     images = _readable_queries(images, folder=Path(target).is_dir(), strict=strict)
@@ -99,7 +170,10 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     answers = [QueryAnswer(str(image), hits_for(ids, scores, rows, stored.paths, threshold, k))
                for image, ids, scores, rows in zip(images, ranking.identities, ranking.scores,
                                                    ranking.best_rows)]
-    return QueryResult(answers, threshold, str(index_dir), k)
+    result = QueryResult(answers, threshold, str(index_dir), k, truths, None, truth_source)
+    if truths is not None:
+        result.evaluation = evaluate(result)
+    return result
 
 
 def encoder_for(stored, model: str | None = None, device: str | None = None):
@@ -204,13 +278,35 @@ def format_text(result: QueryResult) -> str:
                 lines.append(f"  {rank}. {hit.identity:<24s} {hit.similarity:7.4f}  {hit.gallery_image}")
     if result.threshold is None:
         lines.append("(no new_whale threshold: the index's model has none; pass --threshold)")
+    if result.evaluation is not None:
+        from .metrics import format_evaluation
+
+        lines.append(format_evaluation(result.evaluation, result.truth_source))
     return "\n".join(lines)
 
 
 def to_json(result: QueryResult) -> dict[str, Any]:
-    return {"index": result.index_dir, "k": result.k, "threshold": result.threshold,
-            "results": [{"image": a.image, "answers": [_hit_json(h) for h in a.hits]}
-                        for a in result.answers]}
+    out = {"index": result.index_dir, "k": result.k, "threshold": result.threshold,
+           "results": [{"image": a.image, "answers": [_hit_json(h) for h in a.hits],
+                        **({"truth": result.truths.get(a.image)} if result.truths else {})}
+                       for a in result.answers]}
+    if result.evaluation is not None:
+        out["evaluation"] = {"truth": result.truth_source, **result.evaluation.to_json()}
+    return out
+
+
+def write_metrics(path: str | Path, result: QueryResult) -> None:
+    """The evaluation as JSON, written atomically."""
+    import json
+
+    from .files import atomic_write
+
+    if result.evaluation is None:
+        raise UserError("--metrics needs a truth: pass --truth CSV, or query a folder with one "
+                        "sub-folder per identity")
+    text = json.dumps({"truth": result.truth_source, "index": result.index_dir,
+                       **result.evaluation.to_json()}, indent=2) + "\n"
+    atomic_write(path, lambda temp: temp.write_text(text))
 
 
 def _hit_json(hit: Hit) -> dict[str, Any]:

@@ -24,6 +24,9 @@ td { border: 1px solid #ccc; padding: 4px; text-align: center; vertical-align: t
 td.query { background: #eef; }
 td.new { background: #fee; width: 128px; }
 .name { max-width: 128px; overflow-wrap: anywhere; }
+td.right { background: #dfd; outline: 3px solid #2a2; }
+td.wrong-query { background: #fdd; }
+.scores { font-size: 16px; }
 """
 
 
@@ -59,15 +62,21 @@ def render(result) -> str:
     threshold = "none" if result.threshold is None else f"{result.threshold:.4f}"
     answers = result.answers[:MAX_QUERIES]
     rows = []
+    truths = result.truths or {}
     for answer in answers:
-        cells = [_image_cell(answer.image, [Path(answer.image).name], "query")]
+        truth = truths.get(answer.image)
+        query_lines = [Path(answer.image).name] + ([f"truth: {truth}"] if truth is not None else [])
+        found = truth is not None and truth in answer.labels
+        query_css = "query" if truth is None or found else "query wrong-query"
+        cells = [_image_cell(answer.image, query_lines, query_css)]
         for rank, hit in enumerate(answer.hits, start=1):
+            right = " right" if truth is not None and hit.identity == truth else ""
             if hit.similarity is None:
                 cells.append(_image_cell(None, [f"{rank}. {hit.identity}",
-                                                f"below threshold {threshold}"], "new"))
+                                                f"below threshold {threshold}"], "new" + right))
             else:
                 cells.append(_image_cell(hit.gallery_image, [f"{rank}. {hit.identity}",
-                                                             f"{hit.similarity:.4f}"]))
+                                                             f"{hit.similarity:.4f}"], right.strip()))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     shown = f"first {len(answers)} of {len(result.answers)}" if len(answers) < len(result.answers) \
         else f"{len(answers)}"
@@ -75,8 +84,19 @@ def render(result) -> str:
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>query report</title>"
             f"<style>{_STYLE}</style></head><body>\n"
             f"<h1>Query report</h1><p>index {html.escape(result.index_dir)}; {shown} queries; "
-            f"top {result.k}; new_whale threshold {threshold}</p>\n"
+            f"top {result.k}; new_whale threshold {threshold}</p>\n{_scores(result)}"
             f"<table>{header}\n" + "\n".join(rows) + "\n</table></body></html>\n")
+
+
+def _scores(result) -> str:
+    """The evaluation line at the top, where the queries had a truth."""
+    e = result.evaluation
+    if e is None:
+        return ""
+    return (f'<p class="scores" id="scores">against {html.escape(str(result.truth_source))}, '
+            f"{e.queries} queries: <b>MAP@5 {e.map5:.4f}</b>, top-1 {e.top1:.4f}, top-5 {e.top5:.4f}, "
+            f"macro-F1 {e.macro_f1:.4f}. The true identity is outlined in green; a query whose "
+            "answers miss it is red.</p>\n")
 
 
 def write_report(path: str | Path, result) -> None:

@@ -83,7 +83,13 @@ def read_labels_csv(path: str | Path, what: str) -> dict[str, list[str]]:
 
 def score_submission(submission: str | Path, truth: str | Path) -> float:
     """MAP@5 of a submission file against a truth file (one true ``Id`` per image)."""
-    from .metrics import map_at_k
+    return evaluate_submission(submission, truth).map5
+
+
+def evaluate_submission(submission: str | Path, truth: str | Path):
+    """Every metric (``metrics.evaluate_answers``, as ``query.py --truth`` prints them) of a
+    submission file against a truth file."""
+    from .metrics import evaluate_answers
 
     answers = read_labels_csv(submission, "submission")
     truths = read_labels_csv(truth, "truth file")
@@ -92,18 +98,25 @@ def score_submission(submission: str | Path, truth: str | Path) -> float:
         raise UserError(f"the submission has no row for {len(missing)} image(s) of the truth file, "
                         f"e.g. {missing[0]}: query every image")
     images = sorted(truths)
-    return map_at_k([answers[i] for i in images], [truths[i][0] for i in images], KAGGLE_LABELS)
+    return evaluate_answers([answers[i] for i in images], [truths[i][0] for i in images],
+                            KAGGLE_LABELS)
 
 
 def _main() -> None:
-    """``python -m retrieval.submission SUBMISSION TRUTH``: print MAP@5."""
+    """``python -m retrieval.submission SUBMISSION TRUTH``: print MAP@5 and the other metrics."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Score a Kaggle whale submission (MAP@5).")
+    from .metrics import format_evaluation
+
+    parser = argparse.ArgumentParser(description="Score a Kaggle whale submission (MAP@5, top-1 / "
+                                                 "top-5 accuracy, macro-F1, per identity).")
     parser.add_argument("submission", help="CSV written by query.py --submission")
     parser.add_argument("truth", help="CSV Image,Id with the true identity (or new_whale) per image")
+    parser.add_argument("--per-identity", action="store_true", help="also print the per-identity table")
     args = parser.parse_args()
-    print(f"MAP@5 {score_submission(args.submission, args.truth):.4f}")
+    evaluation = evaluate_submission(args.submission, args.truth)
+    print(f"MAP@5 {evaluation.map5:.4f}")
+    print(format_evaluation(evaluation, args.truth, per_identity=args.per_identity))
 
 
 if __name__ == "__main__":

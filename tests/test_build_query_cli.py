@@ -21,6 +21,7 @@ from retrieval.errors import UserError
 from retrieval.indexing import BuildOptions, run
 from retrieval.query import run_query
 
+from .conftest import ORL as ORL_DIR
 from .index_helpers import (IMAGE_SIZE, assert_one_line_error, check_html, copy_gallery,
                             make_checkpoint, run_cli, single_threaded, torchrun)
 
@@ -198,6 +199,59 @@ def test_query_cli_outputs_submission_html_and_json(data, index_dir, tmp_path):
     by_name = {r["image"].split("/")[-1]: [h["identity"] for h in r["answers"]] for r in answers["results"]}
     check_submission(submission, by_name, allowed=set(KNOWN + LATER) | {NEW_WHALE})
     check_html(report, expected_images=len(by_name) * 6 - sum(NEW_WHALE in v for v in by_name.values()))
+
+
+def test_query_cli_scores_labelled_queries_like_the_submission_scorer(data, index_dir, tmp_path):
+    from retrieval.submission import evaluate_submission
+
+    truth = tmp_path / "truth.csv"
+    rows = [(p.name, p.name.split("_")[0]) for p in sorted(data.queries.iterdir())]
+    rows = [(name, NEW_WHALE if identity in UNKNOWN else identity) for name, identity in rows]
+    truth.write_text("Image,Id\n" + "".join(f"{n},{i}\n" for n, i in rows))
+    submission, metrics, report = tmp_path / "s.csv", tmp_path / "m.json", tmp_path / "r.html"
+    result = run_cli("query.py", data.queries, "--index", index_dir, "--truth", truth,
+                     "--submission", submission, "--metrics", metrics, "--html", report)
+    assert result.returncode == 0, result.stderr
+    scored = json.loads(metrics.read_text())
+    reference = evaluate_submission(submission, truth)
+    assert scored["queries"] == len(rows) == reference.queries
+    for name in ("map5", "top1", "top5", "macro_f1"):
+        assert scored[name] == pytest.approx(getattr(reference, name), abs=1e-12), name
+    assert {r["identity"] for r in scored["per_identity"]} == {i for _, i in rows}
+    assert f"MAP@5 {reference.map5:.4f}" in result.stderr  # the summary line
+    page = report.read_text()
+    assert f"MAP@5 {reference.map5:.4f}" in page
+    found = sum(truth_ in labels for truth_, labels in [
+        (i, read_labels(submission)[n]) for n, i in rows])
+    assert page.count('class="query wrong-query"') == len(rows) - found
+    assert page.count("truth: ") == len(rows)
+
+
+def read_labels(path) -> dict[str, list[str]]:
+    lines = path.read_text().splitlines()[1:]
+    return {line.split(",")[0]: line.split(",")[1].split() for line in lines}
+
+
+def test_a_folder_per_identity_query_tree_is_scored_by_its_folder_names(data, index_dir, tmp_path,
+                                                                       orl_samples):
+    tree = copy_gallery(orl_samples, tmp_path / "val", KNOWN[:3], per_identity=2, skip=6)
+    (tree / NEW_WHALE).mkdir()
+    shutil.copy(sorted((ORL_DIR / "s35").iterdir())[0], tree / NEW_WHALE / "stranger.pgm")
+    result = run_query(tree, index_dir, progress=False)
+    assert result.truth_source == "folder names" and len(result.answers) == 7
+    assert {r["identity"] for r in result.evaluation.per_identity} == set(KNOWN[:3]) | {NEW_WHALE}
+    text = run_cli("query.py", tree, "--index", index_dir)
+    assert text.returncode == 0 and "evaluation against folder names: 7 queries" in text.stdout
+
+
+def test_metrics_without_a_truth_and_a_truth_naming_no_query_are_one_line_errors(data, index_dir,
+                                                                                tmp_path):
+    assert_one_line_error(run_cli("query.py", data.queries, "--index", index_dir, "--metrics",
+                                  tmp_path / "m.json"), "--metrics needs a truth")
+    truth = tmp_path / "t.csv"
+    truth.write_text("Image,Id\nother.jpg,s1\n")
+    assert_one_line_error(run_cli("query.py", data.queries, "--index", index_dir, "--truth", truth),
+                          "no query image is named in truth file")
 
 
 def check_submission(path, expected: dict[str, list[str]], allowed: set[str]) -> None:

@@ -61,3 +61,29 @@ def test_calibrated_threshold_is_optimal_against_brute_force():
     grid = np.concatenate([np.linspace(-0.1, 1.1, 241), scores.ravel()])
     assert best == pytest.approx(_brute_force_best_map(ranked, scores, truths, grid))
     assert best > map_at_k([i for i in ranked], truths)  # a threshold helps with 30% new queries
+
+
+def test_evaluation_matches_scikit_learn_and_a_hand_count():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from retrieval.metrics import evaluate_answers
+
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c", NEW_WHALE]
+    truths = list(rng.choice(labels, 60))
+    predictions = [list(rng.permutation(labels + ["d"])) for _ in truths]
+    e = evaluate_answers(predictions, truths)
+    first = [p[0] for p in predictions]
+    assert e.queries == 60
+    assert e.top1 == pytest.approx(accuracy_score(truths, first))
+    assert e.macro_f1 == pytest.approx(f1_score(truths, first, average="macro"))
+    assert e.top5 == pytest.approx(np.mean([t in p[:5] for p, t in zip(predictions, truths)]))
+    assert e.map5 == pytest.approx(np.mean([1 / (p.index(t) + 1) for p, t in zip(predictions, truths)]))
+    rows = {row["identity"]: row for row in e.per_identity}
+    assert set(rows) == set(truths) and sum(r["queries"] for r in rows.values()) == 60
+    per_label_f1 = dict(zip(sorted(set(truths) | set(first)),
+                            f1_score(truths, first, average=None, labels=sorted(set(truths) | set(first)))))
+    for identity, row in rows.items():
+        mine = [i for i, t in enumerate(truths) if t == identity]
+        assert row["top1"] == pytest.approx(np.mean([first[i] == identity for i in mine]))
+        assert row["f1"] == pytest.approx(per_label_f1[identity])

@@ -35,4 +35,5 @@ def test_module_cli_prints_map5(tmp_path):
     truth = write(tmp_path / "t.csv", "Image,Id\na.jpg,w1\n")
     done = subprocess.run([sys.executable, "-m", "retrieval.submission", str(submission), str(truth)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "MAP@5 0.5000"
+    assert done.returncode == 0 and done.stdout.splitlines()[0] == "MAP@5 0.5000"
+    assert "top-1 0.0000   top-5 1.0000" in done.stdout
