@@ -5,6 +5,7 @@
   python -m bench open-set --data orl --seeds 0 1 2 --image-size 96 --epochs 10
   python -m bench speed
   python -m bench peers --data orl     # the peer libraries alone, open-set, one seed
+  python -m bench audit                # the gallery audit against injected label swaps / duplicates
   python -m bench ablation --data dogfacenet --max-identities 300 --variants base "fbn=freeze_bn:true"
 
 Each suite prints a table and writes bench/results/<name>.json (+ .txt with the table). By default
@@ -19,7 +20,7 @@ import time
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import ablation, accuracy, open_set, peers_suite, speed
+    from . import ablation, accuracy, audit_bench, open_set, peers_suite, speed
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--progress", action="store_true", help="show tqdm progress bars")
     sub = p.add_subparsers(dest="suite", required=True)
     for name, module in (("accuracy", accuracy), ("open-set", open_set), ("speed", speed),
-                         ("peers", peers_suite), ("ablation", ablation)):
+                         ("peers", peers_suite), ("ablation", ablation), ("audit", audit_bench)):
         sp = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], parents=[common],
                             description=module.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from .suite import run_all
         run_all(args)
         return 0
-    from . import ablation, accuracy, open_set, peers_suite, speed
+    from . import ablation, accuracy, audit_bench, open_set, peers_suite, speed
 
     module = {"accuracy": accuracy, "open-set": open_set, "speed": speed, "peers": peers_suite,
-              "ablation": ablation}[args.suite]
+              "ablation": ablation, "audit": audit_bench}[args.suite]
     started = time.time()
     module.run(args)
     print(f"({args.suite}: {time.time() - started:.0f} s)")

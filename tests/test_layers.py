@@ -11,7 +11,7 @@ import pytest
 from .conftest import ROOT
 
 PACKAGES = ("index", "retrieval", "server", "bench")
-CLIS = ("train_embed", "build_index", "query", "serve")
+CLIS = ("train_embed", "build_index", "query", "serve", "audit")
 # what each floor may not import
 FORBIDDEN = {
     "index": {"retrieval", "server", "bench", "tests", *CLIS},
