@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write a self-contained HTML page: each query beside its top-k gallery "
                           "thumbnails, identities and similarities (with a truth: right answers "
                           "marked, scores at the top)")
+    out.add_argument("--heatmaps", action="store_true",
+                     help="with --html: a 'why?' toggle per match showing where the query and the "
+                          "gallery image found each other (loads the full model; first 100 queries)")
     out.add_argument("--metrics", metavar="JSON",
                      help="with a truth: write MAP@5, top-1/top-5 accuracy, macro-F1 and the "
                           "per-identity table as JSON")
@@ -65,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    from retrieval.query import check_scoring_request, format_text, run_query, to_json
+    from retrieval.query import check_output_options, format_text, run_query, to_json
 
-    check_scoring_request(args.query, args.truth, args.metrics)
+    check_output_options(args.query, args.truth, args.metrics, args.heatmaps, args.html)
 
     result = run_query(args.query, args.index, k=args.k, threshold=args.threshold, model=args.model,
                        batch_size=args.batch_size, workers=args.workers, device=args.device,
@@ -83,7 +86,13 @@ def main() -> int:
         print(f"wrote {rows} rows to {args.submission}", file=sys.stderr)
     if args.html:
         from retrieval.report import write_report
-        write_report(args.html, result)
+
+        explain = None
+        if args.heatmaps:
+            from retrieval.heatmap import index_explainer
+
+            explain = index_explainer(args.index, args.model)
+        write_report(args.html, result, explain)
         print(f"wrote {args.html}", file=sys.stderr)
     if args.json:
         print(json.dumps(to_json(result), indent=2))

@@ -11,8 +11,8 @@ and lists three kinds of finding, each with a score to sort by:
   cannot tell a duplicate from two shots of one pose: on ORL's faces such shots reach 0.98 cosine
   similarity, re-encoded copies 0.95, while their thumbnails correlate at 0.991 at most against
   0.9998 at least (bench/README.md, "Gallery audit");
-* **mislabel**: an image closer to another identity's images than to the rest of its own
-  (score: best other-identity similarity minus best own similarity; only identities with 2+ images);
+* **mislabel**: an image closer to another identity's centre (mean vector) than to the centre of
+  the rest of its own (score: the difference; only identities with 2+ images);
 * **outlier**: an image far from the rest of its identity (identities with 3+ images): its mean
   similarity to the others, below the identity's median by more than ``outlier_mads`` median
   absolute deviations.
@@ -145,26 +145,36 @@ def _rows_by_identity(labels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _mislabels(vectors: np.ndarray, paths, labels: np.ndarray) -> list[Finding]:
-    """Own-identity best similarity vs the best of every other identity, image by image, in
-    chunks of the similarity matrix (exact: a gallery audit is an offline job)."""
+    """Images closer to another identity's centre than to their own identity's centre (the mean of
+    its other images, so the image does not pull its own centre towards itself). Scored by that
+    margin. Centres beat the single nearest image in bench/README.md ("Gallery audit": 0.86 vs 0.76
+    of the swapped dog photos found, 0.74 vs 0.70 of the characters, 0.85 both on faces)."""
     groups = _rows_by_identity(labels)
+    names = list(groups)
+    code = {name: c for c, name in enumerate(names)}
+    sums = np.stack([vectors[rows].sum(axis=0) for rows in groups.values()])  # (m, D)
+    sum_norms = np.linalg.norm(sums, axis=1)
     found = []
     for start in range(0, len(vectors), 1024):
-        block = vectors[start:start + 1024] @ vectors.T
-        for offset, sims in enumerate(block):
+        block = vectors[start:start + 1024] @ sums.T  # dot products with every identity's sum
+        for offset, dots in enumerate(block):
             i = start + offset
-            own_rows = groups[str(labels[i])]
-            if len(own_rows) < 2:
+            own = code[str(labels[i])]
+            if len(groups[names[own]]) < 2:
                 continue
-            own = sims[own_rows[own_rows != i]].max()
-            others = sims.copy()
-            others[own_rows] = -np.inf
-            j = int(np.argmax(others))
-            margin = float(others[j] - own)
+            own_norm = np.sqrt(max(sum_norms[own] ** 2 - 2 * dots[own] + 1.0, 1e-12))
+            own_similarity = (dots[own] - 1.0) / own_norm
+            others = dots / np.maximum(sum_norms, 1e-12)
+            others[own] = -np.inf
+            other = int(np.argmax(others))
+            margin = float(others[other] - own_similarity)
             if margin > 0:
-                found.append(Finding("mislabel", margin, paths[i], str(labels[i]), paths[j],
-                                     str(labels[j]), f"closest own {own:.3f}, closest "
-                                                     f"{labels[j]} {others[j]:.3f}"))
+                rows = groups[names[other]]
+                nearest = rows[int(np.argmax(vectors[rows] @ vectors[i]))]
+                found.append(Finding("mislabel", margin, paths[i], str(labels[i]), paths[nearest],
+                                     names[other], f"similarity to its identity's centre "
+                                                   f"{own_similarity:.3f}, to {names[other]}'s "
+                                                   f"{others[other]:.3f}"))
     return sorted(found, key=lambda f: -f.score)
 
 

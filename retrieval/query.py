@@ -115,11 +115,14 @@ def _report_unmatched(images: Sequence[Path], truths: dict[str, str], rows: int,
         log.warning("%d row(s) of %s name no query image: not scored", rows - len(truths), where)
 
 
-def check_scoring_request(target: str | Path, truth: str | Path | None, metrics: str | None) -> None:
-    """Before any work: --metrics needs something to score against."""
+def check_output_options(target: str | Path, truth: str | Path | None, metrics: str | None,
+                         heatmaps: bool = False, html: str | None = None) -> None:
+    """Before any work: --metrics needs something to score against, --heatmaps a report."""
     if metrics and truth is None and not is_labelled_tree(Path(target)):
         raise UserError("--metrics needs a truth: pass --truth CSV, or query a folder with one "
                         "sub-folder per identity")
+    if heatmaps and not html:
+        raise UserError("--heatmaps draws into the HTML report: add --html FILE")
 
 
 def evaluate(result: "QueryResult") -> Any:

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 THUMBNAIL = 128  # pixels, longer side
 MAX_QUERIES = 500  # beyond this the page gets too heavy to open; the first ones are shown
+HEATMAP_QUERIES = 100  # heat-maps cost two forward passes per match: the first queries get them
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1em; }
@@ -27,6 +28,7 @@ td.new { background: #fee; width: 128px; }
 td.right { background: #dfd; outline: 3px solid #2a2; }
 td.wrong-query { background: #fdd; }
 .scores { font-size: 16px; }
+details img { width: 96px; height: 96px; }
 """
 
 
@@ -50,20 +52,22 @@ def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _image_cell(path: str | None, lines: list[str], css: str = "") -> str:
+def _image_cell(path: str | None, lines: list[str], css: str = "", extra: str = "") -> str:
     uri = thumbnail_uri(path) if path else None
     picture = f'<img src="{uri}" alt="{html.escape(Path(path).name)}"><br>' if uri else ""
     text = "<br>".join(f'<span class="name">{html.escape(line)}</span>' for line in lines)
-    return f'<td class="{css}">{picture}{text}</td>'
+    return f'<td class="{css}">{picture}{text}{extra}</td>'
 
 
-def render(result) -> str:
-    """The page for a ``retrieval.query.QueryResult``."""
+def render(result, explain=None) -> str:
+    """The page for a ``retrieval.query.QueryResult``; with ``explain(query, gallery) -> (PNG,
+    PNG)`` each match of the first ``HEATMAP_QUERIES`` queries gets a "why?" toggle with both
+    heat-maps (``retrieval.heatmap``)."""
     threshold = "none" if result.threshold is None else f"{result.threshold:.4f}"
     answers = result.answers[:MAX_QUERIES]
     rows = []
     truths = result.truths or {}
-    for answer in answers:
+    for number, answer in enumerate(answers):
         truth = truths.get(answer.image)
         query_lines = [Path(answer.image).name] + ([f"truth: {truth}"] if truth is not None else [])
         found = truth is not None and truth in answer.labels
@@ -75,8 +79,11 @@ def render(result) -> str:
                 cells.append(_image_cell(None, [f"{rank}. {hit.identity}",
                                                 f"below threshold {threshold}"], "new" + right))
             else:
+                why = _why(explain, answer.image, hit.gallery_image) \
+                    if explain is not None and number < HEATMAP_QUERIES else ""
                 cells.append(_image_cell(hit.gallery_image, [f"{rank}. {hit.identity}",
-                                                             f"{hit.similarity:.4f}"], right.strip()))
+                                                             f"{hit.similarity:.4f}"], right.strip(),
+                                         why))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     shown = f"first {len(answers)} of {len(result.answers)}" if len(answers) < len(result.answers) \
         else f"{len(answers)}"
@@ -86,6 +93,19 @@ def render(result) -> str:
             f"<h1>Query report</h1><p>index {html.escape(result.index_dir)}; {shown} queries; "
             f"top {result.k}; new_whale threshold {threshold}</p>\n{_scores(result)}"
             f"<table>{header}\n" + "\n".join(rows) + "\n</table></body></html>\n")
+
+
+def _why(explain, query: str, gallery: str) -> str:
+    """A closed <details> with the pair's two heat-maps (red: found in the other image)."""
+    try:
+        query_png, gallery_png = explain(query, gallery)
+    except Exception as err:  # a moved gallery image: the report is still worth writing
+        log.warning("no heat-map for %s vs %s: %s", query, gallery, err)
+        return ""
+    images = "".join(f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" '
+                     f'alt="{alt}" title="{alt}: red = found in the other image">'
+                     for png, alt in ((query_png, "query"), (gallery_png, "gallery")))
+    return f'<details class="why"><summary>why?</summary>{images}</details>'
 
 
 def _scores(result) -> str:
@@ -99,10 +119,12 @@ def _scores(result) -> str:
             "answers miss it is red.</p>\n")
 
 
-def write_report(path: str | Path, result) -> None:
+def write_report(path: str | Path, result, explain=None) -> None:
     from .files import atomic_write
 
     if len(result.answers) > MAX_QUERIES:
         log.warning("the report shows the first %d of %d queries", MAX_QUERIES, len(result.answers))
-    page = render(result)
+    if explain is not None and len(result.answers) > HEATMAP_QUERIES:
+        log.warning("heat-maps for the first %d of %d queries", HEATMAP_QUERIES, len(result.answers))
+    page = render(result, explain)
     atomic_write(path, lambda temp: temp.write_text(page, encoding="utf-8"))

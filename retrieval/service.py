@@ -174,6 +174,7 @@ class GalleryService:
         from .query import _device, encoder_for
 
         self.index_dir = real_path(index_dir)
+        self._model_path = model
         snapshot = _Snapshot(load_index(self.index_dir), self._stamp())
         self.encoder = encoder_for(snapshot.stored, model, device)
         check_index_model(snapshot.stored.manifest, self.index_dir, self.encoder.fingerprint,
@@ -234,6 +235,32 @@ class GalleryService:
         order = np.argsort(-similarity, kind="stable")[:IMAGES_PER_CANDIDATE]
         return [GalleryImage(snapshot.image_ids[rows[i]], identity, float(similarity[i]))
                 for i in order]
+
+    def explain(self, data: bytes, image: str, name: str = "upload") -> tuple[bytes, bytes]:
+        """PNG heat-maps (query, gallery image ``image``): where each found the other
+        (``retrieval.heatmap``). Loads the full model once, on first use."""
+        from .data import load_image
+        from .heatmap import explain_pair, overlay_png
+
+        query = decode_upload(data, name)
+        gallery = load_image(self.image_path(image))
+        model, preprocessing = self._full_model()
+        with self._model_lock:
+            explanation = explain_pair(model, preprocessing, query, gallery)
+        return (overlay_png(explanation.query_input, explanation.query),
+                overlay_png(explanation.gallery_input, explanation.gallery))
+
+    def _full_model(self):
+        """The eager model behind the index (heat-maps need its feature maps, which the exported
+        encoder does not give)."""
+        with self._reload_lock:
+            if getattr(self, "_eager", None) is None:
+                from .query import _full_encoder
+
+                encoder = self.encoder if hasattr(self.encoder, "model") else \
+                    _full_encoder(self.current().stored.manifest, self._model_path)
+                self._eager = (encoder.model, encoder.preprocessing)
+            return self._eager
 
     def identities(self) -> list[dict[str, Any]]:
         snapshot = self.current()

@@ -67,6 +67,13 @@ def create_app(service: GalleryService) -> FastAPI:
         return {"identity": added.identity, "image": added.image.id, "added": added.added,
                 "images": added.images}
 
+    @app.post("/explain", summary="Heat-maps: where a photo and a gallery image found each other")
+    def explain(image: Annotated[UploadFile, File(description="the photo")],
+                gallery_image: Annotated[str, Form(description="a gallery image id from /query")]
+                ) -> dict:
+        query_png, gallery_png = service.explain(_read(image), gallery_image, name=_name(image))
+        return {"query": _data_uri(query_png), "gallery": _data_uri(gallery_png)}
+
     @app.get("/identities", summary="Every identity with its gallery image ids")
     def identities() -> list[dict]:
         return service.identities()
@@ -91,6 +98,12 @@ def _read(upload: UploadFile) -> bytes:
     if len(data) > MAX_UPLOAD_BYTES:
         raise TooLarge(f"{_name(upload)} is over the {MAX_UPLOAD_BYTES // 2**20} MB limit: downscale it")
     return data
+
+
+def _data_uri(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _name(upload: UploadFile) -> str:

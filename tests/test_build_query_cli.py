@@ -339,3 +339,19 @@ def test_query_errors_on_inputs_come_before_any_heavy_import(data):
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "faiss" in imported and not imported & {"torch", "timm", "albumentations", "pandas"}
+
+
+def test_report_with_heatmaps_has_a_toggle_per_match(data, index_dir, tmp_path):
+    one = tmp_path / "q"
+    one.mkdir()
+    for image in sorted(data.queries.iterdir())[:2]:
+        shutil.copy(image, one / image.name)
+    report = tmp_path / "r.html"
+    result = run_cli("query.py", one, "--index", index_dir, "--html", report, "--heatmaps",
+                     "--threshold", "-1")  # no new_whale: five matches per query
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = report.read_text()
+    assert page.count('<details class="why">') == 2 * 5
+    assert page.count('src="data:image/png;base64,') == 2 * 5 * 2
+    assert_one_line_error(run_cli("query.py", one, "--index", index_dir, "--heatmaps"),
+                          "--heatmaps draws into the HTML report")

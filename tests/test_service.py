@@ -226,3 +226,19 @@ def test_photos_arriving_together_share_a_forward_pass_and_get_their_own_vectors
         together = np.concatenate(list(pool.map(service.embed, images)))
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert sum(sizes) == 12 and max(sizes) > 1
+
+
+def test_explain_returns_both_heat_maps_for_a_match(client):
+    from .test_heatmap import decode_data_uri
+
+    data = photo("s3", 9)
+    match = post_query(client, data).json()["candidates"][0]
+    response = client.post("/explain", files={"image": ("q.pgm", data)},
+                           data={"gallery_image": match["images"][0]["id"]})
+    assert response.status_code == 200, response.text
+    maps = response.json()
+    for key in ("query", "gallery"):
+        assert decode_data_uri(maps[key]).size == (IMAGE_SIZE, IMAGE_SIZE)
+    missing = client.post("/explain", files={"image": ("q.pgm", data)},
+                          data={"gallery_image": "0" * 20})
+    assert missing.status_code == 404
