@@ -25,6 +25,7 @@ DATA_SETS = {
     "omniglot": DATA_ROOT / "omniglot" / "images_background_small1",
     "orl": DATA_ROOT / "orl_faces",
     "dogfacenet": DATA_ROOT / "dogfacenet",
+    "grocery": DATA_ROOT / "grocery",
 }
 LIBRARIES = ("torch", "torchvision", "timm", "pytorch-metric-learning", "faiss-gpu", "faiss-cpu",
              "numpy", "scikit-learn", "albumentations", "opencv-python-headless", "pillow",

@@ -204,6 +204,12 @@ def test_the_page_in_a_real_browser_answers_and_learns_a_new_identity(index_dir,
         thumbs = browser.find_elements(By.CSS_SELECTOR, ".candidate .thumbs img")
         assert thumbs and all(browser.execute_script(
             "return arguments[0].complete && arguments[0].naturalWidth > 0", t) for t in thumbs)
+        browser.find_element(By.CSS_SELECTOR, ".candidate .why").click()  # heat-maps of the match
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".candidate .heat img")) == 2)
+        heat = browser.find_elements(By.CSS_SELECTOR, ".candidate .heat img")
+        wait.until(lambda b: all(b.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth > 0", h) for h in heat))
+        browser.save_screenshot(str(tmp_path / "why.png"))
 
         stranger = tmp_path / "stranger.pgm"
         stranger.write_bytes(photo("s30", 1))
