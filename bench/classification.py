@@ -187,7 +187,8 @@ def run(args) -> dict:
 def _table(rows: dict[str, list[dict]], args, fit, test) -> str:
     lines = []
     for row, runs in rows.items():
-        lines.append([row, len(runs)] + [pm(mean_std([r[k] for r in runs])) for k in ("top1", "top5", "macro_f1")]
+        scores = [pm(mean_std([r[k] for r in runs])) for k in ("top1", "top5", "macro_f1")]
+        lines.append([row, len(runs)] + scores
                      + [round(float(np.mean([r.get("train_s", 0) for r in runs])), 1),
                         round(float(np.mean([r.get("answer_s", 0) for r in runs])), 1)])
     return format_table(["row", "seeds", "top-1", "top-5", "macro-F1", "train s", "answer s"], lines,

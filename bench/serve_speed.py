@@ -170,7 +170,8 @@ def _bare(index: Path, image: bytes, requests: int) -> dict[str, list[float]]:
 # this process's resident pages as its own until it execs, inflating its peak RSS.
 _LAUNCHER = ("import resource, subprocess, sys, time\n"
              "t = time.perf_counter()\n"
-             "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode\n"
+             "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL,\n"
+             "                      stderr=subprocess.DEVNULL).returncode\n"
              "wall = time.perf_counter() - t\n"
              "print(code, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
 

@@ -44,3 +44,28 @@ def make_kaggle_layout(samples, folder: Path, extra_rows: list[tuple[str, str]] 
     csv = folder / "train.csv"
     pd.DataFrame(rows, columns=["Image", "Id"]).to_csv(csv, index=False)
     return images, csv
+
+
+SERVICE_GALLERY = [f"s{i}" for i in range(1, 7)]  # the served index: 6 ORL people x 3 photos
+
+
+@pytest.fixture(scope="session")
+def service_built(tmp_path_factory, orl_samples):
+    """A zero-shot index at 64 px over ``SERVICE_GALLERY``, built once for the service and
+    server tests (their ``index_dir`` fixtures copy it, since they edit it)."""
+    from retrieval.indexing import BuildOptions, run
+
+    from .index_helpers import IMAGE_SIZE, copy_gallery
+
+    root = tmp_path_factory.mktemp("service")
+    gallery = copy_gallery(orl_samples, root / "gallery", SERVICE_GALLERY, per_identity=3)
+    run(BuildOptions(out=str(root / "index"), gallery=str(gallery), image_size=IMAGE_SIZE,
+                     workers=0, batch_size=16, progress=False))
+    return root
+
+
+@pytest.fixture
+def index_dir(service_built, tmp_path):
+    """A private copy of the served index per test: the tests add and remove photos."""
+    shutil.copytree(service_built / "index", tmp_path / "index")
+    return tmp_path / "index"

@@ -19,30 +19,14 @@ import httpx
 import pytest
 
 from index import load_index
-from retrieval.indexing import BuildOptions, run
 
-from .conftest import ORL
-from .index_helpers import IMAGE_SIZE, ROOT, copy_gallery
+from .conftest import ORL, SERVICE_GALLERY
+from .index_helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
-GALLERY = [f"s{i}" for i in range(1, 7)]
+GALLERY = SERVICE_GALLERY
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, orl_samples):
-    root = tmp_path_factory.mktemp("server")
-    gallery = copy_gallery(orl_samples, root / "gallery", GALLERY, per_identity=3)
-    run(BuildOptions(out=str(root / "index"), gallery=str(gallery), image_size=IMAGE_SIZE,
-                     workers=0, batch_size=16, progress=False))
-    return root
-
-
-@pytest.fixture
-def index_dir(built, tmp_path):
-    shutil.copytree(built / "index", tmp_path / "index")
-    return tmp_path / "index"
 
 
 class Server:
@@ -173,7 +157,8 @@ def test_kill_9_during_appends_leaves_a_whole_index_with_every_acknowledged_phot
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="needs Debian's chromium and chromium-driver (bash .ci/run installs them)")
-def test_the_page_in_a_real_browser_answers_and_learns_a_new_identity(index_dir, built, tmp_path):
+def test_the_page_in_a_real_browser_answers_and_learns_a_new_identity(index_dir, service_built,
+                                                                     tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
     from selenium.webdriver.common.by import By
@@ -199,7 +184,7 @@ def test_the_page_in_a_real_browser_answers_and_learns_a_new_identity(index_dir,
     try:
         browser.get(server.url)
         wait.until(ready.text_to_be_present_in_element((By.ID, "info"), "18 photos of 6 identities"))
-        known = sorted((built / "gallery" / "s4").iterdir())[0]
+        known = sorted((service_built / "gallery" / "s4").iterdir())[0]
         assert ask(known)[0] == "s4"
         thumbs = browser.find_elements(By.CSS_SELECTOR, ".candidate .thumbs img")
         assert thumbs and all(browser.execute_script(

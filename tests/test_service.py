@@ -14,36 +14,17 @@ from PIL import Image
 
 from index import load_index
 from retrieval import NEW_WHALE
-from retrieval.indexing import BuildOptions, run
 from retrieval.service import UPLOADS_DIR, GalleryService
 
-from .conftest import ORL
-from .index_helpers import IMAGE_SIZE, copy_gallery, single_threaded
+from .conftest import ORL, SERVICE_GALLERY
+from .index_helpers import IMAGE_SIZE, single_threaded
 
-GALLERY = [f"s{i}" for i in range(1, 7)]
+GALLERY = SERVICE_GALLERY
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     yield from single_threaded()
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, orl_samples):
-    root = tmp_path_factory.mktemp("service")
-    gallery = copy_gallery(orl_samples, root / "gallery", GALLERY, per_identity=3)
-    run(BuildOptions(out=str(root / "index"), gallery=str(gallery), image_size=IMAGE_SIZE,
-                     workers=0, batch_size=16, progress=False))
-    return root
-
-
-@pytest.fixture
-def index_dir(built, tmp_path):
-    """A private copy of the built index per test: tests edit it."""
-    import shutil
-
-    shutil.copytree(built / "index", tmp_path / "index")
-    return tmp_path / "index"
 
 
 @pytest.fixture
@@ -66,8 +47,8 @@ def post_add(client, data: bytes, identity: str, new: bool = False, name: str = 
                        data={"identity": identity, "new_identity": str(new).lower()})
 
 
-def test_query_answers_the_identity_with_its_matching_gallery_thumbnails(client, built):
-    gallery_photo = sorted((built / "gallery" / "s3").iterdir())[0]
+def test_query_answers_the_identity_with_its_matching_gallery_thumbnails(client, service_built):
+    gallery_photo = sorted((service_built / "gallery" / "s3").iterdir())[0]
     response = post_query(client, gallery_photo.read_bytes(), k=3)
     assert response.status_code == 200, response.text
     answer = response.json()
