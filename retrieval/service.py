@@ -187,6 +187,8 @@ class GalleryService:
         self._batcher = _Batcher(self._encode_many) if batching else None
         self._edit_lock = threading.Lock()
         self._reload_lock = threading.Lock()
+        self._eager_lock = threading.Lock()
+        self._eager = None  # (model, preprocessing) for heat-maps, loaded on first use
         self.started = time.time()
 
     # ------------------------------------------------------------------ reading
@@ -253,8 +255,8 @@ class GalleryService:
     def _full_model(self):
         """The eager model behind the index (heat-maps need its feature maps, which the exported
         encoder does not give)."""
-        with self._reload_lock:
-            if getattr(self, "_eager", None) is None:
+        with self._eager_lock:
+            if self._eager is None:
                 from .query import _full_encoder
 
                 encoder = self.encoder if hasattr(self.encoder, "model") else \
