@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from index.store import DEFAULT_INDEX_DIR
+from retrieval.cli import add_index_argument
 from retrieval.errors import run_cli
 
 
@@ -19,8 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from retrieval.audit import DUPLICATE_CORRELATION, OUTLIER_MADS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--index", default=DEFAULT_INDEX_DIR,
-                   help="index folder written by build_index.py (default %(default)s)")
+    add_index_argument(p)
     p.add_argument("--out", default="runs/audit",
                    help="folder for audit.csv and audit.html (default %(default)s)")
     p.add_argument("--duplicate-correlation", type=float, default=DUPLICATE_CORRELATION,

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from index.store import DEFAULT_INDEX_DIR
+from retrieval.cli import add_index_argument, add_model_argument
 from retrieval.errors import run_cli
 
 
@@ -26,14 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5,
                    help="identities per answer, new_whale included (default %(default)s; at most "
                         "the index's identities + 1)")
-    p.add_argument("--index", default=DEFAULT_INDEX_DIR,
-                   help="index folder written by build_index.py (default %(default)s)")
+    add_index_argument(p)
     p.add_argument("--threshold", type=float,
                    help="new_whale goes before the first identity scoring under this similarity "
                         "(default: the threshold stored in the index, from its checkpoint)")
-    p.add_argument("--model", metavar="CKPT",
-                   help="the checkpoint the index was built from, if it has moved since "
-                        "(default: the path recorded in the index)")
+    add_model_argument(p)
     p.add_argument("--truth", metavar="CSV",
                    help="score the answers: a CSV Image,Id with each query image's true identity "
                         "(by file name; new_whale for someone not in the gallery). A query folder "

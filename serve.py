@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from index.store import DEFAULT_INDEX_DIR
+from retrieval.cli import add_index_argument, add_model_argument
 from retrieval.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--index", default=DEFAULT_INDEX_DIR,
-                   help="index folder written by build_index.py (default %(default)s)")
-    p.add_argument("--model", metavar="CKPT",
-                   help="the checkpoint the index was built from, if it has moved since "
-                        "(default: the path recorded in the index)")
+    add_index_argument(p)
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only; 0.0.0.0 "
                         "for every network interface, with no authentication)")

@@ -210,11 +210,13 @@ class StoredIndex:
             return None
         return _verified(self.directory, name, self.manifest)
 
-    def vectors(self) -> np.ndarray:
-        """The raw embeddings (checked against the manifest), row for row with ``paths``."""
+    def vectors(self, mmap: bool = False) -> np.ndarray:
+        """The raw embeddings (checked against the manifest), row for row with ``paths``;
+        ``mmap``: memory-mapped read-only instead of read into memory (a long-running reader that
+        already holds FAISS's copy)."""
         path = _verified(self.directory, VECTORS_FILE, self.manifest)
         try:
-            vectors = np.load(path, allow_pickle=False)
+            vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (ValueError, OSError) as err:
             raise _corrupt(path, f"{type(err).__name__}: {err}") from None
         if vectors.dtype != np.float32 or vectors.shape != (len(self.paths), self.manifest.dim):

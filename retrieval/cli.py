@@ -4,6 +4,22 @@ from __future__ import annotations
 import argparse
 
 
+def add_index_argument(parser: argparse.ArgumentParser) -> None:
+    """--index: the index folder a CLI answers from (query.py, serve.py, audit.py)."""
+    from index.store import DEFAULT_INDEX_DIR  # here, not at the top: train_embed.py --help
+                                               # imports this module and must not load FAISS
+    parser.add_argument("--index", default=DEFAULT_INDEX_DIR,
+                        help="index folder written by build_index.py (default %(default)s)")
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """--model: the index's checkpoint where it has moved (query.py, serve.py)."""
+    parser.add_argument("--model", metavar="CKPT",
+                        help="the checkpoint the index was built from, if it has moved since "
+                             "(default: the path recorded in the index); given, embedding uses "
+                             "this full model instead of the index's exported ONNX encoder")
+
+
 def add_gallery_arguments(parser: argparse.ArgumentParser, required: bool) -> argparse._ArgumentGroup:
     """--gallery, --labels, --strict, --allow-outside: how a labelled gallery is read."""
     group = parser.add_argument_group("gallery")

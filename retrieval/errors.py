@@ -45,6 +45,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     one-line message and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried: noise
     try:
         code = main()
     except (UserError, GalleryIndexError) as err:

@@ -45,9 +45,11 @@ def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int 
     None when the gallery cannot show what a known identity looks like (no identity has 2 images)."""
     import faiss
 
+    from index.search import fold_into_identities
+
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    labels = np.asarray(identities, dtype=str)
-    names, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    labels = np.asarray(identities, dtype=object)
+    _, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
     if counts.max() < 2:
         return None
     rows = _query_rows(len(labels), max_queries, seed)
@@ -57,18 +59,18 @@ def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int 
     n_neighbours = min(len(labels), (k + 1) * int(counts.max()) + 1)
     similarities, neighbours = index.search(vectors[rows], n_neighbours)
     ranked, scores, truths = [], [], []
+
+    def ask(sims: np.ndarray, found: np.ndarray, keep: np.ndarray, truth: str) -> None:
+        ranking = fold_into_identities(sims[None, keep], found[None, keep], labels, k)
+        ranked.append(ranking.identities[0])
+        scores.append(ranking.scores[0])
+        truths.append(truth)
+
     for query, sims, found in zip(rows, similarities, neighbours):
         single = counts[codes[query]] == 1
-        ranked_ids, ranked_scores = _identities_without(found, sims, codes, exclude_row=query, k=k)
-        ranked.append([names[c] for c in ranked_ids])
-        scores.append(ranked_scores)
-        truths.append(NEW_WHALE if single else labels[query])
+        ask(sims, found, found != query, NEW_WHALE if single else labels[query])
         if leave_identity_out:
-            ranked_ids, ranked_scores = _identities_without(found, sims, codes, k=k,
-                                                            exclude_code=codes[query])
-            ranked.append([names[c] for c in ranked_ids])
-            scores.append(ranked_scores)
-            truths.append(NEW_WHALE)
+            ask(sims, found, codes[found] != codes[query], NEW_WHALE)
     new = sum(t == NEW_WHALE for t in truths)
     threshold, map5 = calibrate_threshold(ranked, np.stack(scores), truths, k)
     return GalleryCalibration(threshold, map5, len(truths) - new, new)
@@ -78,22 +80,3 @@ def _query_rows(n: int, max_queries: int, seed: int) -> np.ndarray:
     if n <= max_queries:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, max_queries, replace=False))
-
-
-def _identities_without(found: np.ndarray, sims: np.ndarray, codes: np.ndarray, k: int,
-                        exclude_row: int = -1, exclude_code: int = -1) -> tuple[list[int], np.ndarray]:
-    """The ``k`` best identity codes among ``found`` neighbours (best image per identity), skipping
-    one gallery row or one whole identity; scores padded with -inf where fewer exist."""
-    ranked: list[int] = []
-    scores = np.full(k, -np.inf, dtype=np.float64)
-    for row, similarity in zip(found, sims):
-        if row < 0:
-            break
-        code = int(codes[row])
-        if row == exclude_row or code == exclude_code or code in ranked:
-            continue
-        scores[len(ranked)] = similarity
-        ranked.append(code)
-        if len(ranked) == k:
-            break
-    return ranked, scores

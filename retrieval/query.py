@@ -115,12 +115,15 @@ def _report_unmatched(images: Sequence[Path], truths: dict[str, str], rows: int,
         log.warning("%d row(s) of %s name no query image: not scored", rows - len(truths), where)
 
 
+_NO_TRUTH = ("--metrics needs a truth: pass --truth CSV, or query a folder with one sub-folder "
+             "per identity")
+
+
 def check_output_options(target: str | Path, truth: str | Path | None, metrics: str | None,
                          heatmaps: bool = False, html: str | None = None) -> None:
     """Before any work: --metrics needs something to score against, --heatmaps a report."""
     if metrics and truth is None and not is_labelled_tree(Path(target)):
-        raise UserError("--metrics needs a truth: pass --truth CSV, or query a folder with one "
-                        "sub-folder per identity")
+        raise UserError(_NO_TRUTH)
     if heatmaps and not html:
         raise UserError("--heatmaps draws into the HTML report: add --html FILE")
 
@@ -305,8 +308,7 @@ def write_metrics(path: str | Path, result: QueryResult) -> None:
     from .files import atomic_write
 
     if result.evaluation is None:
-        raise UserError("--metrics needs a truth: pass --truth CSV, or query a folder with one "
-                        "sub-folder per identity")
+        raise UserError(_NO_TRUTH)
     text = json.dumps({"truth": result.truth_source, "index": result.index_dir,
                        **result.evaluation.to_json()}, indent=2) + "\n"
     atomic_write(path, lambda temp: temp.write_text(text))

@@ -32,24 +32,32 @@ details img { width: 96px; height: 96px; }
 """
 
 
+def jpeg_thumbnail(path: str | Path, size: int = THUMBNAIL) -> bytes:
+    """A JPEG no larger than ``size`` on its longer side (the report's and the server's page's
+    thumbnails); ``load_image``'s one-line UserError for a file it cannot use."""
+    from PIL import Image
+
+    from .data import load_image
+
+    image = Image.fromarray(load_image(path, max_side=size))
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
 @lru_cache(maxsize=4096)
 def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str | None:
     """A data: URI of a JPEG thumbnail, or None if the file cannot be used (moved, corrupt, a
     decompression bomb swapped in since indexing): ``load_image`` decides, as for every image."""
-    from PIL import Image
-
-    from .data import load_image
     from .errors import UserError
 
     try:
-        image = Image.fromarray(load_image(path, max_side=size))
+        data = jpeg_thumbnail(path, size)
     except UserError as err:
         log.warning("no thumbnail: %s", err)
         return None
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _image_cell(path: str | None, lines: list[str], css: str = "", extra: str = "") -> str:

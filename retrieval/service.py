@@ -24,7 +24,6 @@ import hashlib
 import io
 import logging
 import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -108,14 +107,10 @@ class _Snapshot:
 
     @property
     def vectors(self) -> np.ndarray:
-        """The raw vectors, checked once, then memory-mapped (not held twice beside FAISS's copy)."""
+        """The raw vectors, checked once, memory-mapped (not held twice beside FAISS's copy)."""
         with self._vectors_lock:
             if self._vectors is None:
-                self.stored.vectors()  # size, checksum and finiteness checks
-                from index.store import VECTORS_FILE
-
-                path = self.stored.directory / self.stored.manifest.data_dir / VECTORS_FILE
-                self._vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+                self._vectors = self.stored.vectors(mmap=True)
             return self._vectors
 
 
@@ -212,13 +207,13 @@ class GalleryService:
         k = min(k, len(snapshot.rows_of) + 1)
         ranking = snapshot.stored.gallery.search(vector, k)
         threshold = snapshot.stored.manifest.threshold
-        from .metrics import insert_new_whale
+        from .query import hits_for
 
-        labels = insert_new_whale(ranking.identities[0], ranking.scores[0], threshold, k)
-        scores = dict(zip(ranking.identities[0], ranking.scores[0].tolist()))
-        candidates = [Candidate(label, None) if label == NEW_WHALE and label not in scores else
-                      Candidate(label, float(scores[label]), self._matches(snapshot, label, vector[0]))
-                      for label in labels]
+        hits = hits_for(ranking.identities[0], ranking.scores[0], ranking.best_rows[0],
+                        snapshot.paths, threshold, k)
+        candidates = [Candidate(hit.identity, None) if hit.similarity is None else
+                      Candidate(hit.identity, hit.similarity,
+                                self._matches(snapshot, hit.identity, vector[0])) for hit in hits]
         return Answer(candidates, threshold)
 
     def embed(self, image: np.ndarray) -> np.ndarray:
@@ -344,9 +339,7 @@ class GalleryService:
     def _read_for_edit(self):
         """Under the locks: the committed index and its vectors (what this process last loaded,
         unless another writer has committed since)."""
-        if self._stamp() != self._snapshot.stamp:
-            self._reload()
-        snapshot = self._snapshot
+        snapshot = self.current()
         return snapshot.stored, snapshot.vectors
 
     def _commit(self, stored, vectors: np.ndarray, paths: list[str], identities: list[str]) -> None:
@@ -376,21 +369,11 @@ class GalleryService:
     def _store_upload(self, data: bytes) -> Path:
         """``uploads/<sha256><ext>``, written whole (temp file, flush, rename) before the index
         names it; the same bytes always give the same path."""
-        folder = self.index_dir / UPLOADS_DIR
-        folder.mkdir(exist_ok=True)
-        path = folder / (hashlib.sha256(data).hexdigest()[:40] + _extension(data))
-        if path.is_file() and path.stat().st_size == len(data):
-            return path
-        temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        from .files import atomic_write
+
+        path = self.index_dir / UPLOADS_DIR / (hashlib.sha256(data).hexdigest()[:40] + _extension(data))
+        if not (path.is_file() and path.stat().st_size == len(data)):
+            atomic_write(path, lambda temp: temp.write_bytes(data), durable=True)
         return path
 
 
@@ -429,19 +412,6 @@ def _extension(data: bytes) -> str:
 
     with Image.open(io.BytesIO(data)) as image:
         return _FORMAT_EXTENSIONS.get(image.format or "", ".img")
-
-
-def thumbnail(path: Path, size: int = 192) -> bytes:
-    """A JPEG no larger than ``size`` on its longer side, for the page's cards."""
-    from PIL import Image
-
-    from .data import load_image
-
-    image = Image.fromarray(load_image(path, max_side=size))
-    image.thumbnail((size, size))
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=85)
-    return out.getvalue()
 
 
 def answer_json(answer: Answer, image_url: Any = None) -> dict[str, Any]:

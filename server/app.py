@@ -16,8 +16,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from index.errors import GalleryIndexError
 from retrieval.errors import UserError, as_user_error
+from retrieval.report import jpeg_thumbnail
 from retrieval.service import (MAX_UPLOAD_BYTES, Conflict, GalleryService, NotFound, TooLarge,
-                               answer_json, thumbnail)
+                               answer_json)
 
 PAGE = Path(__file__).with_name("page.html")
 STATUS = {NotFound: 404, Conflict: 409, TooLarge: 413}
@@ -85,7 +86,7 @@ def create_app(service: GalleryService) -> FastAPI:
     @app.get("/images/{image_id}", name="image", summary="A gallery image as a JPEG thumbnail",
              response_class=Response)
     def image(image_id: str, size: Annotated[int, Query(ge=16, le=1024)] = 192) -> Response:
-        data = thumbnail(service.image_path(image_id), size)
+        data = jpeg_thumbnail(service.image_path(image_id), size)
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=3600"})
 

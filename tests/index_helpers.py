@@ -8,9 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64  # tiny inputs keep the real-data tests fast on a 2-core CPU
@@ -32,6 +33,22 @@ def single_threaded():
     yield
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(faiss_threads)
+
+
+def writers_beside_a_reader(read: Callable[[threading.Event], None],
+                            writers: Sequence[Callable[[], None]]) -> None:
+    """Start ``read(stop)`` on a thread (it loops until ``stop`` is set), then each writer on its
+    own thread; once every writer has returned, stop the reader and wait for it."""
+    stop = threading.Event()
+    reader = threading.Thread(target=read, args=(stop,))
+    threads = [threading.Thread(target=write) for write in writers]
+    reader.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stop.set()
+    reader.join()
 
 
 def copy_gallery(samples, folder: Path, identities: Sequence[str], per_identity: int,

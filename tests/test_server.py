@@ -21,7 +21,7 @@ import pytest
 from index import load_index
 
 from .conftest import ORL, SERVICE_GALLERY
-from .index_helpers import ROOT
+from .index_helpers import ROOT, writers_beside_a_reader
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,6 @@ def test_two_http_clients_append_while_one_queries_and_a_restart_keeps_it_all(in
     server = Server(index_dir)
     failures: list[str] = []
     answered = []
-    stop = threading.Event()
 
     def append(person: str) -> None:
         with httpx.Client(base_url=server.url) as client:
@@ -81,7 +80,7 @@ def test_two_http_clients_append_while_one_queries_and_a_restart_keeps_it_all(in
                     if response.status_code != 200:
                         failures.append(response.text)
 
-    def ask() -> None:
+    def ask(stop: threading.Event) -> None:
         with httpx.Client(base_url=server.url) as client:
             while not stop.is_set():
                 response = client.post("/query", files={"image": ("q.pgm", photo("s2", 9))},
@@ -91,15 +90,7 @@ def test_two_http_clients_append_while_one_queries_and_a_restart_keeps_it_all(in
                 answered.append(response.json()["candidates"][0]["identity"])
 
     try:
-        reader = threading.Thread(target=ask)
-        reader.start()
-        writers = [threading.Thread(target=append, args=(p,)) for p in ("s20", "s21")]
-        for w in writers:
-            w.start()
-        for w in writers:
-            w.join()
-        stop.set()
-        reader.join()
+        writers_beside_a_reader(ask, [lambda p=person: append(p) for person in ("s20", "s21")])
         assert not failures, failures[:3]
         assert len(answered) >= 2
         counts = {i["identity"]: len(i["images"]) for i in httpx.get(f"{server.url}/identities").json()}

@@ -17,7 +17,7 @@ from retrieval import NEW_WHALE
 from retrieval.service import UPLOADS_DIR, GalleryService
 
 from .conftest import ORL, SERVICE_GALLERY
-from .index_helpers import IMAGE_SIZE, single_threaded
+from .index_helpers import IMAGE_SIZE, single_threaded, writers_beside_a_reader
 
 GALLERY = SERVICE_GALLERY
 
@@ -151,7 +151,6 @@ def test_appends_from_two_threads_while_queries_run_lose_and_duplicate_nothing(i
     service = GalleryService(index_dir)
     errors: list[BaseException] = []
     answered = []
-    stop = threading.Event()
 
     def append(identity: str, numbers):
         try:
@@ -162,22 +161,14 @@ def test_appends_from_two_threads_while_queries_run_lose_and_duplicate_nothing(i
         except BaseException as err:  # reported below
             errors.append(err)
 
-    def ask():
+    def ask(stop: threading.Event):
         while not stop.is_set():
             try:
                 answered.append(service.query(photo("s2", 9), k=3).candidates[0].identity)
             except BaseException as err:
                 errors.append(err)
 
-    reader = threading.Thread(target=ask)
-    writers = [threading.Thread(target=append, args=(person, [1, 2, 3, 4])) for person in ("s20", "s21")]
-    reader.start()
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join()
-    stop.set()
-    reader.join()
+    writers_beside_a_reader(ask, [lambda p=person: append(p, [1, 2, 3, 4]) for person in ("s20", "s21")])
     assert not errors, errors
     assert answered and set(answered) <= {"s2", NEW_WHALE, *GALLERY}
     stored = load_index(index_dir)
