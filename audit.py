@@ -37,7 +37,7 @@ def main() -> int:
     from index.store import load_index
     from retrieval.audit import audit_gallery, write_audit
 
-    stored = load_index(args.index)
+    stored = load_index(args.index, backends=("faiss",))
     findings = audit_gallery(stored.vectors(), stored.paths, stored.identities,
                              args.duplicate_correlation, args.outlier_mads)
     csv_path, page = write_audit(args.out, findings, str(args.index))

@@ -42,14 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="index folder to write, replaced atomically (default %(default)s)")
     index.add_argument("--index-type", choices=INDEX_TYPES,
                        help="flat: exact (default); hnsw / ivf: faster approximate search for big "
-                            "galleries; ivfpq: compressed, approximate scores; auto: by gallery size "
-                            "(with --append: the index's own unless given)")
+                            "galleries; ivfpq: compressed, approximate scores (FAISS only); auto: "
+                            "by gallery size (with --append: the index's own unless given)")
     index.add_argument("--append", action="store_true",
                        help="add the gallery's images that the index does not hold yet, embedded "
                             "with the index's own model; nothing already there is re-embedded")
     index.add_argument("--remove-identity", dest="remove", action="append", default=[], metavar="ID",
                        help="drop every image of this identity from the index at --out (repeatable; "
                             "nothing is re-embedded)")
+    backend = p.add_argument_group("backend (where the vectors live)")
+    backend.add_argument("--backend", choices=["faiss", "milvus"],
+                         help="faiss: files in the --out folder (default); milvus: a Milvus "
+                              "collection, for galleries beyond one machine or several writers "
+                              "(the folder then holds the manifest naming it; query.py is "
+                              "unchanged). An edit keeps the index's own backend")
+    backend.add_argument("--milvus-uri", metavar="URI",
+                         help="with --backend milvus: a file path runs milvus-lite in this process "
+                              "(pip install --no-deps milvus-lite), http://host:19530 a Milvus "
+                              "server or cluster; credentials only from MILVUS_TOKEN or "
+                              "MILVUS_USER + MILVUS_PASSWORD, never in the URI")
+    backend.add_argument("--milvus-collection", metavar="NAME",
+                         help="with --backend milvus: the collection (default whale_gallery); an "
+                              "existing one is refused unless --out is already its index folder")
     run = p.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=64,
                      help="images per batch per process (default %(default)s)")

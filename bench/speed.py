@@ -22,6 +22,9 @@ Parts:
   scale   --scale-size vectors (default 1M x 512, float32, generated in chunks: ~2 GB): flat
           through GalleryIndex vs bare FAISS, and GalleryIndex's own --scale-types (ivf, hnsw)
           with the parameters it picks for that size
+  milvus  the Milvus backend (milvus-lite) beside FAISS on the scale part's galleries: write /
+          build time, batched q/s, 1-query ms, recall@5 and top-5 overlap with exact search, for
+          flat / ivf / hnsw (bench/milvus_speed.py; needs pymilvus + milvus-lite)
 Repetitions are interleaved (A B A B ...) and the best of each is kept, so a burst of load from
 other jobs hits both sides of a ratio alike.
 """
@@ -41,7 +44,7 @@ import numpy as np
 
 from .common import ROOT, Report, data_path, format_table, torch_device
 
-PARTS = ("embed", "search", "knn", "train", "query", "serve", "index", "scale")
+PARTS = ("embed", "search", "knn", "train", "query", "serve", "index", "scale", "milvus")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "HNSW builds slowly: ~15-30 min for 1M on one core)")
     p.add_argument("--scale-nprobe", type=int, nargs="*", default=[],
                    help="also search the scale part's IVF with these nprobe values (no rebuild)")
+    p.add_argument("--milvus-sizes", type=int, nargs="+", default=[10_000, 100_000],
+                   help="gallery sizes for the milvus part (1000000: about an hour of upserts here)")
+    p.add_argument("--milvus-types", nargs="+", default=["flat", "ivf", "hnsw"],
+                   choices=["flat", "ivf", "hnsw"], help="index types for the milvus part")
+    p.add_argument("--milvus-queries", type=int, default=1000, help="queries for the milvus part")
     p.add_argument("--scale-queries", type=int, default=1000,
                    help="batched queries for the scale part (FAISS flat is ~7x slower per query "
                         "in batches of 200 than of 1000 here: keep batches large)")
@@ -368,37 +376,15 @@ def bench_index(args) -> list[dict]:
 
 # ----------------------------------------------------------------------------- scale
 
-def _clustered_float32(n_vectors: int, dim: int, n_queries: int, seed: int = 0, spread: float = 0.25,
-                       chunk: int = 100_000):
-    """Like tests/index_helpers.clustered_vectors (identity centres, 1-4 noisy images each, one
-    noisy query per identity) but float32 and in chunks, so 1M x 512 needs ~2 GB, not ~16 GB."""
-    rng = np.random.default_rng(seed)
-    n_identities = max(1, n_vectors * 2 // 5)
-    counts = rng.integers(1, 5, size=n_identities)
-    labels = np.repeat(np.arange(n_identities), counts)[:n_vectors]
-    centres = rng.standard_normal((n_identities, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    gallery = np.empty((len(labels), dim), dtype=np.float32)
-    scale = np.float32(spread * 4 / np.sqrt(dim))
-    for start in range(0, len(labels), chunk):
-        block = centres[labels[start:start + chunk]] + scale * rng.standard_normal(
-            (min(chunk, len(labels) - start), dim), dtype=np.float32)
-        gallery[start:start + chunk] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    truth = rng.choice(labels, size=n_queries, replace=False)
-    queries = centres[truth] + scale * rng.standard_normal((n_queries, dim), dtype=np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    names = np.array([f"id{i:07d}" for i in range(n_identities)], dtype=object)
-    return gallery, names[labels], queries, names[truth]
-
-
 def bench_scale(args) -> dict:
     import faiss
 
     from index import GalleryIndex
+    from index.synthetic import clustered_float32
     from index.types import resolve
 
     started = time.perf_counter()
-    gallery, labels, queries, truth = _clustered_float32(args.scale_size, args.dim, args.scale_queries)
+    gallery, labels, queries, truth = clustered_float32(args.scale_size, args.dim, args.scale_queries)
     generate_s = time.perf_counter() - started
     rows = {}
 
@@ -467,7 +453,7 @@ def run(args) -> dict:
     results: dict = {}
     tables = []
 
-    name = "speed" if set(args.parts) >= set(PARTS) - {"scale"} else "speed_" + "_".join(args.parts)
+    name = "speed" if set(args.parts) >= set(PARTS) - {"scale", "milvus"} else "speed_" + "_".join(args.parts)
     if args.parts == ["scale"]:  # one file per size and index types: runs can be split up
         name = f"speed_scale_{args.scale_size}_{'_'.join(['flat'] + list(args.scale_types))}"
 
@@ -574,6 +560,21 @@ def run(args) -> dict:
                                    f"{sc['queries']} queries; top-5 overlap with exact "
                                    f"{sc['top5_overlap_with_exact']}"))
         print(tables[-1], flush=True)
+        save()
+    if "milvus" in args.parts:
+        from .milvus_speed import bench_milvus
+
+        results["milvus"] = bench_milvus(args)
+        for size, block in results["milvus"].items():
+            tables.append(format_table(
+                ["milvus part: backend, type", "build / write s", "batch q/s", "1-query ms",
+                 "recall@5", "top-5 = exact", "params"],
+                [[name, r["build_s"], r["batch_queries_per_s"], r["single_query_ms"],
+                  r["recall_at_5"], r["top5_overlap_with_exact"], r["params"]]
+                 for name, r in block["rows"].items()],
+                f"milvus: {block['gallery']} x {block['dim']} synthetic vectors, {block['queries']} "
+                f"queries, k = 5 identities"))
+            print(tables[-1], flush=True)
         save()
     save()
     return results

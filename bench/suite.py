@@ -5,7 +5,7 @@
   open-set  orl, seed 0, 64 px, 4 epochs, all four losses + softmax baseline
   (both: + the peer libraries for the engine's ArcFace training time)
   speed     64 px; 128 images embedded, 96 trained; 10k-vector galleries; index types at 10k;
-            the scale part at 100k vectors (flat and ivf)
+            the scale part at 100k vectors (flat and ivf); the Milvus backend at 10k
 Without --quick each suite runs at its own defaults (omniglot, 96 px, the 1M-vector speed part: ~3 hours).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def run_all(args) -> None:
             ("speed", speed, dict(image_size=64, embed_images=128, train_images=96, gallery=[10_000],
                                   queries=500, query_runs=3, index_sizes=[10_000], repeats=3,
                                   scale_size=100_000, scale_types=["ivf"], serve_gallery=[1_000],
-                                  serve_requests=50, serve_seconds=10)),
+                                  serve_requests=50, serve_seconds=10, milvus_sizes=[10_000])),
         ]
     else:
         plans = [(name, module, dict(data=data) if name != "speed" else {})

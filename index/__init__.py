@@ -4,8 +4,9 @@
   types   which FAISS structure (flat / ivf / hnsw / ivfpq / auto) and its recall trade-off
   store   the index folder: atomic writes, manifest checks, load/save
   errors  the index's own exception types (callers add advice for their interface)
+  milvus  the second backend: the gallery in a Milvus collection, same search, same guarantees
 
-This floor depends on FAISS, NumPy, pyarrow and pydantic only, never on ``retrieval``. Names are
+This floor depends on FAISS, NumPy, pyarrow and pydantic (and pymilvus for the Milvus backend) only, never on ``retrieval``. Names are
 exported lazily, so ``import index.errors`` stays cheap (no FAISS) for a CLI's ``--help``.
 """
 from __future__ import annotations

@@ -46,3 +46,13 @@ class IndexCorrupt(GalleryIndexError):
 class InvalidGallery(GalleryIndexError):
     """What was handed to ``save_index`` cannot be indexed (no vectors, NaN vectors, a type the
     gallery is too small for)."""
+
+
+class MilvusError(GalleryIndexError):
+    """The Milvus backend cannot do what was asked: not installed, unreachable, a collection that
+    is not this tool's or holds another model's vectors, a write that failed part-way."""
+
+
+class WrongBackend(GalleryIndexError):
+    """An operation that needs the index folder's own vectors, on an index whose vectors live in
+    Milvus."""

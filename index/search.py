@@ -34,6 +34,9 @@ class IdentityRanking:
     identities: list[list[str]]
     scores: np.ndarray  # (Q, k) float32, -inf where fewer than k identities exist
     best_rows: np.ndarray  # (Q, k) int64 row in the gallery table, -1 where none
+    # the best images' paths, from a backend that keeps the gallery table itself (Milvus);
+    # None: look ``best_rows`` up in the index folder's table (``StoredIndex.best_images``)
+    images: list[list[str]] | None = None
 
 
 class GalleryIndex:

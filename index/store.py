@@ -22,6 +22,10 @@ How a write stays safe (``save_index``):
 * then the superseded data folder is deleted. Only files the index owns are ever deleted: a
   README or report a user keeps in the folder survives every rebuild and append.
 
+With ``backend: milvus`` (``index.milvus``) the vectors and the gallery table live in a Milvus
+collection; the folder keeps the manifest (naming the URI and the collection, never a password) and
+the attachments, written the same atomic way.
+
 A folder counts as an index only if its manifest validates completely (format tag, schema, field
 types and bounds): a project folder that happens to hold some other ``manifest.json`` is never
 written into. ``--out`` given as a symlink is resolved once; the lock, the writes and the clean-up
@@ -41,16 +45,20 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Literal, Sequence
 
 import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import types
-from .errors import IndexCorrupt, IndexNotFound, InvalidGallery, NotAnIndex, NotReplaceable
+from .errors import (IndexCorrupt, IndexNotFound, InvalidGallery, NotAnIndex, NotReplaceable,
+                     WrongBackend)
 from .search import GalleryIndex
 from .types import IndexSpec
+
+if TYPE_CHECKING:
+    from .milvus import MilvusGallery
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,15 @@ class IndexEntry(BaseModel):
         return self
 
 
+class MilvusEntry(BaseModel):
+    """Where a Milvus-backed index's vectors live (``index.milvus``); never a credential."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    uri: Annotated[str, Field(min_length=1, max_length=4096)]
+    collection: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")]
+
+
 class Counts(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -132,6 +149,8 @@ class ManifestSchema(BaseModel):
     files: dict[str, FileEntry]
     metric: Literal[METRIC]
     data_dir: Annotated[str, Field(pattern=r"^(data-[0-9a-f]{12})?$")] = ""  # "" in format 1
+    backend: Literal["faiss", "milvus"] = "faiss"
+    milvus: MilvusEntry | None = None
 
     @field_validator("threshold")
     @classmethod
@@ -142,7 +161,13 @@ class ManifestSchema(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ManifestSchema":
-        if not set(DATA_FILES) <= set(self.files) <= set(DATA_FILES + ATTACHMENTS):
+        if self.backend == "milvus":
+            if self.milvus is None or self.format != FORMAT or not set(self.files) <= set(ATTACHMENTS):
+                raise ValueError(f"a Milvus-backed index names its collection, is of format "
+                                 f"{FORMAT} and may list only {', '.join(ATTACHMENTS)}")
+        elif self.milvus is not None:
+            raise ValueError("a FAISS index names no Milvus collection")
+        elif not set(DATA_FILES) <= set(self.files) <= set(DATA_FILES + ATTACHMENTS):
             raise ValueError(f"files must list {', '.join(DATA_FILES)}, and may list "
                              f"{', '.join(ATTACHMENTS)}")
         if self.counts.identities > self.counts.images:
@@ -172,6 +197,8 @@ class Manifest:
     # where the threshold came from: the checkpoint's validation, the gallery itself
     # (retrieval.gallery_threshold, for the zero-shot model), or the user (build_index --threshold)
     threshold_source: str | None = None
+    backend: str = "faiss"  # where the vectors live: this folder (faiss) or a Milvus collection
+    milvus: dict[str, str] | None = None  # {"uri", "collection"} for the milvus backend
 
     @classmethod
     def validated(cls, values: Any) -> "Manifest":
@@ -191,7 +218,10 @@ class Manifest:
         return IndexSpec.from_dict(self.index)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        values = asdict(self)
+        if self.backend == "faiss":  # as before the Milvus backend: older versions still read it
+            del values["backend"], values["milvus"]
+        return json.dumps(values, indent=2, sort_keys=True) + "\n"
 
 
 @dataclass
@@ -202,7 +232,7 @@ class StoredIndex:
     manifest: Manifest
     paths: list[str]
     identities: list[str]
-    gallery: GalleryIndex
+    gallery: GalleryIndex | MilvusGallery  # what ``search`` goes through
 
     def attachment(self, name: str) -> Path | None:
         """The path of an attached file (checked against the manifest), or None if it has none."""
@@ -210,10 +240,19 @@ class StoredIndex:
             return None
         return _verified(self.directory, name, self.manifest)
 
+    def best_images(self, ranking) -> list[list[str]]:
+        """The path of each ranked identity's best image, per query (``IdentityRanking``)."""
+        if ranking.images is not None:
+            return ranking.images
+        return [[self.paths[int(row)] for row in rows[:len(ids)]]
+                for ids, rows in zip(ranking.identities, ranking.best_rows)]
+
     def vectors(self, mmap: bool = False) -> np.ndarray:
         """The raw embeddings (checked against the manifest), row for row with ``paths``;
         ``mmap``: memory-mapped read-only instead of read into memory (a long-running reader that
         already holds FAISS's copy)."""
+        if self.manifest.backend != "faiss":
+            raise _wrong_backend(self.directory, self.manifest)
         path = _verified(self.directory, VECTORS_FILE, self.manifest)
         try:
             vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -267,13 +306,41 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
     target = real_path(directory)
     previous = check_replaceable(target)
     attachments = dict(attachments or {})
+    writers = {INDEX_FILE: lambda path: faiss.write_index(faiss_index, str(path)),
+               TABLE_FILE: lambda path: _write_table(path, paths, identities),
+               VECTORS_FILE: lambda path: np.save(path, vectors, allow_pickle=False)}
+    return _commit(target, values, writers, attachments, previous)
+
+
+def save_milvus_manifest(directory: str | Path, *, dim: int, model: dict[str, Any], tta: str,
+                         threshold: float | None, threshold_source: str | None, spec: IndexSpec,
+                         counts: dict[str, int], uri: str, collection: str,
+                         created: str | None = None,
+                         attachments: dict[str, Path] | None = None) -> Manifest:
+    """Point the index folder at a Milvus collection (already written by ``index.milvus``):
+    the manifest and the attachments, committed the same atomic way as ``save_index``."""
+    target = real_path(directory)
+    previous = check_replaceable(target)
+    now = _now()
+    values = {"dim": int(dim), "model": dict(model), "tta": tta,
+              "threshold": None if threshold is None else float(threshold),
+              "threshold_source": None if threshold is None else threshold_source,
+              "index": spec.to_dict(), "counts": dict(counts), "created": created or now,
+              "updated": now, "metric": METRIC, "format": FORMAT, "backend": "milvus",
+              "milvus": {"uri": uri, "collection": collection}}
+    return _commit(target, values, {}, dict(attachments or {}), previous)
+
+
+def _commit(target: Path, values: dict[str, Any], writers: dict[str, Any],
+            attachments: dict[str, Path], previous: Manifest | None) -> Manifest:
+    """Write a new data folder, swap the manifest to it, then delete the superseded files."""
     unknown = sorted(set(attachments) - set(ATTACHMENTS))
     if unknown:
         raise ValueError(f"unknown attachment(s) {unknown}: an index carries only {ATTACHMENTS}")
-    data_dir = _write_data_dir(target, faiss_index, vectors, paths, identities, attachments)
+    data_dir = _write_data_dir(target, writers, attachments)
     try:
         manifest = Manifest.validated({**values, "data_dir": data_dir.name, "files": {
-            name: _describe(data_dir / name) for name in DATA_FILES + tuple(attachments)}})
+            name: _describe(data_dir / name) for name in (*writers, *attachments)}})
         _replace_manifest(target, manifest)
     except BaseException:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -283,19 +350,18 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
     return manifest
 
 
-def _write_data_dir(target: Path, faiss_index: faiss.Index, vectors: np.ndarray,
-                    paths: list[str], identities: list[str], attachments: dict[str, Path]) -> Path:
-    """A new ``data-<id>`` folder with the three data files and the attachments, flushed."""
+def _write_data_dir(target: Path, writers: dict[str, Any], attachments: dict[str, Path]) -> Path:
+    """A new ``data-<id>`` folder with the data files (``writers``: name -> function writing it
+    to a path) and the attachments, flushed."""
     target.mkdir(parents=True, exist_ok=True)
     folder = target / f"data-{secrets.token_hex(6)}"
     folder.mkdir()
     try:
-        faiss.write_index(faiss_index, str(folder / INDEX_FILE))
-        _write_table(folder / TABLE_FILE, paths, identities)
-        np.save(folder / VECTORS_FILE, vectors, allow_pickle=False)
+        for name, write in writers.items():
+            write(folder / name)
         for name, source in attachments.items():
             shutil.copyfile(source, folder / name)
-        for name in DATA_FILES + tuple(attachments):
+        for name in (*writers, *attachments):
             _fsync(folder / name)
         _fsync(folder)
     except BaseException:
@@ -483,8 +549,10 @@ def _read_valid_manifest(directory: Path) -> Manifest | None:
         return None
 
 
-def load_index(directory: str | Path, attempts: int = 3) -> StoredIndex:
-    """Read and check an index folder.
+def load_index(directory: str | Path, attempts: int = 3,
+               backends: Sequence[str] = ("faiss", "milvus")) -> StoredIndex:
+    """Read and check an index folder (``backends``: those the caller can use; another is
+    refused before any connection is made).
 
     A writer may swap the manifest while this reads, after which the old data folder goes away:
     when a file turns out missing or different and the manifest has changed meanwhile, the read
@@ -494,7 +562,7 @@ def load_index(directory: str | Path, attempts: int = 3) -> StoredIndex:
     for attempt in range(attempts):
         before = _manifest_bytes(directory)
         try:
-            return _load_once(directory)
+            return _load_once(directory, backends)
         except (IndexCorrupt, IndexNotFound, NotAnIndex):
             if attempt + 1 == attempts or _manifest_bytes(directory) == before:
                 raise
@@ -509,8 +577,12 @@ def _manifest_bytes(directory: Path) -> bytes | None:
         return None
 
 
-def _load_once(directory: Path) -> StoredIndex:
+def _load_once(directory: Path, backends: Sequence[str]) -> StoredIndex:
     manifest = _parse_manifest(directory)
+    if manifest.backend not in backends:
+        raise _wrong_backend(directory, manifest)
+    if manifest.backend == "milvus":
+        return _load_milvus(directory, manifest)
     faiss_index = _read_faiss(_verified(directory, INDEX_FILE, manifest))
     paths, identities = _read_table(_verified(directory, TABLE_FILE, manifest))
     counts = manifest.counts
@@ -523,6 +595,22 @@ def _load_once(directory: Path) -> StoredIndex:
                                                f"says {counts['identities']}")
     gallery = GalleryIndex.from_faiss(faiss_index, identities, manifest.spec)
     return StoredIndex(directory, manifest, paths, identities, gallery)
+
+
+def _load_milvus(directory: Path, manifest: Manifest) -> StoredIndex:
+    """A Milvus-backed index: the collection checked as this index's own (the gallery table lives
+    there, so ``paths`` and ``identities`` stay empty; answers carry their image paths)."""
+    from . import milvus
+
+    for name in manifest.attachments:
+        _verified(directory, name, manifest)
+    entry = manifest.milvus
+    client = milvus.connect(entry["uri"])
+    milvus.check_ours(client, entry["collection"], manifest.fingerprint, manifest.dim)
+    gallery = milvus.MilvusGallery(client, entry["collection"], manifest.dim,
+                                   manifest.counts["identities"], manifest.counts["images"],
+                                   manifest.spec)
+    return StoredIndex(directory, manifest, [], [], gallery)
 
 
 def _read_faiss(path: Path) -> faiss.Index:
@@ -580,6 +668,13 @@ def _verified(directory: Path, name: str, manifest: Manifest) -> Path:
     if _sha256(path) != expected["sha256"]:
         raise IndexCorrupt(f"{path} is corrupt (checksum mismatch)", path)
     return path
+
+
+def _wrong_backend(directory: Path, manifest: Manifest) -> WrongBackend:
+    return WrongBackend(f"index {directory} keeps its vectors in Milvus collection "
+                        f"{manifest.milvus['collection']!r}, not in the folder: this needs an index "
+                        "built with the default FAISS backend (build_index.py without --backend)",
+                        directory)
 
 
 def _corrupt(path: Path, detail: str) -> IndexCorrupt:

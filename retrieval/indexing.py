@@ -55,6 +55,9 @@ class BuildOptions:
     allow_outside: bool = False  # CSV rows may name images outside --gallery
     device: str | None = None
     progress: bool = True
+    backend: str | None = None  # faiss (default) or milvus; an edit keeps the index's own
+    milvus_uri: str | None = None  # a file path (milvus-lite) or http://host:19530
+    milvus_collection: str | None = None
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Current:
     identities: list[str] = field(default_factory=list)
     vectors: np.ndarray | None = None
     attachments: dict[str, Path] = field(default_factory=dict)  # the exported encoder, if any
+    milvus: Any = None  # a Milvus-backed index: the client (paths, identities, vectors stay there)
 
 
 def run(opts: BuildOptions) -> Any:
@@ -121,6 +125,12 @@ def _check_options(opts: BuildOptions) -> None:
     if opts.gallery is None and (opts.model or opts.tta or opts.image_size):
         raise UserError("--model / --tta / --image-size only apply when embedding images: "
                         "--remove-identity alone re-embeds nothing; drop them")
+    if (opts.milvus_uri or opts.milvus_collection) and opts.backend != "milvus":
+        raise UserError("--milvus-uri / --milvus-collection go with --backend milvus (an existing "
+                        "Milvus index needs neither: its folder names them)")
+    if opts.backend == "milvus" and not opts.milvus_uri and not (opts.append or opts.remove):
+        raise UserError("--backend milvus needs --milvus-uri: a file path for milvus-lite (e.g. "
+                        "runs/gallery.db) or a server, http://host:19530")
 
 
 def _on_main(ctx, work: Callable[[], T], share: bool = True) -> T | None:
@@ -150,6 +160,12 @@ def _read_current(opts: BuildOptions) -> Current:
         log.info("no index at %s yet: --append builds a new one", out)
         return Current()
     stored = load_index(out)
+    backend = stored.manifest.backend
+    if opts.backend not in (None, backend):
+        raise UserError(f"index {out} keeps its vectors in {backend}: an edit keeps the backend; "
+                        f"drop --backend, or build a new index without --append")
+    if backend == "milvus":
+        return _read_current_milvus(opts, stored)
     vectors = stored.vectors()
     keep = np.ones(len(stored.paths), dtype=bool)
     present = set(stored.identities)
@@ -165,13 +181,36 @@ def _read_current(opts: BuildOptions) -> Current:
                    {name: stored.attachment(name) for name in stored.manifest.attachments})
 
 
+def _read_current_milvus(opts: BuildOptions, stored) -> Current:
+    """A Milvus-backed index being edited: only the manifest is read here; which images are new
+    is asked of the collection by key (``_plan``), removals are checked there too."""
+    from index import milvus
+
+    collection = stored.manifest.milvus["collection"]
+    client = stored.gallery.client
+    for identity in opts.remove:
+        if not milvus.has_identity(client, collection, identity):
+            raise UserError(f"identity {identity!r} is not in index {opts.out} (Milvus collection "
+                            f"{collection!r}): check the name (identities are case-sensitive)")
+    return Current(stored.manifest,
+                   attachments={name: stored.attachment(name) for name in stored.manifest.attachments},
+                   milvus=client)
+
+
 def _plan(opts: BuildOptions, current: Current, encoder_box: list[Encoder]) -> Plan:
     """Rank 0: list the images to embed (cheap checks first), load the model (the index's own
     when appending) and keep it in ``encoder_box``: only the picklable plan goes to other ranks."""
     from .data import read_gallery
 
-    indexed = dict(zip(current.paths, current.identities))
-    samples = _new_samples(read_gallery(opts.gallery, opts.labels, opts.allow_outside), indexed)
+    listed = read_gallery(opts.gallery, opts.labels, opts.allow_outside)
+    if current.milvus is not None:
+        from index import milvus
+
+        indexed = milvus.indexed_among(current.milvus, current.manifest.milvus["collection"],
+                                       [os.path.abspath(s.path) for s in listed])
+    else:
+        indexed = dict(zip(current.paths, current.identities))
+    samples = _new_samples(listed, indexed)
     spec = _encoder_spec(opts, current)
     encoder = load_encoder(spec)
     if current.manifest is not None:
@@ -270,6 +309,8 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
     """Rank 0: merge what stays with what is new and write the folder (atomically)."""
     from index.store import save_index
 
+    if opts.backend == "milvus" or (current.manifest is not None and current.milvus is not None):
+        return _write_milvus(opts, current, encoder, new, vectors, index_type)
     paths = current.paths + [str(s.path) for s in new]
     identities = current.identities + [s.identity for s in new]
     parts = [v for v in (current.vectors, vectors) if v is not None and len(v)]
@@ -295,6 +336,78 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
     log.info("index %s: %d images of %d identities (%s); %d new", opts.out,
              written.counts["images"], written.counts["identities"], written.index["kind"], len(new))
     return written
+
+
+def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
+                  new: list[Sample], vectors: np.ndarray | None, index_type: str | None) -> Any:
+    """The Milvus backend: rows go to the collection (upserts keyed by path), then the index
+    folder's manifest is committed atomically with the counts, threshold and encoder."""
+    from index import milvus
+    from index.store import read_manifest, save_milvus_manifest
+
+    manifest = current.manifest
+    paths = [str(s.path) for s in new]
+    identities = [s.identity for s in new]
+    if manifest is None:  # a fresh build
+        if not new:
+            raise UserError(_empty_message(opts, current))
+        uri = milvus.normalise_uri(opts.milvus_uri)
+        collection = milvus.check_collection_name(opts.milvus_collection or milvus.DEFAULT_COLLECTION)
+        spec = milvus.resolve(index_type or "flat", len(new), vectors.shape[1])
+        client = milvus.connect(uri)
+        model = encoder.model_info()
+        milvus.create_collection(client, collection, vectors.shape[1], spec, model["fingerprint"],
+                                 replace=_rebuilds(opts.out, uri, collection, read_manifest))
+        milvus.upsert(client, collection, vectors, paths, identities, progress=opts.progress)
+        threshold, source = _threshold(opts, None, encoder, vectors, identities)
+        counts = {"images": len(new), "identities": len(set(identities))}
+        values = {"dim": int(vectors.shape[1]), "model": model, "tta": encoder.tta, "spec": spec,
+                  "uri": uri, "collection": collection}
+    else:
+        if index_type not in (None, manifest.index["requested"]):
+            raise UserError(f"--index-type {index_type} on an existing Milvus index: the "
+                            "collection keeps its type; build a new index to change it")
+        client, collection = current.milvus, manifest.milvus["collection"]
+        if opts.append and not new and not opts.remove and \
+                (opts.threshold is None or opts.threshold == manifest.threshold):
+            log.info("nothing new to add: %s left unchanged", opts.out)
+            return manifest
+        if opts.remove:
+            milvus.delete_identities(client, collection, opts.remove)
+        if new:
+            milvus.upsert(client, collection, vectors, paths, identities, progress=opts.progress)
+        # counted in the collection, not from the manifest: right even after a failed earlier
+        # write or another writer's (costs a pass over the identity column)
+        counts = milvus.counts(client, collection)
+        if counts["images"] == 0:
+            raise UserError(f"index {opts.out} is now empty (its Milvus collection {collection!r} "
+                            "holds no rows): append images, or delete the folder and the collection")
+        threshold = opts.threshold if opts.threshold is not None else manifest.threshold
+        source = "user" if opts.threshold is not None else manifest.threshold_source
+        values = {"dim": manifest.dim, "model": manifest.model, "tta": manifest.tta,
+                  "spec": manifest.spec, "uri": manifest.milvus["uri"], "collection": collection}
+    with tempfile.TemporaryDirectory(prefix="export-") as scratch:
+        attachments = current.attachments or _export(encoder, Path(scratch))
+        written = save_milvus_manifest(opts.out, **values, threshold=threshold,
+                                       threshold_source=source, counts=counts,
+                                       created=manifest.created if manifest else None,
+                                       attachments=attachments)
+    log.info("index %s: %d images of %d identities in Milvus collection %r (%s); %d new", opts.out,
+             written.counts["images"], written.counts["identities"], values["collection"],
+             written.index["kind"], len(new))
+    return written
+
+
+def _rebuilds(out: str, uri: str, collection: str, read_manifest) -> bool:
+    """A fresh build may replace a collection only where ``--out`` is already that collection's
+    index folder (a rebuild); any other existing collection is refused, never dropped."""
+    from index.errors import GalleryIndexError
+
+    try:
+        previous = read_manifest(out)
+    except GalleryIndexError:
+        return False
+    return previous.backend == "milvus" and previous.milvus == {"uri": uri, "collection": collection}
 
 
 def _export(encoder: Encoder | None, scratch: Path) -> dict[str, Path]:

@@ -173,9 +173,9 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     ranking = stored.gallery.search(vectors, k)
     if threshold is None:
         threshold = stored.manifest.threshold
-    answers = [QueryAnswer(str(image), hits_for(ids, scores, rows, stored.paths, threshold, k))
-               for image, ids, scores, rows in zip(images, ranking.identities, ranking.scores,
-                                                   ranking.best_rows)]
+    answers = [QueryAnswer(str(image), hits_for(ids, scores, best, threshold, k))
+               for image, ids, scores, best in zip(images, ranking.identities, ranking.scores,
+                                                   stored.best_images(ranking))]
     result = QueryResult(answers, threshold, str(index_dir), k, truths, None, truth_source)
     if truths is not None:
         result.evaluation = evaluate(result)
@@ -254,9 +254,10 @@ def _readable_queries(images: Sequence[Path], folder: bool, strict: bool) -> lis
     return [image for i, image in enumerate(images) if i not in bad]
 
 
-def hits_for(identities: Sequence[str], scores: np.ndarray, rows: np.ndarray,
-             gallery_paths: Sequence[str], threshold: float | None, k: int) -> list[Hit]:
-    """The top-``k`` answer with ``new_whale`` placed by ``threshold`` (as Kaggle scores it)."""
+def hits_for(identities: Sequence[str], scores: np.ndarray, best_images: Sequence[str],
+             threshold: float | None, k: int) -> list[Hit]:
+    """The top-``k`` answer with ``new_whale`` placed by ``threshold`` (as Kaggle scores it);
+    ``best_images``: each identity's nearest gallery image, in the order of ``identities``."""
     from .metrics import insert_new_whale
 
     labels = insert_new_whale(identities, scores, threshold, k)
@@ -267,7 +268,7 @@ def hits_for(identities: Sequence[str], scores: np.ndarray, rows: np.ndarray,
             hits.append(Hit(NEW_WHALE, None, None))
             continue
         i = position[label]
-        hits.append(Hit(label, float(scores[i]), gallery_paths[int(rows[i])]))
+        hits.append(Hit(label, float(scores[i]), best_images[i]))
     return hits
 
 

@@ -163,13 +163,17 @@ class GalleryService:
 
     def __init__(self, index_dir: str | Path, model: str | None = None, device: str | None = None,
                  batching: bool = True):
-        from index.store import load_index, real_path
+        from index.store import load_index, read_manifest, real_path
 
         from .encoder import check_index_model
         from .query import _device, encoder_for
 
         self.index_dir = real_path(index_dir)
         self._model_path = model
+        if read_manifest(self.index_dir).backend != "faiss":
+            raise UserError(f"index {self.index_dir} keeps its gallery in Milvus: serve.py serves "
+                            "FAISS index folders for now; query it with query.py, or build a FAISS "
+                            "index for the server")
         snapshot = _Snapshot(load_index(self.index_dir), self._stamp())
         self.encoder = encoder_for(snapshot.stored, model, device)
         check_index_model(snapshot.stored.manifest, self.index_dir, self.encoder.fingerprint,
@@ -209,8 +213,8 @@ class GalleryService:
         threshold = snapshot.stored.manifest.threshold
         from .query import hits_for
 
-        hits = hits_for(ranking.identities[0], ranking.scores[0], ranking.best_rows[0],
-                        snapshot.paths, threshold, k)
+        hits = hits_for(ranking.identities[0], ranking.scores[0],
+                        snapshot.stored.best_images(ranking)[0], threshold, k)
         candidates = [Candidate(hit.identity, None) if hit.similarity is None else
                       Candidate(hit.identity, hit.similarity,
                                 self._matches(snapshot, hit.identity, vector[0])) for hit in hits]

@@ -31,7 +31,7 @@ def test_two_queries_with_one_file_name_are_refused():
 
 
 def test_new_whale_goes_before_the_first_identity_under_the_threshold():
-    hits = hits_for(["a", "b", "c"], [0.9, 0.6, 0.4], [0, 1, 2], ["/g/0", "/g/1", "/g/2"], 0.5, 5)
+    hits = hits_for(["a", "b", "c"], [0.9, 0.6, 0.4], ["/g/0", "/g/1", "/g/2"], 0.5, 5)
     assert [h.identity for h in hits] == ["a", "b", NEW_WHALE, "c"]
     assert hits[2].similarity is None and hits[1].gallery_image == "/g/1"
 

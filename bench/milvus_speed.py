@@ -1,0 +1,79 @@
+"""The Milvus backend (milvus-lite here) beside FAISS on the scale part's synthetic galleries.
+
+For each gallery size and index type (flat, ivf, hnsw, with the parameters ``index.types`` picks
+for that size): the time to write the collection (create + upserts) or build the FAISS index,
+batched queries/s and one-query latency through the product's search (``MilvusGallery.search`` /
+``GalleryIndex.search``, k = 5 identities), recall@5 of the true identity, and the overlap of the
+top-5 identities with exact FAISS search.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SINGLE_QUERIES = 20
+
+
+def bench_milvus(args) -> dict:
+    from index import GalleryIndex, milvus
+    from index.synthetic import clustered_float32
+
+    results = {}
+    for n in args.milvus_sizes:
+        gallery, labels, queries, truth = clustered_float32(n, args.dim, args.milvus_queries)
+        paths = [f"/gallery/{i:08d}.jpg" for i in range(len(gallery))]
+        exact = GalleryIndex(gallery, labels).search(queries, 5).identities
+        rows = {}
+        for kind in args.milvus_types:
+            started = time.perf_counter()
+            index = GalleryIndex(gallery, labels, kind)
+            rows[f"faiss {kind}"] = _searched(index, time.perf_counter() - started, queries, truth,
+                                              exact, index.spec.params)
+            del index
+        folder = Path(tempfile.mkdtemp(prefix="bench-milvus-"))
+        try:
+            client = milvus.connect(str(folder / "bench.db"))
+            for kind in args.milvus_types:
+                spec = milvus.resolve(kind, len(gallery), args.dim)
+                name = f"bench_{kind}"
+                started = time.perf_counter()
+                milvus.create_collection(client, name, args.dim, spec, "bench")
+                milvus.upsert(client, name, gallery, paths, list(labels))
+                client.load_collection(name)
+                write_s = time.perf_counter() - started
+                index = milvus.MilvusGallery(client, name, args.dim, len(set(labels)), len(gallery), spec)
+                index.search(queries[:1], 5)  # the segment index is built on the first search
+                rows[f"milvus-lite {kind}"] = _searched(index, write_s, queries, truth, exact,
+                                                        spec.params)
+                rows[f"milvus-lite {kind}"]["first_search_s"] = round(time.perf_counter() - started
+                                                                      - write_s, 2)
+                client.drop_collection(name)
+            client.close()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        results[str(n)] = {"gallery": len(gallery), "dim": args.dim, "queries": len(queries),
+                           "rows": rows}
+        logging.getLogger(__name__).info("milvus part: %d vectors done", n)
+    return results
+
+
+def _searched(index, build_s: float, queries: np.ndarray, truth: np.ndarray,
+              exact: list[list[str]], params: dict) -> dict:
+    started = time.perf_counter()
+    ranked = index.search(queries, 5).identities
+    batch_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for q in queries[:SINGLE_QUERIES]:
+        index.search(q[None], 5)
+    single_ms = (time.perf_counter() - started) / SINGLE_QUERIES * 1000
+    return {"build_s": round(build_s, 2), "batch_queries_per_s": round(len(queries) / batch_s, 1),
+            "single_query_ms": round(single_ms, 2),
+            "recall_at_5": round(float(np.mean([t in ids for ids, t in zip(ranked, truth)])), 4),
+            "top5_overlap_with_exact": round(float(np.mean(
+                [len(set(a) & set(b)) / 5 for a, b in zip(ranked, exact)])), 4),
+            "params": params}
