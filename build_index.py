@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="flat: exact (default); hnsw / ivf: faster approximate search for big "
                             "galleries; ivfpq: compressed, approximate scores (FAISS only); auto: "
                             "by gallery size (with --append: the index's own unless given)")
+    index.add_argument("--target-recall", type=float, metavar="R",
+                       help="approximate types (ivf, hnsw, ivfpq, and auto when it picks one): "
+                            "after building, tune nprobe / efSearch to the smallest value whose "
+                            "recall@5 against exact search reaches R on 500 of the gallery's own "
+                            "images held out as queries; the value and the measured recall go into "
+                            "the manifest (default 0.95, or the index's own with --append)")
     index.add_argument("--append", action="store_true",
                        help="add the gallery's images that the index does not hold yet, embedded "
                             "with the index's own model; nothing already there is re-embedded")

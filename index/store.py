@@ -105,6 +105,8 @@ class IndexEntry(BaseModel):
     kind: Literal[types.INDEX_TYPES]  # type: ignore[valid-type]
     params: dict[str, Annotated[int, Field(ge=1, le=MAX_COUNT)]] = {}
     requested: Literal[types.CHOICES]  # type: ignore[valid-type]
+    target_recall: Annotated[float, Field(gt=0, le=1)] | None = None
+    recall: Annotated[float, Field(ge=0, le=1)] | None = None
 
     @model_validator(mode="after")
     def _has_its_params(self) -> "IndexEntry":
@@ -221,6 +223,7 @@ class Manifest:
         values = asdict(self)
         if self.backend == "faiss":  # as before the Milvus backend: older versions still read it
             del values["backend"], values["milvus"]
+        values["index"] = IndexSpec.from_dict(self.index).to_dict()  # untuned: no recall fields
         return json.dumps(values, indent=2, sort_keys=True) + "\n"
 
 
@@ -272,10 +275,13 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
                identities: Sequence[str], *, model: dict[str, Any], tta: str,
                threshold: float | None, index_type: str | IndexSpec = "flat",
                created: str | None = None, threshold_source: str | None = None,
-               attachments: dict[str, Path] | None = None) -> Manifest:
+               attachments: dict[str, Path] | None = None,
+               target_recall: float | None = None) -> Manifest:
     """Build the FAISS index over ``vectors`` and write it into ``directory`` atomically.
 
     ``index_type`` is a name (``auto`` resolves by gallery size) or an already resolved spec.
+    An approximate type's search parameter is tuned to ``target_recall`` (default
+    ``index.tuning.DEFAULT_TARGET``; or the spec's own) on the gallery's own vectors.
     ``attachments`` ({name in ATTACHMENTS: file}) are copied into the new data folder with it.
     A caller editing an existing index (read, change, write) holds ``writer_lock`` around it.
     """
@@ -293,9 +299,12 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
     identities = [str(identities[i]) for i in order]
     vectors = vectors[order]
     requested = index_type.requested if isinstance(index_type, IndexSpec) else index_type
+    if target_recall is None and isinstance(index_type, IndexSpec):
+        target_recall = index_type.target_recall
     spec = types.resolve(requested, len(vectors), vectors.shape[1])
     log.info("building a %s index of %d vectors", spec.kind, len(vectors))
     faiss_index = types.build(vectors, spec)
+    spec = _tuned(faiss_index, spec, vectors, identities, target_recall)
     now = _now()
     values = {"dim": int(vectors.shape[1]), "model": dict(model), "tta": tta,
               "threshold": None if threshold is None else float(threshold),
@@ -310,6 +319,28 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
                TABLE_FILE: lambda path: _write_table(path, paths, identities),
                VECTORS_FILE: lambda path: np.save(path, vectors, allow_pickle=False)}
     return _commit(target, values, writers, attachments, previous)
+
+
+def _tuned(faiss_index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: list[str],
+           target: float | None) -> IndexSpec:
+    """``spec`` with its search parameter set by measured recall (``index.tuning``)."""
+    from . import tuning
+
+    target = tuning.DEFAULT_TARGET if target is None else float(target)
+    found = tuning.tune(faiss_index, spec, vectors, np.asarray(identities, dtype=object), target)
+    if found is None:
+        return spec
+    if found.reached:
+        log.info("%s %s=%d: recall@%d %.3f against exact search on %d held-out gallery images "
+                 "(target %.2f; whole top-%d agreement %.3f)", spec.kind, found.param, found.value,
+                 tuning.K, found.recall, min(tuning.SAMPLE, len(vectors)), target, tuning.K,
+                 found.top_k_agreement)
+    else:
+        log.warning("a %s index cannot reach the target recall %.2f on this gallery: the best "
+                    "measured is %.3f at %s=%d; use --index-type flat (exact) or ivf, or a lower "
+                    "--target-recall", spec.kind, target, found.recall, found.param, found.value)
+    return IndexSpec(spec.kind, {**spec.params, found.param: found.value}, spec.requested,
+                     target, round(found.recall, 4))
 
 
 def save_milvus_manifest(directory: str | Path, *, dim: int, model: dict[str, Any], tta: str,

@@ -45,6 +45,7 @@ class BuildOptions:
     model: str | None = None
     tta: str | None = None
     index_type: str | None = None
+    target_recall: float | None = None  # approximate types: tuned to this (None: the index's own / 0.95)
     append: bool = False
     remove: list[str] = field(default_factory=list)
     batch_size: int = 64
@@ -119,6 +120,9 @@ def _check_options(opts: BuildOptions) -> None:
     if opts.remove and opts.gallery is not None and not opts.append:
         raise UserError("--remove-identity edits an existing index: use it alone, or with "
                         "--append to add images in the same run (a fresh build takes no removals)")
+    if opts.target_recall is not None and not 0 < opts.target_recall <= 1:
+        raise UserError(f"--target-recall is a share of queries, above 0 and at most 1, got "
+                        f"{opts.target_recall}")
     if opts.threshold is not None and not math.isfinite(opts.threshold):
         raise UserError(f"--threshold must be a finite number (a cosine similarity, -1 to 1), "
                         f"got {opts.threshold}")
@@ -319,7 +323,8 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
     manifest = current.manifest
     if opts.append and not new and not opts.remove and manifest is not None and \
             (index_type or manifest.index["requested"]) == manifest.index["requested"] and \
-            (opts.threshold is None or opts.threshold == manifest.threshold):
+            (opts.threshold is None or opts.threshold == manifest.threshold) and \
+            (opts.target_recall is None or opts.target_recall == manifest.index.get("target_recall")):
         log.info("nothing new to add: %s left unchanged", opts.out)
         return manifest
     vectors_all = np.concatenate(parts)
@@ -332,7 +337,9 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
             tta=encoder.tta if encoder else manifest.tta,
             threshold=threshold, threshold_source=source,
             index_type=index_type or (manifest.index["requested"] if manifest else "flat"),
-            created=manifest.created if manifest else None, attachments=attachments)
+            created=manifest.created if manifest else None, attachments=attachments,
+            target_recall=opts.target_recall or (manifest.index.get("target_recall")
+                                                 if manifest else None))
     log.info("index %s: %d images of %d identities (%s); %d new", opts.out,
              written.counts["images"], written.counts["identities"], written.index["kind"], len(new))
     return written

@@ -1,0 +1,116 @@
+"""Search parameters chosen by measured recall, not by a table: what ``--target-recall`` does.
+
+An approximate index answers faster by looking at less: IVF scans ``nprobe`` of its cells, HNSW
+keeps ``efSearch`` candidates. How much is enough depends on the gallery (real embeddings cluster;
+isotropic synthetic ones are the worst case), so after building, a sample of the gallery's own
+vectors is asked against the index, each with its own image left out of both answers. The
+measure is recall@5 against exact search: how often the identity exact search answers first is
+among the index's top 5 (FAISS's "1-recall@5"; with real labels that identity is usually the true
+one, which is what a user scores). The smallest setting meeting the target is kept, with what it
+measured, in the manifest; ``query.py`` reads it back. A target no setting reaches is reported,
+with the best that was measured. The agreement of the whole top 5 is logged too: its tail ranks
+are near-ties on isotropic data, so it is a poor thing to tune on.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from .search import fold_into_identities
+from .types import IndexSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET = 0.95
+SAMPLE = 500  # held-out queries: the recall estimate's standard error is below 0.01 near 0.95
+K = 5  # identities per answer, as query.py gives by default
+TUNED = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The chosen search parameter and what it measured."""
+
+    param: str
+    value: int
+    recall: float  # share of queries whose exact first identity is in the index's top K
+    reached: bool
+    top_k_agreement: float  # share of the exact top-K identities the index also answered
+
+
+def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: np.ndarray,
+         target: float = DEFAULT_TARGET, seed: int = 0) -> Tuning | None:
+    """The smallest search parameter of ``index`` (a built CPU index over ``vectors``) whose
+    top-``K`` identities agree with exact search on at least ``target`` of them; the largest
+    candidate (and ``reached=False``) when none does. None for an exact index."""
+    if spec.kind not in TUNED:
+        return None
+    param = TUNED[spec.kind]
+    rows = np.random.default_rng(seed).choice(len(vectors), size=min(SAMPLE, len(vectors)),
+                                              replace=False)
+    queries = np.ascontiguousarray(vectors[rows])
+    identities = np.asarray(identities, dtype=object)
+    max_images = int(np.unique(identities.astype(str), return_counts=True)[1].max())
+    wanted = K * max_images + 1  # +1: the query's own image, dropped from both answers
+    exact_scores, exact_rows = _exact(queries, vectors, wanted)
+    exact = _identities(exact_scores, exact_rows, rows, identities)
+    best = None
+    for value in candidates(spec):
+        _set(index, spec, param, max(value, wanted) if param == "efSearch" else value)
+        scores, found = index.search(queries, wanted)
+        answered = _identities(scores, found, rows, identities)
+        recall = float(np.mean([e[0] in a for a, e in zip(answered, exact) if e]))
+        agreement = float(np.mean([len(set(a) & set(e)) / max(1, len(e))
+                                   for a, e in zip(answered, exact)]))
+        best = Tuning(param, value, recall, recall >= target, agreement)
+        log.debug("%s %s=%d: recall@%d %.4f, top-%d agreement %.4f", spec.kind, param, value, K,
+                  recall, K, agreement)
+        if best.reached:
+            break
+    _set(index, spec, param, best.value)
+    return best
+
+
+def candidates(spec: IndexSpec) -> list[int]:
+    """Settings tried, cheapest first: powers of two up to every cell (IVF, where the last is
+    exact) or up to 4096 candidates (HNSW)."""
+    if spec.kind == "hnsw":
+        return [16 * 2 ** i for i in range(9)]  # 16 .. 4096
+    nlist = int(spec.params["nlist"])
+    values = [2 ** i for i in range(nlist.bit_length()) if 2 ** i < nlist]
+    return values + [nlist]
+
+
+def _set(index: faiss.Index, spec: IndexSpec, param: str, value: int) -> None:
+    if param == "nprobe":
+        faiss.extract_index_ivf(index).nprobe = int(value)
+    else:
+        index.hnsw.efSearch = int(value)
+
+
+def _exact(queries: np.ndarray, vectors: np.ndarray, n: int, block: int = 65_536):
+    """Exact top-``n`` inner products, scanning the gallery in blocks (no second full copy)."""
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_rows = np.zeros((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(vectors), block):
+        scores = queries @ vectors[start:start + block].T
+        rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        rows = np.concatenate([best_rows, rows], axis=1)
+        keep = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+        best_scores = np.take_along_axis(scores, keep, axis=1)
+        best_rows = np.take_along_axis(rows, keep, axis=1)
+    return best_scores, best_rows
+
+
+def _identities(scores: np.ndarray, rows: np.ndarray, own: np.ndarray,
+                identities: np.ndarray) -> list[list[str]]:
+    """Top-``K`` identities per query with the query's own image left out."""
+    rows = np.where(rows == own[:, None], -1, rows)
+    kept = np.argsort(rows < 0, axis=1, kind="stable")  # own image (now -1) to the end
+    rows = np.take_along_axis(rows, kept, axis=1)
+    scores = np.take_along_axis(scores, kept, axis=1)
+    return fold_into_identities(scores, rows, identities, K).identities

@@ -1,0 +1,97 @@
+"""Search parameters tuned to a target recall (index.tuning): the chosen value is the smallest
+that meets the target, checked against a naive re-measurement; it goes into the manifest and
+comes back on load; a target that cannot be met is said at build time."""
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+import pytest
+
+from index import tuning, types
+from index.store import load_index, read_manifest, save_index
+from index.synthetic import clustered_vectors
+
+from .index_helpers import single_threaded
+
+MODEL = {"fingerprint": "synthetic", "source": "pretrained", "checkpoint": None,
+         "model_config": {}, "preprocessing": {"image_size": 64}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from single_threaded()
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    vectors, labels, _, _ = clustered_vectors(2000, 64, seed=3, spread=0.3)
+    return vectors, labels
+
+
+def naive_recall(index, vectors, labels, rows, k=5) -> float:
+    """How often exact search's first identity (own image left out) is in the index's top k,
+    written the slow obvious way."""
+    hits = []
+    for row in rows:
+        similarities = vectors @ vectors[row]
+        exact_order = [r for r in np.argsort(-similarities, kind="stable") if r != row]
+        first = labels[exact_order[0]]
+        _, found = index.search(vectors[row:row + 1], 200)
+        answered = []
+        for r in found[0]:
+            if r < 0 or r == row or labels[r] in answered:
+                continue
+            answered.append(labels[r])
+        hits.append(first in answered[:k])
+    return float(np.mean(hits))
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_the_chosen_value_is_the_smallest_that_meets_the_target(gallery, kind):
+    vectors, labels = gallery
+    spec = types.resolve(kind, len(vectors), vectors.shape[1])
+    index = types.build(vectors, spec)
+    found = tuning.tune(index, spec, vectors, labels, target=0.9)
+    assert found.reached and found.recall >= 0.9
+    rows = np.random.default_rng(0).choice(len(vectors), size=tuning.SAMPLE, replace=False)
+    options = tuning.candidates(spec)
+    setting = faiss.extract_index_ivf(index).nprobe if kind == "ivf" else index.hnsw.efSearch
+    assert setting == found.value  # left on the index as chosen
+    if kind == "ivf":
+        assert abs(naive_recall(index, vectors, labels, rows) - found.recall) < 1e-9
+    smaller = options[options.index(found.value) - 1] if found.value != options[0] else None
+    if smaller is not None and kind == "ivf":
+        faiss.extract_index_ivf(index).nprobe = smaller
+        assert naive_recall(index, vectors, labels, rows) < 0.9
+
+
+def test_the_tuned_value_and_recall_go_into_the_manifest_and_come_back(gallery, tmp_path):
+    vectors, labels = gallery
+    paths = [f"/g/{i:05d}.png" for i in range(len(vectors))]
+    save_index(tmp_path / "ivf", vectors, paths, labels, model=MODEL, tta="none", threshold=None,
+               index_type="ivf", target_recall=0.8)
+    entry = read_manifest(tmp_path / "ivf").index
+    assert entry["target_recall"] == 0.8 and entry["recall"] >= 0.8
+    assert faiss.extract_index_ivf(load_index(tmp_path / "ivf").gallery.cpu_index).nprobe == \
+        entry["params"]["nprobe"]
+    # a higher target needs at least as many cells
+    save_index(tmp_path / "ivf99", vectors, paths, labels, model=MODEL, tta="none",
+               threshold=None, index_type="ivf", target_recall=0.99)
+    assert read_manifest(tmp_path / "ivf99").index["params"]["nprobe"] >= entry["params"]["nprobe"]
+    # an exact index has nothing to tune
+    save_index(tmp_path / "flat", vectors, paths, labels, model=MODEL, tta="none", threshold=None)
+    assert read_manifest(tmp_path / "flat").index.get("recall") is None
+    assert "recall" not in (tmp_path / "flat" / "manifest.json").read_text()
+
+
+def test_a_target_that_cannot_be_met_is_said_at_build_time(gallery, tmp_path, caplog):
+    vectors, labels = gallery
+    paths = [f"/g/{i:05d}.png" for i in range(len(vectors))]
+    with caplog.at_level(logging.WARNING):
+        save_index(tmp_path / "pq", vectors, paths, labels, model=MODEL, tta="none",
+                   threshold=None, index_type="ivfpq", target_recall=1.0)
+    entry = read_manifest(tmp_path / "pq").index
+    assert entry["recall"] < 1.0  # product-quantised scores are estimates: never exact
+    assert "cannot reach the target recall 1.00" in caplog.text
