@@ -100,10 +100,13 @@ def _exact(queries: np.ndarray, vectors: np.ndarray, n: int, block: int = 65_536
         rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
         scores = np.concatenate([best_scores, scores], axis=1)
         rows = np.concatenate([best_rows, rows], axis=1)
-        keep = np.argsort(-scores, axis=1, kind="stable")[:, :n]
-        best_scores = np.take_along_axis(scores, keep, axis=1)
-        best_rows = np.take_along_axis(rows, keep, axis=1)
-    return best_scores, best_rows
+        if scores.shape[1] > n:
+            keep = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+            scores = np.take_along_axis(scores, keep, axis=1)
+            rows = np.take_along_axis(rows, keep, axis=1)
+        best_scores, best_rows = scores, rows
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
 
 
 def _identities(scores: np.ndarray, rows: np.ndarray, own: np.ndarray,
