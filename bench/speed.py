@@ -21,7 +21,9 @@ Parts:
   index   HNSW / IVF recall@5 and queries/s by gallery size: runs bench/index_speed.py
   scale   --scale-size vectors (default 1M x 512, float32, generated in chunks: ~2 GB): flat
           through GalleryIndex vs bare FAISS, and GalleryIndex's own --scale-types (ivf, hnsw)
-          with the parameters it picks for that size
+          with the parameters it picks for that size. --scale-gallery realistic draws the vectors
+          from a model fitted to real zero-shot embeddings of --scale-fit-data (projected to
+          --dim) instead of isotropic identities (index.synthetic.fit_gallery_model)
   milvus  the Milvus backend (milvus-lite) beside FAISS on the scale part's galleries: write /
           build time, batched q/s, 1-query ms, recall@5 and top-5 overlap with exact search, for
           flat / ivf / hnsw (bench/milvus_speed.py; needs pymilvus + milvus-lite)
@@ -75,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-types", nargs="*", default=["ivf", "hnsw"], choices=["ivf", "hnsw", "ivfpq"],
                    help="approximate GalleryIndex types measured at the scale size (default ivf hnsw; "
                         "HNSW builds slowly: ~15-30 min for 1M on one core)")
+    p.add_argument("--scale-gallery", choices=["isotropic", "realistic"], default="isotropic",
+                   help="isotropic identities (the hard case) or identities drawn from a model "
+                        "of real embeddings (default %(default)s)")
+    p.add_argument("--scale-fit-data", default="dogfacenet",
+                   help="the shared set whose zero-shot embeddings the realistic gallery follows")
     p.add_argument("--scale-nprobe", type=int, nargs="*", default=[],
                    help="also search the scale part's IVF with these nprobe values (no rebuild)")
     p.add_argument("--milvus-sizes", type=int, nargs="+", default=[10_000, 100_000],
@@ -376,16 +383,56 @@ def bench_index(args) -> list[dict]:
 
 # ----------------------------------------------------------------------------- scale
 
+def realistic_model(args):
+    """``index.synthetic.GalleryModel`` fitted to the zero-shot embeddings of a shared set (96 px),
+    projected on their top ``--dim`` principal directions; the embeddings are cached in the temp
+    folder (a few minutes to compute on one core)."""
+    from index.synthetic import fit_gallery_model, similarity_profile
+    from retrieval.data import read_folder_gallery
+
+    samples = read_folder_gallery(data_path(args.scale_fit_data))
+    cache = Path(tempfile.gettempdir()) / f"whale-bench-{Path(str(args.scale_fit_data)).name}-96px.npy"
+    if cache.is_file():
+        vectors = np.load(cache)
+    else:
+        from retrieval.embed import embed_images
+        from retrieval.model import preprocessing_for, zero_shot_model
+
+        model = zero_shot_model()
+        vectors = embed_images(model, [s.path for s in samples], preprocessing_for(model, 96),
+                               device=torch_device("cpu"), progress=False)
+        np.save(cache, vectors)
+    labels = np.array([s.identity for s in samples])
+    # uncentred: the first direction is the one every GeM feature shares, which sets how similar
+    # unrelated images look
+    basis = np.linalg.svd(vectors, full_matrices=False)[2][:args.dim]
+    projected = vectors @ basis.T
+    projected /= np.linalg.norm(projected, axis=1, keepdims=True)
+    return fit_gallery_model(projected, labels), similarity_profile(projected, labels)
+
+
 def bench_scale(args) -> dict:
     import faiss
 
     from index import GalleryIndex
     from index.synthetic import clustered_float32
+    from index import tuning, types
     from index.types import resolve
 
     started = time.perf_counter()
-    gallery, labels, queries, truth = clustered_float32(args.scale_size, args.dim, args.scale_queries)
+    if getattr(args, "scale_gallery", "isotropic") == "realistic":
+        from index.synthetic import sample_gallery
+
+        model, fitted_to = realistic_model(args)
+        gallery, labels, queries, truth = sample_gallery(model, args.scale_size, args.scale_queries)
+    else:
+        fitted_to = None
+        gallery, labels, queries, truth = clustered_float32(args.scale_size, args.dim, args.scale_queries)
     generate_s = time.perf_counter() - started
+    from index.synthetic import similarity_profile
+
+    profile = {"generated": similarity_profile(gallery[:200_000], labels[:200_000]),
+               "real": fitted_to}
     rows = {}
 
     def measure(name, build, search_batch, search_one, answer_identities):
@@ -427,6 +474,21 @@ def bench_scale(args) -> dict:
             f"GalleryIndex {kind}", lambda: GalleryIndex(gallery, labels, kind),
             lambda ix: ix.search(queries, 5), lambda ix, q: ix.search(q, 5), lambda r: r.identities)
         rows[f"GalleryIndex {kind}"]["params"] = resolve(kind, len(gallery), args.dim).params
+        # what build_index.py ships: the search parameter tuned to the default target recall
+        tuned = tuning.tune(built.cpu_index, built.spec, gallery, labels)
+        if tuned is not None:
+            name = f"GalleryIndex {kind}, tuned to {tuning.DEFAULT_TARGET}"
+            t = time.perf_counter()
+            tuning.tune(built.cpu_index, built.spec, gallery, labels)
+            tune_s = time.perf_counter() - t
+            _, approximate[f"{kind} tuned"] = measure(
+                name, lambda index=built: index, lambda ix: ix.search(queries, 5),
+                lambda ix, q: ix.search(q, 5), lambda r: r.identities)
+            rows[name].update(build_s=None, tune_s=round(tune_s, 1),
+                              params={**rows[f"GalleryIndex {kind}"]["params"],
+                                      tuned.param: tuned.value},
+                              tuning_recall=round(tuned.recall, 4))
+            types.apply_search_params(built.cpu_index, resolve(kind, len(gallery), args.dim))
         for nprobe in args.scale_nprobe if kind == "ivf" else []:
             # the same index searched with fewer cells (what editing the manifest's nprobe does)
             def with_nprobe(index=built, n=nprobe):
@@ -440,6 +502,7 @@ def bench_scale(args) -> dict:
             rows[name]["params"] = {**rows[f"GalleryIndex {kind}"]["params"], "nprobe": nprobe}
     return {"gallery": len(gallery), "dim": args.dim, "queries": len(queries),
             "generate_s": round(generate_s, 1), "gallery_gib": round(gallery.nbytes / 2 ** 30, 2),
+            "gallery_kind": getattr(args, "scale_gallery", "isotropic"), "similarity_profile": profile,
             "rows": rows,
             "top5_overlap_with_exact": {kind: round(float(np.mean(
                 [len(set(a) & set(b)) / 5 for a, b in zip(ids, engine_ids)])), 4)
@@ -456,6 +519,8 @@ def run(args) -> dict:
     name = "speed" if set(args.parts) >= set(PARTS) - {"scale", "milvus"} else "speed_" + "_".join(args.parts)
     if args.parts == ["scale"]:  # one file per size and index types: runs can be split up
         name = f"speed_scale_{args.scale_size}_{'_'.join(['flat'] + list(args.scale_types))}"
+        if getattr(args, "scale_gallery", "isotropic") != "isotropic":
+            name += f"_{args.scale_gallery}"
 
     def save():
         report.write(name, getattr(args, "out", None), results=results, table="\n\n".join(tables))
