@@ -187,9 +187,11 @@ def create_collection(client, collection: str, dim: int, spec: IndexSpec, finger
     schema.add_field(IDENTITY, DataType.VARCHAR, max_length=MAX_IDENTITY)
     schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=dim)
     index_params = client.prepare_index_params()
+    build = {theirs: int(spec.params[ours]) for ours, theirs in BUILD_PARAMS.get(spec.kind, {}).items()}
+    # nested under "params" (one JSON value on the wire, as Milvus servers have always read it):
+    # pymilvus 3 would otherwise send each key alone, which milvus-lite 3.2 ignores
     index_params.add_index(field_name=VECTOR, index_type=MILVUS_TYPES[spec.kind], metric_type="IP",
-                           params={theirs: int(spec.params[ours])
-                                   for ours, theirs in BUILD_PARAMS.get(spec.kind, {}).items()})
+                           params={"params": build} if build else {})
     client.create_collection(collection, schema=schema, index_params=index_params,
                              consistency_level="Strong")
     client.alter_collection_properties(collection, properties={
@@ -243,6 +245,9 @@ def upsert(client, collection: str, vectors: np.ndarray, paths: Sequence[str],
                               "rows are stored whole; run the same command again to write the rest"
                               ) from None
         written = stop
+    # seal what was written: unsealed (growing) data is searched by brute force, sealed
+    # segments get the collection's index (and are persisted)
+    client.flush(collection)
     return written
 
 
@@ -329,6 +334,49 @@ class MilvusGallery:
 
     def __len__(self) -> int:
         return self._size
+
+    def tune(self, vectors: np.ndarray, paths: Sequence[str], identities: Sequence[str],
+             target: float):
+        """Set the search parameter (nprobe / ef) to the smallest meeting ``target`` recall@5
+        against exact search, measured as ``index.tuning`` does for FAISS: a sample of the
+        gallery's own images, asked for their nearest rows (not grouped), their own row dropped,
+        the rest folded into identities here. None for FLAT. (Not a filter per query: milvus-lite
+        answers filtered searches by brute force, which would measure nothing.)"""
+        from . import tuning
+
+        if self.spec.kind not in SEARCH_PARAMS:
+            return None
+        ours, theirs = next(iter(SEARCH_PARAMS[self.spec.kind].items()))
+        rows = tuning.held_out(len(vectors))
+        identities = np.asarray(identities, dtype=object)
+        max_images = int(np.unique(identities.astype(str), return_counts=True)[1].max())
+        wanted = tuning.K * max_images + 1
+        exact = tuning.exact_answers(vectors, identities, rows, wanted)
+        self.search(vectors[:1], 1)  # the first search after a flush builds the segments' index
+        queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+        own = [image_key(paths[row]) for row in rows]
+
+        def answers(value: int) -> list[list[str]]:
+            value = max(value, wanted) if theirs == "ef" else value
+            params = {"metric_type": "IP", "params": {theirs: int(value)}}
+            hits = self.client.search(self.collection, data=queries.tolist(), limit=wanted,
+                                      anns_field=VECTOR, output_fields=[KEY, IDENTITY],
+                                      search_params=params, consistency_level="Strong")
+            answered = []
+            for key, row_hits in zip(own, hits):
+                ranked: list[str] = []
+                for hit in row_hits:
+                    identity = hit["entity"][IDENTITY]
+                    if hit["entity"][KEY] != key and identity not in ranked:
+                        ranked.append(identity)
+                answered.append(ranked[:tuning.K])
+            return answered
+
+        values = tuning.candidates(IndexSpec(self.spec.kind, {
+            "nlist": self.spec.params.get("nlist", 1)}))
+        found = tuning.choose(self.spec, ours, values, answers, exact, target)
+        self._params = {"metric_type": "IP", "params": {theirs: int(found.value)}}
+        return found
 
     def search(self, queries: np.ndarray, k: int = 5) -> IdentityRanking:
         queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -14,6 +14,7 @@ are near-ties on isotropic data, so it is a poor thing to tune on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import faiss
@@ -49,19 +50,44 @@ def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: n
     if spec.kind not in TUNED:
         return None
     param = TUNED[spec.kind]
-    rows = np.random.default_rng(seed).choice(len(vectors), size=min(SAMPLE, len(vectors)),
-                                              replace=False)
+    rows = held_out(len(vectors), seed)
     queries = np.ascontiguousarray(vectors[rows])
     identities = np.asarray(identities, dtype=object)
     max_images = int(np.unique(identities.astype(str), return_counts=True)[1].max())
     wanted = K * max_images + 1  # +1: the query's own image, dropped from both answers
-    exact_scores, exact_rows = _exact(queries, vectors, wanted)
-    exact = _identities(exact_scores, exact_rows, rows, identities)
-    best = None
-    for value in candidates(spec):
+
+    def answers(value: int) -> list[list[str]]:
         _set(index, spec, param, max(value, wanted) if param == "efSearch" else value)
         scores, found = index.search(queries, wanted)
-        answered = _identities(scores, found, rows, identities)
+        return _identities(scores, found, rows, identities)
+
+    best = choose(spec, param, candidates(spec), answers,
+                  exact_answers(vectors, identities, rows, wanted), target)
+    _set(index, spec, param, best.value)
+    return best
+
+
+def held_out(n_vectors: int, seed: int = 0) -> np.ndarray:
+    """The gallery rows asked as queries (each answered without its own image)."""
+    return np.random.default_rng(seed).choice(n_vectors, size=min(SAMPLE, n_vectors), replace=False)
+
+
+def exact_answers(vectors: np.ndarray, identities: np.ndarray, rows: np.ndarray,
+                  wanted: int) -> list[list[str]]:
+    """Exact search's top-``K`` identities for the gallery rows ``rows``, own image left out
+    (``wanted``: neighbours needed to see ``K`` identities besides the own image)."""
+    scores, found = _exact(np.ascontiguousarray(vectors[rows]), vectors, wanted)
+    return _identities(scores, found, rows, np.asarray(identities, dtype=object))
+
+
+def choose(spec: IndexSpec, param: str, values: Sequence[int],
+           answers: Callable[[int], list[list[str]]], exact: list[list[str]],
+           target: float) -> Tuning:
+    """The first of ``values`` (cheapest first) whose ``answers`` meet ``target`` recall@K
+    against ``exact``; the last tried, unmet, when none does."""
+    best = None
+    for value in values:
+        answered = answers(value)
         recall = float(np.mean([e[0] in a for a, e in zip(answered, exact) if e]))
         agreement = float(np.mean([len(set(a) & set(e)) / max(1, len(e))
                                    for a, e in zip(answered, exact)]))
@@ -70,7 +96,6 @@ def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: n
                   recall, K, agreement)
         if best.reached:
             break
-    _set(index, spec, param, best.value)
     return best
 
 

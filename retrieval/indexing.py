@@ -366,6 +366,7 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
         milvus.create_collection(client, collection, vectors.shape[1], spec, model["fingerprint"],
                                  replace=_rebuilds(opts.out, uri, collection, read_manifest))
         milvus.upsert(client, collection, vectors, paths, identities, progress=opts.progress)
+        spec = _tuned_milvus(client, collection, spec, vectors, paths, identities, opts.target_recall)
         threshold, source = _threshold(opts, None, encoder, vectors, identities)
         counts = {"images": len(new), "identities": len(set(identities))}
         values = {"dim": int(vectors.shape[1]), "model": model, "tta": encoder.tta, "spec": spec,
@@ -403,6 +404,27 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
              written.counts["images"], written.counts["identities"], values["collection"],
              written.index["kind"], len(new))
     return written
+
+
+def _tuned_milvus(client, collection: str, spec, vectors: np.ndarray, paths: list[str],
+                  identities: list[str], target: float | None):
+    """The collection's search parameter tuned to the target recall, as FAISS indexes are."""
+    from index import milvus, tuning
+    from index.types import IndexSpec
+
+    target = tuning.DEFAULT_TARGET if target is None else target
+    client.load_collection(collection)
+    gallery = milvus.MilvusGallery(client, collection, vectors.shape[1], len(set(identities)),
+                                   len(vectors), spec)
+    found = gallery.tune(vectors, paths, identities, target)
+    if found is None:
+        return spec
+    (log.info if found.reached else log.warning)(
+        "Milvus %s %s=%d: recall@5 %.3f against exact search on held-out gallery images "
+        "(target %.2f)%s", spec.kind, found.param, found.value, found.recall, target,
+        "" if found.reached else ": not reached; use --index-type flat or a lower --target-recall")
+    return IndexSpec(spec.kind, {**spec.params, found.param: found.value}, spec.requested, target,
+                     round(found.recall, 4))
 
 
 def _rebuilds(out: str, uri: str, collection: str, read_manifest) -> bool:
