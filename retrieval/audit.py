@@ -148,7 +148,15 @@ def _mislabels(vectors: np.ndarray, paths, labels: np.ndarray) -> list[Finding]:
     """Images closer to another identity's centre than to their own identity's centre (the mean of
     its other images, so the image does not pull its own centre towards itself). Scored by that
     margin. Centres beat the single nearest image in bench/README.md ("Gallery audit": 0.86 vs 0.76
-    of the swapped dog photos found, 0.74 vs 0.70 of the characters, 0.85 both on faces)."""
+    of the swapped dog photos found, 0.74 vs 0.70 of the characters, 0.85 both on faces).
+
+    The vectors are first centred on the gallery's mean and re-normalised: what every photo
+    shares (pretrained features all point one way) then stops lifting every similarity alike.
+    Over two injection seeds on three sets it found as many swaps or more, never fewer (+0.00 to
+    +0.05); whitening, which helped on one seed, lost 0.07 on dogs on the other."""
+    vectors = vectors - vectors.mean(axis=0, keepdims=True)
+    vectors = (vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+               ).astype(np.float32)
     groups = _rows_by_identity(labels)
     names = list(groups)
     code = {name: c for c, name in enumerate(names)}
