@@ -315,6 +315,23 @@ def iterate_rows(client, collection: str, fields: Sequence[str] = (PATH, IDENTIT
 
 # ----------------------------------------------------------------------------- searching
 
+def _wait_until_indexed(answers, timeout_s: float = 120.0) -> None:
+    """Milvus builds a segment's index in the background after a flush and answers from raw
+    vectors (exactly) until then, and milvus-lite reports the index finished before it is used.
+    Tuning would then measure exact search: wait until the cheapest setting's answers stop
+    changing between two asks."""
+    deadline = time.monotonic() + timeout_s
+    previous = answers()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        current = answers()
+        if current == previous:
+            return
+        previous = current
+    log.warning("Milvus still building its index after %.0f s: the tuned value may be too low",
+                timeout_s)
+
+
 class MilvusGallery:
     """``GalleryIndex``'s search over a Milvus collection: identities, best first, each with its
     best image's similarity and path (``IdentityRanking.images``; ``best_rows`` are -1, as the
@@ -352,7 +369,6 @@ class MilvusGallery:
         max_images = int(np.unique(identities.astype(str), return_counts=True)[1].max())
         wanted = tuning.K * max_images + 1
         exact = tuning.exact_answers(vectors, identities, rows, wanted)
-        self.search(vectors[:1], 1)  # the first search after a flush builds the segments' index
         queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
         own = [image_key(paths[row]) for row in rows]
 
@@ -374,6 +390,7 @@ class MilvusGallery:
 
         values = tuning.candidates(IndexSpec(self.spec.kind, {
             "nlist": self.spec.params.get("nlist", 1)}))
+        _wait_until_indexed(lambda: answers(values[0]))
         found = tuning.choose(self.spec, ours, values, answers, exact, target)
         self._params = {"metric_type": "IP", "params": {theirs: int(found.value)}}
         return found
