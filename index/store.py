@@ -304,7 +304,8 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
     spec = types.resolve(requested, len(vectors), vectors.shape[1])
     log.info("building a %s index of %d vectors", spec.kind, len(vectors))
     faiss_index = types.build(vectors, spec)
-    spec = _tuned(faiss_index, spec, vectors, identities, target_recall)
+    spec = _tuned(GalleryIndex.from_faiss(faiss_index, identities, spec, vectors), vectors,
+                  identities, target_recall)
     now = _now()
     values = {"dim": int(vectors.shape[1]), "model": dict(model), "tta": tta,
               "threshold": None if threshold is None else float(threshold),
@@ -321,13 +322,16 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
     return _commit(target, values, writers, attachments, previous)
 
 
-def _tuned(faiss_index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: list[str],
+def _tuned(gallery: GalleryIndex, vectors: np.ndarray, identities: list[str],
            target: float | None) -> IndexSpec:
-    """``spec`` with its search parameter set by measured recall (``index.tuning``)."""
+    """The gallery's spec with its search parameter set by measured recall (``index.tuning``),
+    measured through the gallery's own search (re-ranking included)."""
     from . import tuning
 
+    spec = gallery.spec
     target = tuning.DEFAULT_TARGET if target is None else float(target)
-    found = tuning.tune(faiss_index, spec, vectors, np.asarray(identities, dtype=object), target)
+    found = tuning.tune(gallery.cpu_index, spec, vectors, np.asarray(identities, dtype=object),
+                        target, search=gallery.neighbours)
     if found is None:
         return spec
     if found.reached:
@@ -624,8 +628,10 @@ def _load_once(directory: Path, backends: Sequence[str]) -> StoredIndex:
     if len(set(identities)) != counts["identities"]:
         raise _corrupt(directory / TABLE_FILE, f"{len(set(identities))} identities, manifest "
                                                f"says {counts['identities']}")
-    gallery = GalleryIndex.from_faiss(faiss_index, identities, manifest.spec)
-    return StoredIndex(directory, manifest, paths, identities, gallery)
+    stored = StoredIndex(directory, manifest, paths, identities, None)
+    raw = stored.vectors(mmap=True) if manifest.spec.kind == "ivfpq" else None  # re-ranking
+    stored.gallery = GalleryIndex.from_faiss(faiss_index, identities, manifest.spec, raw)
+    return stored
 
 
 def _load_milvus(directory: Path, manifest: Manifest) -> StoredIndex:

@@ -43,10 +43,14 @@ class Tuning:
 
 
 def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: np.ndarray,
-         target: float = DEFAULT_TARGET, seed: int = 0) -> Tuning | None:
-    """The smallest search parameter of ``index`` (a built CPU index over ``vectors``) whose
-    top-``K`` identities agree with exact search on at least ``target`` of them; the largest
-    candidate (and ``reached=False``) when none does. None for an exact index."""
+         target: float = DEFAULT_TARGET, seed: int = 0,
+         search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None
+         ) -> Tuning | None:
+    """The smallest search parameter of ``index`` (a built CPU index over ``vectors``) meeting
+    ``target`` recall@K against exact search; the largest candidate (and ``reached=False``) when
+    none does. None for an exact index. ``search``: how answers are found (default
+    ``index.search``; ``GalleryIndex.neighbours`` to include its exact re-ranking)."""
+    search = search or index.search
     if spec.kind not in TUNED:
         return None
     param = TUNED[spec.kind]
@@ -58,7 +62,7 @@ def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: n
 
     def answers(value: int) -> list[list[str]]:
         _set(index, spec, param, max(value, wanted) if param == "efSearch" else value)
-        scores, found = index.search(queries, wanted)
+        scores, found = search(queries, wanted)
         return _identities(scores, found, rows, identities)
 
     best = choose(spec, param, candidates(spec), answers,

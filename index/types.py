@@ -8,8 +8,11 @@ were taken, are in bench/README.md):
 * ``hnsw`` (IndexHNSWFlat): a graph over the raw vectors, low single-query latency, slow to build,
   CPU only. Its fixed parameters lose recall on very large galleries: raise ``efSearch``.
 * ``ivf`` (IndexIVFFlat): k-means cells, a query scans ``nprobe`` of them; fast to build, GPU-able.
-* ``ivfpq`` (IndexIVFPQ): cells plus product-quantised codes, for galleries that do not fit in
-  memory. Its similarities are estimates, so the calibrated ``new_whale`` threshold fits less well.
+* ``ivfpq`` (IndexIVFPQ): cells plus product-quantised codes (64 B per 512-d vector instead of
+  2 KB), for galleries that do not fit in memory. The codes only shortlist: ``GalleryIndex``
+  re-scores ``search.RERANK_FACTOR`` times the neighbours it needs exactly from the raw vectors,
+  memory-mapped from ``vectors.npy`` (only the candidates' rows are read), so similarities and the
+  ``new_whale`` threshold stay exact.
 * ``auto``: flat below ``FLAT_MAX`` vectors (``FLAT_MAX_GPU`` with GPUs), then ivf up to
   ``GRAPH_MAX``, ivfpq above. What was measured (bench/README.md, "Index cost growth", 1M x 512
   synthetic vectors, one CPU thread): exact flat answers one query in 86 ms; hnsw with its fixed

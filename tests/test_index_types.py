@@ -75,10 +75,24 @@ def test_every_type_answers_the_same_api_and_survives_save_load(synthetic, kind,
     np.testing.assert_allclose(again.scores, ranking.scores, atol=1e-6)
 
 
-def test_ivfpq_scores_are_estimates_but_ranks_stay_useful(synthetic, exact):
+def test_ivfpq_codes_shortlist_and_the_raw_vectors_rescore_exactly(synthetic, exact, tmp_path):
     gallery, labels, queries, truth = synthetic
-    ranking = GalleryIndex(gallery, labels, "ivfpq").search(queries, 5)
-    assert recall_at_5(ranking, truth) >= 0.8 * recall_at_5(exact, truth)
+    estimated = GalleryIndex(gallery, labels, "ivfpq", rerank=False).search(queries, 5)
+    assert recall_at_5(estimated, truth) >= 0.8 * recall_at_5(exact, truth)
+    reranked = GalleryIndex(gallery, labels, "ivfpq").search(queries, 5)
+    assert recall_at_5(reranked, truth) >= recall_at_5(estimated, truth)
+    # every reported similarity is now the exact cosine of the query and that best image
+    for q, rows, scores in zip(queries, reranked.best_rows, reranked.scores):
+        np.testing.assert_allclose(scores, gallery[rows] @ q, atol=1e-5)
+    # loaded from disk, the re-ranking reads the memory-mapped raw vectors
+    paths = [f"/g/{i:05d}.png" for i in range(len(gallery))]
+    save_index(tmp_path / "pq", gallery, paths, labels, model=MODEL, tta="none", threshold=None,
+               index_type="ivfpq")
+    stored = load_index(tmp_path / "pq")
+    assert isinstance(stored.gallery._rerank_rows, np.memmap)
+    again = stored.gallery.search(queries, 5)
+    for q, rows, scores in zip(queries, again.best_rows, again.scores):
+        np.testing.assert_allclose(scores, gallery[rows] @ q, atol=1e-5)
 
 
 def test_auto_picks_by_gallery_size_and_gpus():
