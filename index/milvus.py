@@ -315,21 +315,23 @@ def iterate_rows(client, collection: str, fields: Sequence[str] = (PATH, IDENTIT
 
 # ----------------------------------------------------------------------------- searching
 
-def _wait_until_indexed(answers, timeout_s: float = 120.0) -> None:
-    """Milvus builds a segment's index in the background after a flush and answers from raw
-    vectors (exactly) until then, and milvus-lite reports the index finished before it is used.
-    Tuning would then measure exact search: wait until the cheapest setting's answers stop
-    changing between two asks."""
+def settle(client, collection: str, timeout_s: float = 600.0) -> None:
+    """Return once searches go through the collection's index. Milvus builds a sealed segment's
+    index in the background and answers from the raw vectors (exactly) until then, so tuning
+    would otherwise measure exact search. A server reports the rows still waiting
+    (``pending_index_rows``); milvus-lite reports its index finished early, but builds every
+    segment's index synchronously when the collection is loaded again."""
     deadline = time.monotonic() + timeout_s
-    previous = answers()
     while time.monotonic() < deadline:
-        time.sleep(0.5)
-        current = answers()
-        if current == previous:
-            return
-        previous = current
-    log.warning("Milvus still building its index after %.0f s: the tuned value may be too low",
-                timeout_s)
+        described = client.describe_index(collection, VECTOR) or {}
+        if int(described.get("pending_index_rows", 0) or 0) == 0:
+            break
+        time.sleep(1.0)
+    else:
+        log.warning("Milvus collection %r is still building its index after %.0f s", collection,
+                    timeout_s)
+    client.release_collection(collection)
+    client.load_collection(collection)
 
 
 class MilvusGallery:
@@ -390,7 +392,6 @@ class MilvusGallery:
 
         values = tuning.candidates(IndexSpec(self.spec.kind, {
             "nlist": self.spec.params.get("nlist", 1)}))
-        _wait_until_indexed(lambda: answers(values[0]))
         found = tuning.choose(self.spec, ours, values, answers, exact, target)
         self._params = {"metric_type": "IP", "params": {theirs: int(found.value)}}
         return found

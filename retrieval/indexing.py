@@ -413,7 +413,7 @@ def _tuned_milvus(client, collection: str, spec, vectors: np.ndarray, paths: lis
     from index.types import IndexSpec
 
     target = tuning.DEFAULT_TARGET if target is None else target
-    client.load_collection(collection)
+    milvus.settle(client, collection)
     gallery = milvus.MilvusGallery(client, collection, vectors.shape[1], len(set(identities)),
                                    len(vectors), spec)
     found = gallery.tune(vectors, paths, identities, target)

@@ -216,7 +216,7 @@ def test_an_ivf_collection_is_tuned_to_the_target_recall_like_faiss(tmp_path):
     spec = milvus.resolve("ivf", len(vectors), 32)
     milvus.create_collection(client, "t", 32, spec, "fp")
     milvus.upsert(client, "t", vectors, paths, list(labels))
-    client.load_collection("t")
+    milvus.settle(client, "t")
     gallery = milvus.MilvusGallery(client, "t", 32, len(set(labels)), len(vectors), spec)
     found = gallery.tune(vectors, paths, list(labels), 0.9)
     assert found.reached and found.recall >= 0.9 and found.value < spec.params["nlist"]
