@@ -320,7 +320,8 @@ def settle(client, collection: str, timeout_s: float = 600.0) -> None:
     index in the background and answers from the raw vectors (exactly) until then, so tuning
     would otherwise measure exact search. A server reports the rows still waiting
     (``pending_index_rows``); milvus-lite reports its index finished early, but builds every
-    segment's index synchronously when the collection is loaded again."""
+    segment's index synchronously when the collection is loaded again (retried while a background
+    write of an index file is still under way)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         described = client.describe_index(collection, VECTOR) or {}
@@ -330,8 +331,16 @@ def settle(client, collection: str, timeout_s: float = 600.0) -> None:
     else:
         log.warning("Milvus collection %r is still building its index after %.0f s", collection,
                     timeout_s)
-    client.release_collection(collection)
-    client.load_collection(collection)
+    for attempt in range(10):
+        client.release_collection(collection)
+        try:
+            client.load_collection(collection)
+            return
+        except Exception as err:  # milvus-lite: a segment's index file still being written
+            if attempt == 9:
+                raise MilvusError(f"cannot load Milvus collection {collection!r}: "
+                                  f"{str(err).splitlines()[0][:200]}") from None
+            time.sleep(2.0)
 
 
 class MilvusGallery:
