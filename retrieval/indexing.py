@@ -358,6 +358,9 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
     if manifest is None:  # a fresh build
         if not new:
             raise UserError(_empty_message(opts, current))
+        if not opts.milvus_uri:
+            raise UserError(f"there is no index at {opts.out} yet: building one with --backend milvus "
+                            "needs --milvus-uri (a file path for milvus-lite, or http://host:19530)")
         uri = milvus.normalise_uri(opts.milvus_uri)
         collection = milvus.check_collection_name(opts.milvus_collection or milvus.DEFAULT_COLLECTION)
         spec = milvus.resolve(index_type or "flat", len(new), vectors.shape[1])

@@ -155,6 +155,9 @@ def test_bad_milvus_options_get_one_line_errors(twins, tmp_path):
                      "--backend", "milvus")
     assert_one_line_error(result, "--backend milvus needs --milvus-uri")
     result = run_cli("build_index.py", "--gallery", root / "gallery", "--out", tmp_path / "x",
+                     "--backend", "milvus", "--append")  # no index there yet: a fresh build
+    assert_one_line_error(result, "needs --milvus-uri")
+    result = run_cli("build_index.py", "--gallery", root / "gallery", "--out", tmp_path / "x",
                      "--milvus-uri", tmp_path / "g.db")
     assert_one_line_error(result, "go with --backend milvus")
     result = run_cli("build_index.py", "--gallery", root / "gallery", "--out", tmp_path / "x",
