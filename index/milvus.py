@@ -140,20 +140,18 @@ def check_collection_name(name: str) -> str:
 class CollectionInfo:
     """What a collection says about itself (``None`` fields: not written by this tool)."""
 
-    rows: int
     fingerprint: str | None
     dim: int | None
     ours: bool
 
 
 def describe(client, collection: str) -> CollectionInfo | None:
-    """The collection's owner marks and row count, or None if it does not exist."""
+    """The collection's owner marks, or None if it does not exist."""
     if not client.has_collection(collection):
         return None
     properties = client.describe_collection(collection).get("properties") or {}
     dim = properties.get(DIM_PROPERTY)
-    return CollectionInfo(rows=count_rows(client, collection),
-                          fingerprint=properties.get(FINGERPRINT_PROPERTY),
+    return CollectionInfo(fingerprint=properties.get(FINGERPRINT_PROPERTY),
                           dim=int(dim) if dim and str(dim).isdigit() else None,
                           ours=properties.get(FORMAT_PROPERTY) == FORMAT_VALUE)
 
@@ -175,9 +173,10 @@ def create_collection(client, collection: str, dim: int, spec: IndexSpec, finger
                              f"not {spec.kind}: pick one of those with --index-type")
     existing = describe(client, collection)
     if existing is not None:
-        if not replace and (existing.rows or not existing.ours):
+        rows = count_rows(client, collection)
+        if not replace and (rows or not existing.ours):
             raise MilvusError(
-                f"Milvus collection {collection!r} exists already ({existing.rows} rows"
+                f"Milvus collection {collection!r} exists already ({rows} rows"
                 f"{'' if existing.ours else ', not written by this tool'}): name another one with "
                 "--milvus-collection, or --append to it through its own index folder")
         client.drop_collection(collection)

@@ -110,7 +110,7 @@ class GalleryIndex:
             raise ValueError(f"queries of shape {queries.shape} for an index of dimension {self.dim}")
         n_neighbours = min(len(self), k * self.max_images_per_identity)
         if self._flat_rows is not None and len(queries) < FEW_QUERIES:
-            similarities, rows = _exact_top(queries, self._flat_rows, n_neighbours)
+            similarities, rows = exact_top(queries, self._flat_rows, n_neighbours)
         else:
             similarities, rows = self.neighbours(queries, n_neighbours)
         return fold_into_identities(similarities, rows, self.identities, k)
@@ -148,7 +148,7 @@ def rerank(queries: np.ndarray, rows: np.ndarray, raw: np.ndarray,
         np.where(valid, rows, -1), order, axis=1)
 
 
-def _exact_top(queries: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_top(queries: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``n`` inner products of a few queries: one BLAS matrix product over all cores,
     then a partial sort; the same answer as FAISS's flat search (ties aside)."""
     similarities = queries @ rows.T

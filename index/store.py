@@ -306,13 +306,8 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
     faiss_index = types.build(vectors, spec)
     spec = _tuned(GalleryIndex.from_faiss(faiss_index, identities, spec, vectors), vectors,
                   identities, target_recall)
-    now = _now()
-    values = {"dim": int(vectors.shape[1]), "model": dict(model), "tta": tta,
-              "threshold": None if threshold is None else float(threshold),
-              "threshold_source": None if threshold is None else threshold_source,
-              "index": spec.to_dict(),
-              "counts": {"images": len(paths), "identities": len(set(identities))},
-              "created": created or now, "updated": now, "metric": METRIC, "format": FORMAT}
+    values = _manifest_values(int(vectors.shape[1]), model, tta, threshold, threshold_source, spec,
+                              {"images": len(paths), "identities": len(set(identities))}, created)
     target = real_path(directory)
     previous = check_replaceable(target)
     attachments = dict(attachments or {})
@@ -332,19 +327,7 @@ def _tuned(gallery: GalleryIndex, vectors: np.ndarray, identities: list[str],
     target = tuning.DEFAULT_TARGET if target is None else float(target)
     found = tuning.tune(gallery.cpu_index, spec, vectors, np.asarray(identities, dtype=object),
                         target, search=gallery.neighbours)
-    if found is None:
-        return spec
-    if found.reached:
-        log.info("%s %s=%d: recall@%d %.3f against exact search on %d held-out gallery images "
-                 "(target %.2f; whole top-%d agreement %.3f)", spec.kind, found.param, found.value,
-                 tuning.K, found.recall, min(tuning.SAMPLE, len(vectors)), target, tuning.K,
-                 found.top_k_agreement)
-    else:
-        log.warning("a %s index cannot reach the target recall %.2f on this gallery: the best "
-                    "measured is %.3f at %s=%d; use --index-type flat (exact) or ivf, or a lower "
-                    "--target-recall", spec.kind, target, found.recall, found.param, found.value)
-    return IndexSpec(spec.kind, {**spec.params, found.param: found.value}, spec.requested,
-                     target, round(found.recall, 4))
+    return tuning.tuned_spec(spec, found, target, len(vectors))
 
 
 def save_milvus_manifest(directory: str | Path, *, dim: int, model: dict[str, Any], tta: str,
@@ -356,14 +339,22 @@ def save_milvus_manifest(directory: str | Path, *, dim: int, model: dict[str, An
     the manifest and the attachments, committed the same atomic way as ``save_index``."""
     target = real_path(directory)
     previous = check_replaceable(target)
-    now = _now()
-    values = {"dim": int(dim), "model": dict(model), "tta": tta,
-              "threshold": None if threshold is None else float(threshold),
-              "threshold_source": None if threshold is None else threshold_source,
-              "index": spec.to_dict(), "counts": dict(counts), "created": created or now,
-              "updated": now, "metric": METRIC, "format": FORMAT, "backend": "milvus",
-              "milvus": {"uri": uri, "collection": collection}}
+    values = {**_manifest_values(dim, model, tta, threshold, threshold_source, spec, counts, created),
+              "backend": "milvus", "milvus": {"uri": uri, "collection": collection}}
     return _commit(target, values, {}, dict(attachments or {}), previous)
+
+
+def _manifest_values(dim: int, model: dict[str, Any], tta: str, threshold: float | None,
+                     threshold_source: str | None, spec: IndexSpec, counts: dict[str, int],
+                     created: str | None) -> dict[str, Any]:
+    """The manifest's fields common to both backends (``updated`` is now; ``created`` too for a
+    new index)."""
+    now = _now()
+    return {"dim": int(dim), "model": dict(model), "tta": tta,
+            "threshold": None if threshold is None else float(threshold),
+            "threshold_source": None if threshold is None else threshold_source,
+            "index": spec.to_dict(), "counts": dict(counts), "created": created or now,
+            "updated": now, "metric": METRIC, "format": FORMAT}
 
 
 def _commit(target: Path, values: dict[str, Any], writers: dict[str, Any],

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from .search import fold_into_identities
+from .search import exact_top, fold_into_identities
 from .types import IndexSpec
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,25 @@ def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: n
                   exact_answers(vectors, identities, rows, wanted), target)
     _set(index, spec, param, best.value)
     return best
+
+
+def tuned_spec(spec: IndexSpec, found: Tuning | None, target: float, n_vectors: int,
+               backend: str = "") -> IndexSpec:
+    """``spec`` with the chosen value and what it measured (as stored in the manifest), the
+    outcome logged: a target not reached is a warning naming the best value measured."""
+    if found is None:
+        return spec
+    kind = f"{backend} {spec.kind}".strip()
+    if found.reached:
+        log.info("%s %s=%d: recall@%d %.3f against exact search on %d held-out gallery images "
+                 "(target %.2f; whole top-%d agreement %.3f)", kind, found.param, found.value, K,
+                 found.recall, min(SAMPLE, n_vectors), target, K, found.top_k_agreement)
+    else:
+        log.warning("a %s index cannot reach the target recall %.2f on this gallery: the best "
+                    "measured is %.3f at %s=%d; use --index-type flat (exact) or ivf, or a lower "
+                    "--target-recall", kind, target, found.recall, found.param, found.value)
+    return IndexSpec(spec.kind, {**spec.params, found.param: found.value}, spec.requested,
+                     target, round(found.recall, 4))
 
 
 def held_out(n_vectors: int, seed: int = 0) -> np.ndarray:
@@ -121,21 +140,14 @@ def _set(index: faiss.Index, spec: IndexSpec, param: str, value: int) -> None:
 
 
 def _exact(queries: np.ndarray, vectors: np.ndarray, n: int, block: int = 65_536):
-    """Exact top-``n`` inner products, scanning the gallery in blocks (no second full copy)."""
-    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_rows = np.zeros((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(vectors), block):
-        scores = queries @ vectors[start:start + block].T
-        rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
-        scores = np.concatenate([best_scores, scores], axis=1)
-        rows = np.concatenate([best_rows, rows], axis=1)
-        if scores.shape[1] > n:
-            keep = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-            scores = np.take_along_axis(scores, keep, axis=1)
-            rows = np.take_along_axis(rows, keep, axis=1)
-        best_scores, best_rows = scores, rows
-    order = np.argsort(-best_scores, axis=1, kind="stable")
-    return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
+    """Exact top-``n`` inner products: ``search.exact_top`` on the gallery block by block (500
+    queries against a whole 1M gallery would be a 2 GB matrix), the blocks' bests merged."""
+    starts = range(0, len(vectors), block)
+    parts = [exact_top(queries, vectors[start:start + block], n) for start in starts]
+    scores = np.concatenate([part_scores for part_scores, _ in parts], axis=1)
+    rows = np.concatenate([part_rows + start for (_, part_rows), start in zip(parts, starts)], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
 def _identities(scores: np.ndarray, rows: np.ndarray, own: np.ndarray,

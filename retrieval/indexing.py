@@ -350,7 +350,7 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
     """The Milvus backend: rows go to the collection (upserts keyed by path), then the index
     folder's manifest is committed atomically with the counts, threshold and encoder."""
     from index import milvus
-    from index.store import read_manifest, save_milvus_manifest
+    from index.store import save_milvus_manifest
 
     manifest = current.manifest
     paths = [str(s.path) for s in new]
@@ -367,7 +367,7 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
         client = milvus.connect(uri)
         model = encoder.model_info()
         milvus.create_collection(client, collection, vectors.shape[1], spec, model["fingerprint"],
-                                 replace=_rebuilds(opts.out, uri, collection, read_manifest))
+                                 replace=_rebuilds(opts.out, uri, collection))
         milvus.upsert(client, collection, vectors, paths, identities, progress=opts.progress)
         spec = _tuned_milvus(client, collection, spec, vectors, paths, identities, opts.target_recall)
         threshold, source = _threshold(opts, None, encoder, vectors, identities)
@@ -411,29 +411,25 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
 
 def _tuned_milvus(client, collection: str, spec, vectors: np.ndarray, paths: list[str],
                   identities: list[str], target: float | None):
-    """The collection's search parameter tuned to the target recall, as FAISS indexes are."""
+    """The collection's search parameter tuned to the target recall, as FAISS indexes are (an
+    exact collection has none: it is not reloaded for nothing)."""
     from index import milvus, tuning
-    from index.types import IndexSpec
 
+    if spec.kind not in milvus.SEARCH_PARAMS:
+        return spec
     target = tuning.DEFAULT_TARGET if target is None else target
     milvus.settle(client, collection)
     gallery = milvus.MilvusGallery(client, collection, vectors.shape[1], len(set(identities)),
                                    len(vectors), spec)
     found = gallery.tune(vectors, paths, identities, target)
-    if found is None:
-        return spec
-    (log.info if found.reached else log.warning)(
-        "Milvus %s %s=%d: recall@5 %.3f against exact search on held-out gallery images "
-        "(target %.2f)%s", spec.kind, found.param, found.value, found.recall, target,
-        "" if found.reached else ": not reached; use --index-type flat or a lower --target-recall")
-    return IndexSpec(spec.kind, {**spec.params, found.param: found.value}, spec.requested, target,
-                     round(found.recall, 4))
+    return tuning.tuned_spec(spec, found, target, len(vectors), backend="Milvus")
 
 
-def _rebuilds(out: str, uri: str, collection: str, read_manifest) -> bool:
+def _rebuilds(out: str, uri: str, collection: str) -> bool:
     """A fresh build may replace a collection only where ``--out`` is already that collection's
     index folder (a rebuild); any other existing collection is refused, never dropped."""
     from index.errors import GalleryIndexError
+    from index.store import read_manifest
 
     try:
         previous = read_manifest(out)
