@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import types
 from .errors import (IndexCorrupt, IndexNotFound, InvalidGallery, NotAnIndex, NotReplaceable,
                      WrongBackend)
+from .rows import GalleryRows, non_finite_rows, write_rows
 from .search import GalleryIndex
 from .types import IndexSpec
 
@@ -264,14 +265,14 @@ class StoredIndex:
         if vectors.dtype != np.float32 or vectors.shape != (len(self.paths), self.manifest.dim):
             raise _corrupt(path, f"{vectors.dtype} array of shape {vectors.shape}, expected float32 "
                                  f"({len(self.paths)}, {self.manifest.dim})")
-        if not np.isfinite(vectors).all():
+        if len(non_finite_rows(vectors)):
             raise _corrupt(path, "it holds NaN or infinite values")
         return vectors
 
 
 # ----------------------------------------------------------------------------- writing
 
-def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
+def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths: Sequence[str],
                identities: Sequence[str], *, model: dict[str, Any], tta: str,
                threshold: float | None, index_type: str | IndexSpec = "flat",
                created: str | None = None, threshold_source: str | None = None,
@@ -279,42 +280,57 @@ def save_index(directory: str | Path, vectors: np.ndarray, paths: Sequence[str],
                target_recall: float | None = None) -> Manifest:
     """Build the FAISS index over ``vectors`` and write it into ``directory`` atomically.
 
+    ``vectors`` may be memory-mapped, or a ``GalleryRows`` over several parts (what stays of a
+    stored index and the new embeddings): they are checked and written into the new
+    ``vectors.npy`` a chunk at a time, sorted by path, and the index is built from that file,
+    memory-mapped, so a gallery larger than half the RAM is never held twice.
     ``index_type`` is a name (``auto`` resolves by gallery size) or an already resolved spec.
     An approximate type's search parameter is tuned to ``target_recall`` (default
     ``index.tuning.DEFAULT_TARGET``; or the spec's own) on the gallery's own vectors.
     ``attachments`` ({name in ATTACHMENTS: file}) are copied into the new data folder with it.
     A caller editing an existing index (read, change, write) holds ``writer_lock`` around it.
     """
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or not len(vectors) == len(paths) == len(identities):
-        raise ValueError(f"{len(paths)} paths, {len(identities)} identities, vectors {vectors.shape}")
-    if len(vectors) == 0:
+    source = GalleryRows.of(vectors if isinstance(vectors, GalleryRows) else np.asarray(vectors))
+    if not len(source) == len(paths) == len(identities):
+        raise ValueError(f"{len(paths)} paths, {len(identities)} identities, vectors {source.shape}")
+    if len(source) == 0:
         raise InvalidGallery("the gallery index would be empty: it needs at least one image")
-    broken = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    broken = non_finite_rows(source)
     if len(broken):
         raise InvalidGallery(f"the model gave NaN or infinite embeddings for {len(broken)} image(s), "
                              f"e.g. {paths[broken[0]]}: the model is damaged")
     order = np.argsort(np.asarray(paths, dtype=str), kind="stable")
     paths = [str(paths[i]) for i in order]
     identities = [str(identities[i]) for i in order]
-    vectors = vectors[order]
     requested = index_type.requested if isinstance(index_type, IndexSpec) else index_type
     if target_recall is None and isinstance(index_type, IndexSpec):
         target_recall = index_type.target_recall
-    spec = types.resolve(requested, len(vectors), vectors.shape[1])
-    log.info("building a %s index of %d vectors", spec.kind, len(vectors))
-    faiss_index = types.build(vectors, spec)
-    spec = _tuned(GalleryIndex.from_faiss(faiss_index, identities, spec, vectors), vectors,
-                  identities, target_recall)
-    values = _manifest_values(int(vectors.shape[1]), model, tta, threshold, threshold_source, spec,
-                              {"images": len(paths), "identities": len(set(identities))}, created)
+    spec = types.resolve(requested, len(source), source.dim)
     target = real_path(directory)
     previous = check_replaceable(target)
     attachments = dict(attachments or {})
-    writers = {INDEX_FILE: lambda path: faiss.write_index(faiss_index, str(path)),
-               TABLE_FILE: lambda path: _write_table(path, paths, identities),
-               VECTORS_FILE: lambda path: np.save(path, vectors, allow_pickle=False)}
-    return _commit(target, values, writers, attachments, previous)
+    _check_attachments(attachments)
+    data_dir = _write_data_dir(target, {
+        VECTORS_FILE: lambda path: write_rows(path, source, order),
+        TABLE_FILE: lambda path: _write_table(path, paths, identities)}, attachments)
+    try:
+        stored = np.load(data_dir / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+        log.info("building a %s index of %d vectors", spec.kind, len(stored))
+        faiss_index = types.build(stored, spec)
+        spec = _tuned(GalleryIndex.from_faiss(faiss_index, identities, spec, stored), stored,
+                      identities, target_recall)
+        faiss.write_index(faiss_index, str(data_dir / INDEX_FILE))
+        del faiss_index, stored
+        _fsync(data_dir / INDEX_FILE)
+        _fsync(data_dir)
+        values = _manifest_values(source.dim, model, tta, threshold, threshold_source, spec,
+                                  {"images": len(paths), "identities": len(set(identities))},
+                                  created)
+    except BaseException:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    return _publish(target, data_dir, values, [INDEX_FILE, TABLE_FILE, VECTORS_FILE, *attachments],
+                    previous)
 
 
 def _tuned(gallery: GalleryIndex, vectors: np.ndarray, identities: list[str],
@@ -360,13 +376,24 @@ def _manifest_values(dim: int, model: dict[str, Any], tta: str, threshold: float
 def _commit(target: Path, values: dict[str, Any], writers: dict[str, Any],
             attachments: dict[str, Path], previous: Manifest | None) -> Manifest:
     """Write a new data folder, swap the manifest to it, then delete the superseded files."""
+    _check_attachments(attachments)
+    data_dir = _write_data_dir(target, writers, attachments)
+    return _publish(target, data_dir, values, [*writers, *attachments], previous)
+
+
+def _check_attachments(attachments: dict[str, Path]) -> None:
     unknown = sorted(set(attachments) - set(ATTACHMENTS))
     if unknown:
         raise ValueError(f"unknown attachment(s) {unknown}: an index carries only {ATTACHMENTS}")
-    data_dir = _write_data_dir(target, writers, attachments)
+
+
+def _publish(target: Path, data_dir: Path, values: dict[str, Any], names: Sequence[str],
+             previous: Manifest | None) -> Manifest:
+    """The commit point: the manifest naming ``data_dir``'s files (flushed already) replaces the
+    old one; then the superseded data folder is deleted. On failure ``data_dir`` goes."""
     try:
         manifest = Manifest.validated({**values, "data_dir": data_dir.name, "files": {
-            name: _describe(data_dir / name) for name in (*writers, *attachments)}})
+            name: _describe(data_dir / name) for name in names}})
         _replace_manifest(target, manifest)
     except BaseException:
         shutil.rmtree(data_dir, ignore_errors=True)

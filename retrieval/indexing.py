@@ -77,7 +77,8 @@ class Current:
     manifest: Any = None
     paths: list[str] = field(default_factory=list)
     identities: list[str] = field(default_factory=list)
-    vectors: np.ndarray | None = None
+    # the stored vectors (memory-mapped) and which of their rows stay
+    vectors: tuple[np.ndarray, np.ndarray] | None = None
     attachments: dict[str, Path] = field(default_factory=dict)  # the exported encoder, if any
     milvus: Any = None  # a Milvus-backed index: the client (paths, identities, vectors stay there)
 
@@ -170,7 +171,7 @@ def _read_current(opts: BuildOptions) -> Current:
                         f"drop --backend, or build a new index without --append")
     if backend == "milvus":
         return _read_current_milvus(opts, stored)
-    vectors = stored.vectors()
+    vectors = stored.vectors(mmap=True)  # read a chunk at a time when the new index is written
     keep = np.ones(len(stored.paths), dtype=bool)
     present = set(stored.identities)
     for identity in opts.remove:
@@ -181,7 +182,7 @@ def _read_current(opts: BuildOptions) -> Current:
         keep &= np.asarray(stored.identities) != identity
     log.info("removing %d image(s) of %d identit(y/ies)", int((~keep).sum()), len(opts.remove))
     return Current(stored.manifest, [p for p, k in zip(stored.paths, keep) if k],
-                   [i for i, k in zip(stored.identities, keep) if k], vectors[keep],
+                   [i for i, k in zip(stored.identities, keep) if k], (vectors, np.flatnonzero(keep)),
                    {name: stored.attachment(name) for name in stored.manifest.attachments})
 
 
@@ -311,13 +312,14 @@ def _gather_on_main(ctx, obj: Any) -> list[Any] | None:
 def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: list[Sample],
            vectors: np.ndarray | None, index_type: str | None = None) -> Any:
     """Rank 0: merge what stays with what is new and write the folder (atomically)."""
+    from index.rows import GalleryRows
     from index.store import save_index
 
     if opts.backend == "milvus" or (current.manifest is not None and current.milvus is not None):
         return _write_milvus(opts, current, encoder, new, vectors, index_type)
     paths = current.paths + [str(s.path) for s in new]
     identities = current.identities + [s.identity for s in new]
-    parts = [v for v in (current.vectors, vectors) if v is not None and len(v)]
+    rows = GalleryRows([v for v in (current.vectors, vectors) if v is not None])
     if not paths:
         raise UserError(_empty_message(opts, current))
     manifest = current.manifest
@@ -327,12 +329,11 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
             (opts.target_recall is None or opts.target_recall == manifest.index.get("target_recall")):
         log.info("nothing new to add: %s left unchanged", opts.out)
         return manifest
-    vectors_all = np.concatenate(parts)
-    threshold, source = _threshold(opts, manifest, encoder, vectors_all, identities)
+    threshold, source = _threshold(opts, manifest, encoder, rows, identities)
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:
         attachments = current.attachments or _export(encoder, Path(scratch))
         written = save_index(
-            opts.out, vectors_all, paths, identities,
+            opts.out, rows, paths, identities,
             model=encoder.model_info() if encoder else manifest.model,
             tta=encoder.tta if encoder else manifest.tta,
             threshold=threshold, threshold_source=source,
@@ -453,7 +454,7 @@ def _export(encoder: Encoder | None, scratch: Path) -> dict[str, Path]:
     return {ENCODER_FILE: path}
 
 
-def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None, vectors: np.ndarray,
+def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None, rows: Any,
                identities: list[str]) -> tuple[float | None, str | None]:
     """The new_whale threshold to record, and where it came from: ``--threshold``; else the index's
     own (an edit keeps it); else the checkpoint's; else one calibrated on the gallery itself (the
@@ -467,7 +468,7 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None, vecto
         return manifest.threshold, manifest.threshold_source
     if encoder is not None and encoder.threshold is not None:
         return encoder.threshold, "checkpoint"
-    calibration = calibrate_on_gallery(vectors, identities)
+    calibration = calibrate_on_gallery(rows.array(), identities)
     if calibration is None:
         log.warning("no new_whale threshold: no identity in the gallery has two images to calibrate "
                     "one on, so queries never get new_whale (pass --threshold to set one)")
