@@ -12,6 +12,13 @@ embeds it (build_index.py, ``--image-size``), ``retrieval.audit`` ranks, and the
 share of injected items in the audit's top list of the same length as the number injected (so
 precision = recall), per kind: swapped images among the ``mislabel`` findings, injected pairs
 among the ``duplicate`` findings (ranked by similarity, whatever the threshold).
+
+``--model cross-fit`` audits with a trained engine model instead, as a user who audits the index
+of their trained model does, without the model having seen the images it audits: the identities
+are split in two folds (alternate names), an engine model (the default recipe, at
+``--image-size``, ``--epochs``, no refit) is trained on one fold's injected labels, and the
+other fold's gallery is indexed and audited with it, then the other way round. The zero-shot
+model audits the same two fold galleries in the same run, so the rows compare like with like.
 """
 from __future__ import annotations
 
@@ -30,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swap", type=float, default=0.05, help="share of images given a wrong label")
     p.add_argument("--duplicate", type=float, default=0.05, help="share of images copied again")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=["zero-shot", "cross-fit"], default="zero-shot",
+                   help="zero-shot: the untrained backbone; cross-fit: engine models trained on "
+                        "the other half of the identities (and zero-shot on the same halves)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs of --model cross-fit")
 
 
 def _inject(samples, folder: Path, swap: float, duplicate: float, seed: int):
@@ -70,31 +81,47 @@ def _inject(samples, folder: Path, swap: float, duplicate: float, seed: int):
 
 
 def _one(name: str, args) -> dict:
-    from retrieval.audit import audit_gallery, duplicate_pairs
     from retrieval.data import read_folder_gallery
-    from index.store import load_index
-    from retrieval.indexing import BuildOptions, run
 
     samples = read_folder_gallery(data_path(name))
     keep = sorted({s.identity for s in samples})[:args.max_identities]
     samples = [s for s in samples if s.identity in set(keep)]
+    if args.model == "cross-fit":
+        return _cross_fit(name, args, samples, len(keep))
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as temp:
         folder = Path(temp)
         csv, swapped, duplicates = _inject(samples, folder, args.swap, args.duplicate, args.seed)
-        run(BuildOptions(out=str(folder / "index"), gallery="/", labels=str(csv), allow_outside=True,
-                         image_size=args.image_size, workers=0, progress=False))
-        stored = load_index(folder / "index")
-        vectors = stored.vectors()
-        findings = audit_gallery(vectors, stored.paths, stored.identities)
-        # every neighbour pair ranked by similarity, whatever the threshold; the list is cut below
-        ranked = duplicate_pairs(vectors, stored.paths, stored.identities, threshold=-1.0,
-                                 candidate_similarity=-1.0)
+        findings, ranked = _audited(folder / "index", folder, csv, None, args.image_size)
+    return {"data": name, "model": "zero-shot", "images": len(samples), "identities": len(keep),
+            **_scores(findings, ranked, swapped, duplicates)}
+
+
+def _audited(index_dir: Path, folder: Path, csv: Path, model: str | None, image_size: int):
+    """Index the gallery of ``csv`` with ``model`` (None: zero-shot) and audit it: the findings,
+    and every neighbour pair ranked by similarity (the duplicate list, cut by the caller)."""
+    from index.store import load_index
+    from retrieval.audit import audit_gallery, duplicate_pairs
+    from retrieval.indexing import BuildOptions, run
+
+    run(BuildOptions(out=str(index_dir), gallery="/", labels=str(csv), allow_outside=True,
+                     model=model, image_size=None if model else image_size, workers=0,
+                     progress=False))
+    stored = load_index(index_dir)
+    vectors = stored.vectors()
+    findings = audit_gallery(vectors, stored.paths, stored.identities)
+    ranked = duplicate_pairs(vectors, stored.paths, stored.identities, threshold=-1.0,
+                             candidate_similarity=-1.0)
+    return findings, ranked
+
+
+def _scores(findings, ranked, swapped: set[str], duplicates: list[tuple[str, str]]) -> dict:
+    """Share of the injected items in the audit's top lists of the injected lengths."""
     mislabel = [f.image for f in findings if f.kind == "mislabel"][:len(swapped)]
     pairs = [frozenset((f.image, f.other_image)) for f in ranked]
     injected_pairs = {frozenset(p) for p in duplicates}
     top_pairs = pairs[:len(injected_pairs)]
-    return {"data": name, "images": len(samples), "identities": len(keep),
-            "swapped_images": len(swapped), "duplicates": len(duplicates),
+    return {"swapped_images": len(swapped), "duplicates": len(duplicates),
+            "swaps_found": len(set(mislabel) & swapped),
             "swaps_found_in_top": round(len(set(mislabel) & swapped) / max(1, len(swapped)), 3),
             "duplicates_found_in_top": round(len(set(top_pairs) & injected_pairs)
                                              / max(1, len(injected_pairs)), 3),
@@ -108,16 +135,70 @@ def _one(name: str, args) -> dict:
                 default=None)}
 
 
+def _cross_fit(name: str, args, samples: list, n_identities: int) -> list[dict]:
+    """Two folds of identities, each injected on its own (so every swap and duplicate stays
+    inside one fold's gallery) and audited by a model trained on the other fold's injected
+    gallery; the zero-shot model audits the same fold galleries."""
+    import time
+
+    from bench.common import suite_config
+    from retrieval.data import Sample
+    from retrieval.train import train
+
+    names = sorted({s.identity for s in samples})
+    fold_of = {identity: i % 2 for i, identity in enumerate(names)}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-audit-") as temp:
+        folds = []
+        for fold in (0, 1):
+            folder = Path(temp) / f"fold{fold}"
+            folder.mkdir()
+            mine = [s for s in samples if fold_of[s.identity] == fold]
+            folds.append((folder, *_inject(mine, folder, args.swap, args.duplicate,
+                                           args.seed + fold)))
+        for model_kind in ("zero-shot", "cross-fit"):
+            found = {"swaps": 0, "swapped": 0, "dup_hits": 0.0, "dups": 0, "train_s": 0.0}
+            for fold, (folder, csv, swapped, duplicates) in enumerate(folds):
+                model = None
+                if model_kind == "cross-fit":
+                    _, other_csv, _, _ = folds[1 - fold]
+                    other = [Sample(Path(p), i) for p, i in
+                             (line.split(",", 1) for line in other_csv.read_text().splitlines()[1:])]
+                    config = suite_config(argparse.Namespace(
+                        image_size=args.image_size, epochs=args.epochs, refit=False, workers=0),
+                        "arcface", args.seed, folder / "model")
+                    started = time.perf_counter()
+                    model = str(train(config, other))
+                    found["train_s"] += time.perf_counter() - started
+                findings, ranked = _audited(folder / f"index-{model_kind}", folder, csv, model,
+                                            args.image_size)
+                score = _scores(findings, ranked, swapped, duplicates)
+                found["swaps"] += score["swaps_found"]
+                found["swapped"] += len(swapped)
+                found["dup_hits"] += score["duplicates_found_in_top"] * len(duplicates)
+                found["dups"] += len(duplicates)
+            results.append({"data": name, "model": f"{model_kind}, two folds",
+                            "images": len(samples), "identities": n_identities,
+                            "swapped_images": found["swapped"], "duplicates": found["dups"],
+                            "swaps_found_in_top": round(found["swaps"] / max(1, found["swapped"]), 3),
+                            "duplicates_found_in_top": round(found["dup_hits"] / max(1, found["dups"]), 3),
+                            "train_s_total": round(found["train_s"], 1)})
+    return results
+
+
 def run(args) -> dict:
     report = Report("audit", args, seeds=[args.seed])
-    rows = [_one(name, args) for name in args.data]
-    table = format_table(["data", "images", "identities", "swapped", "swaps in top list",
+    rows = []
+    for name in args.data:
+        one = _one(name, args)
+        rows.extend(one if isinstance(one, list) else [one])
+    table = format_table(["data", "model", "images", "identities", "swapped", "swaps in top list",
                           "duplicates", "duplicates in top list"],
-                         [[r["data"], r["images"], r["identities"], r["swapped_images"],
+                         [[r["data"], r["model"], r["images"], r["identities"], r["swapped_images"],
                            r["swaps_found_in_top"], r["duplicates"], r["duplicates_found_in_top"]]
                           for r in rows],
                          f"audit: {args.swap:.0%} swapped labels, {args.duplicate:.0%} duplicates, "
-                         f"zero-shot model at {args.image_size} px, seed {args.seed}")
+                         f"{args.model} at {args.image_size} px, seed {args.seed}")
     print(table, flush=True)
     report.write("audit", getattr(args, "out", None), results=rows, table=table)
     return {"results": rows}
