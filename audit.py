@@ -16,7 +16,7 @@ from retrieval.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from retrieval.audit import DUPLICATE_CORRELATION, OUTLIER_MADS
+    from retrieval.answering.audit import DUPLICATE_CORRELATION, OUTLIER_MADS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_index_argument(p)
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     from index.store import load_index
-    from retrieval.audit import audit_gallery, write_audit
+    from retrieval.answering.audit import audit_gallery, write_audit
 
     stored = load_index(args.index, backends=("faiss",))
     findings = audit_gallery(stored.vectors(), stored.paths, stored.identities,

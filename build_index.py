@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    from retrieval.indexing import BuildOptions, run
+    from retrieval.answering.indexing import BuildOptions, run
 
     run(BuildOptions(**vars(args)))
     return 0

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    from retrieval.query import check_output_options, format_text, run_query, to_json
+    from retrieval.answering.query import check_output_options, format_text, run_query, to_json
 
     check_output_options(args.query, args.truth, args.metrics, args.heatmaps, args.html)
 
@@ -73,20 +73,20 @@ def main() -> int:
                        batch_size=args.batch_size, workers=args.workers, device=args.device,
                        strict=args.strict, truth=args.truth)
     if args.metrics:
-        from retrieval.query import write_metrics
+        from retrieval.answering.query import write_metrics
 
         write_metrics(args.metrics, result)
         print(f"wrote {args.metrics}", file=sys.stderr)
     if args.submission:
-        from retrieval.submission import write_submission
+        from retrieval.answering.submission import write_submission
         rows = write_submission(args.submission, result.answers)
         print(f"wrote {rows} rows to {args.submission}", file=sys.stderr)
     if args.html:
-        from retrieval.report import write_report
+        from retrieval.answering.report import write_report
 
         explain = None
         if args.heatmaps:
-            from retrieval.heatmap import index_explainer
+            from retrieval.answering.heatmap import index_explainer
 
             explain = index_explainer(args.index, args.model)
         write_report(args.html, result, explain)

@@ -37,7 +37,7 @@ def main() -> int:
     args = build_parser().parse_args()
     import uvicorn
 
-    from retrieval.service import GalleryService
+    from retrieval.answering.service import GalleryService
     from server.app import create_app
 
     service = GalleryService(args.index, model=args.model, device=args.device, batching=args.batching)

@@ -146,8 +146,8 @@ def main() -> int:
 
     config = TrainConfig.from_dict(vars(args))
     samples = read_gallery(args.gallery, args.labels, allow_outside=args.allow_outside)
-    from retrieval import protocol
-    from retrieval.train import train
+    from retrieval.training import protocol
+    from retrieval.training.train import train
 
     if args.whale_protocol:
         protocol.check_exportable(samples, args.gallery)

@@ -68,7 +68,7 @@ def _samples(args):
 def _best_validation(run: Path) -> float:
     """The validation MAP@5 of the model selection chose, as shipped (blended with the untrained
     features or moved towards the ImageNet weights where selection chose to): ``best.pt``'s."""
-    from retrieval.checkpoint import load_checkpoint
+    from retrieval.models.checkpoint import load_checkpoint
 
     return float(load_checkpoint(run / "best.pt")["metrics"]["val_map5"])
 
@@ -76,7 +76,7 @@ def _best_validation(run: Path) -> float:
 def run(args) -> dict:
     from dataclasses import replace
 
-    from retrieval.protocol import run_seed
+    from retrieval.training.protocol import run_seed
 
     samples = _samples(args)
     report = Report("ablation", args, args.seeds)

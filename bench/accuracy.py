@@ -5,11 +5,11 @@
 Rows (same seeds, split, backbone and image size for all):
   * constant new_whale, pretrained + GeM (no threshold; a threshold calibrated on the gallery's
     validation carve-out like the engine's; the oracle test threshold): the protocol's reference
-    points, as ``retrieval.protocol.run_seed`` computes them;
+    points, as ``retrieval.training.protocol.run_seed`` computes them;
   * softmax classifier: backbone + GeM + Linear over the known identities, cross-entropy, answer =
     top-5 classes, no new_whale (bench/baselines.py);
   * the engine with each loss, without and with its calibrated new_whale threshold: the numbers
-    come from ``retrieval.protocol.run_seed`` (the code ``train_embed.py --whale-protocol`` runs),
+    come from ``retrieval.training.protocol.run_seed`` (the code ``train_embed.py --whale-protocol`` runs),
     with ``--epochs`` for the selection stage (the refit stage then trains the selected number);
   * peer libraries (bench/peers.py: pytorch-metric-learning's trainer, open-metric-learning),
     trained on the same gallery images for the engine's ArcFace training time of that seed, their
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     from retrieval.data import read_folder_gallery, whale_split
-    from retrieval.protocol import run_seed
+    from retrieval.training.protocol import run_seed
 
     from .baselines import top5_classes_map, train_softmax_classifier
 
@@ -122,7 +122,7 @@ def run(args) -> dict:
 def _score_peer(args, peer: str, split, seed: int, budget: float, row: dict) -> None:
     """Train one peer on the gallery for ``budget`` s; MAP@5 of its nearest identities."""
     from index import GalleryIndex
-    from retrieval.evaluate import score
+    from retrieval.training.evaluate import score
 
     gallery, queries = split.gallery, split.queries
     vectors, stats = train_peer(peer, gallery, [s.path for s in gallery + queries], args.image_size,

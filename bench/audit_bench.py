@@ -8,7 +8,7 @@ written as Kaggle's layout (a CSV of labels over the original files, plus re-enc
 the duplicates), with ``--swap`` of its images given another identity's label (pairs of images
 of different identities swap labels) and ``--duplicate`` of its images copied again (JPEG at
 quality 90, 95 % size), half under the same identity, half under another. The zero-shot model
-embeds it (build_index.py, ``--image-size``), ``retrieval.audit`` ranks, and the measure is the
+embeds it (build_index.py, ``--image-size``), ``retrieval.answering.audit`` ranks, and the measure is the
 share of injected items in the audit's top list of the same length as the number injected (so
 precision = recall), per kind: swapped images among the ``mislabel`` findings, injected pairs
 among the ``duplicate`` findings (ranked by similarity, whatever the threshold).
@@ -100,8 +100,8 @@ def _audited(index_dir: Path, folder: Path, csv: Path, model: str | None, image_
     """Index the gallery of ``csv`` with ``model`` (None: zero-shot) and audit it: the findings,
     and every neighbour pair ranked by similarity (the duplicate list, cut by the caller)."""
     from index.store import load_index
-    from retrieval.audit import audit_gallery, duplicate_pairs
-    from retrieval.indexing import BuildOptions, run
+    from retrieval.answering.audit import audit_gallery, duplicate_pairs
+    from retrieval.answering.indexing import BuildOptions, run
 
     run(BuildOptions(out=str(index_dir), gallery="/", labels=str(csv), allow_outside=True,
                      model=model, image_size=None if model else image_size, workers=0,
@@ -143,7 +143,7 @@ def _cross_fit(name: str, args, samples: list, n_identities: int) -> list[dict]:
 
     from bench.common import suite_config
     from retrieval.data import Sample
-    from retrieval.train import train
+    from retrieval.training.train import train
 
     names = sorted({s.identity for s in samples})
     fold_of = {identity: i % 2 for i, identity in enumerate(names)}

@@ -1,7 +1,7 @@
 """The softmax classifier the seed whale projects used, trained on the same images as the engine.
 
 It reuses the engine's model factory, preprocessing, augmentation, training recipe
-(``retrieval.recipe``) and image decoding, so the only difference measured is the method
+(``retrieval.training.recipe``) and image decoding, so the only difference measured is the method
 (classifier vs metric learning).
 """
 from __future__ import annotations
@@ -16,13 +16,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from retrieval.data import Sample, identities_of
-from retrieval.embed import ImageDataset, default_device
+from retrieval.models.embed import ImageDataset, default_device
 from retrieval.metrics import map_at_k
-from retrieval.model import EmbeddingModel, ModelConfig, Preprocessing, create_model, preprocessing_for
-from retrieval import recipe
+from retrieval.models.model import EmbeddingModel, ModelConfig, Preprocessing, create_model, preprocessing_for
+from retrieval.training import recipe
+from retrieval.training.recipe import Recipe
 from retrieval.config import TrainConfig
-from retrieval.train import seed_everything
-from retrieval.transforms import eval_transform, seed_worker_transform, train_transform
+from retrieval.training.train import seed_everything
+from retrieval.models.transforms import eval_transform, seed_worker_transform, train_transform
 
 
 @dataclass
@@ -61,7 +62,7 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample]) -> 
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, generator=generator,
                         num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
                         worker_init_fn=seed_worker_transform)
-    plan = config.recipe()
+    plan = Recipe.from_config(config)
     optimizer = recipe.create_optimizer(
         recipe.param_groups(model, plan, extra_head=classifier.parameters()).values(), plan)
     scheduler = recipe.create_scheduler(optimizer, len(loader), config.epochs, plan)

@@ -98,7 +98,7 @@ def scored(answers: list[list[str]], truths: list[str], seconds: dict) -> dict:
 
 
 def _embed(model, preprocessing, samples, args) -> tuple[np.ndarray, float]:
-    from retrieval.embed import embed_images
+    from retrieval.models.embed import embed_images
 
     started = time.perf_counter()
     vectors = embed_images(model, [s.path for s in samples], preprocessing, progress=False,
@@ -129,8 +129,8 @@ def _softmax_row(args, seed: int, fit, test, workdir: Path) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from retrieval.embed import ImageDataset
-    from retrieval.transforms import eval_transform
+    from retrieval.models.embed import ImageDataset
+    from retrieval.models.transforms import eval_transform
 
     from .baselines import train_softmax_classifier
 
@@ -151,10 +151,10 @@ def _softmax_row(args, seed: int, fit, test, workdir: Path) -> dict:
 
 
 def run(args) -> dict:
-    from retrieval.checkpoint import load_model
+    from retrieval.models.checkpoint import load_model
     from retrieval.data import read_folder_gallery
-    from retrieval.model import preprocessing_for, zero_shot_model
-    from retrieval.train import train
+    from retrieval.models.model import preprocessing_for, zero_shot_model
+    from retrieval.training.train import train
 
     fit, test = split(read_folder_gallery(data_path(args.data)), args.max_per_class)
     report = Report("classification", args, args.seeds)

@@ -37,12 +37,12 @@ def main(spec_path: str, out_dir: str) -> None:
     from oml.samplers import BalanceSampler
     from torch.utils.data import DataLoader
 
-    from retrieval.embed import ImageDataset, embed_images
-    from retrieval import recipe
+    from retrieval.models.embed import ImageDataset, embed_images
+    from retrieval.training import recipe
     from retrieval.config import TrainConfig
-    from retrieval.model import ModelConfig, create_model, preprocessing_for
-    from retrieval.train import seed_everything
-    from retrieval.transforms import train_transform
+    from retrieval.models.model import ModelConfig, create_model, preprocessing_for
+    from retrieval.training.train import seed_everything
+    from retrieval.models.transforms import train_transform
 
     from .common import label_array
     from .peers import peer_recipe

@@ -3,7 +3,7 @@
   python -m bench open-set --data omniglot --epochs 5 --seeds 0
 
 ``retrieval.data.open_set_split``: the first half of the sorted identities trains (through
-``retrieval.train.train``, the code users run), the second half is the test set: every test image
+``retrieval.training.train.train``, the code users run), the second half is the test set: every test image
 is a query against all the other test images. Recall@1 (= precision_at_1) and MAP@R come from
 pytorch-metric-learning's ``AccuracyCalculator`` (k="max_bin_count", reference = query set with
 the query itself excluded: ``ref_includes_query=True``). ``--seeds`` are training seeds: the split
@@ -63,8 +63,8 @@ def open_set_metrics(vectors: np.ndarray, test) -> dict[str, float]:
 
 
 def evaluate_checkpoint(checkpoint, test) -> dict[str, float]:
-    from retrieval.checkpoint import load_model
-    from retrieval.embed import embed_images
+    from retrieval.models.checkpoint import load_model
+    from retrieval.models.embed import embed_images
 
     model, preprocessing, _ = load_model(checkpoint)
     vectors = embed_images(model, [s.path for s in test], preprocessing, progress=False)
@@ -72,9 +72,9 @@ def evaluate_checkpoint(checkpoint, test) -> dict[str, float]:
 
 
 def pretrained_metrics(args, test) -> dict[str, float]:
-    from retrieval.embed import embed_images
+    from retrieval.models.embed import embed_images
     from retrieval.config import DEFAULT_BACKBONE
-    from retrieval.model import preprocessing_for, zero_shot_model
+    from retrieval.models.model import preprocessing_for, zero_shot_model
 
     model = zero_shot_model(args.backbone or DEFAULT_BACKBONE)
     vectors = embed_images(model, [s.path for s in test], preprocessing_for(model, args.image_size),
@@ -84,7 +84,7 @@ def pretrained_metrics(args, test) -> dict[str, float]:
 
 def run(args) -> dict:
     from retrieval.data import open_set_split, read_folder_gallery
-    from retrieval.train import train
+    from retrieval.training.train import train
 
     samples = read_folder_gallery(data_path(args.data))
     train_samples, test = open_set_split(samples)
@@ -133,7 +133,7 @@ def run(args) -> dict:
 
 
 def _softmax_metrics(args, seed: int, train_samples, test, workdir: Path) -> dict:
-    from retrieval.embed import embed_images
+    from retrieval.models.embed import embed_images
 
     from .baselines import train_softmax_classifier
 

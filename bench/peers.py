@@ -2,7 +2,7 @@
 
 The accuracy (whale protocol) and open-set suites add these peers as rows of their own tables; this
 module holds the peer trainers (``bench.peers_suite`` runs them alone). One model for everyone
-(``retrieval.model.create_model``: timm backbone -> GeM -> Linear + BN neck), batch 16:
+(``retrieval.models.model.create_model``: timm backbone -> GeM -> Linear + BN neck), batch 16:
   * pytorch-metric-learning: its own ``trainers.MetricLossOnly`` with ``losses.ArcFaceLoss`` (the
     engine's margin and scale);
   * open-metric-learning (OML): its own ``TripletLossWithMiner(AllTripletsMiner)`` and
@@ -41,10 +41,12 @@ PEERS = {"pml": "pytorch-metric-learning MetricLossOnly, ArcFace",
 
 def peer_recipe(config):
     """The engine's recipe as a plain setup runs it: same learning rates and weight decay, no
-    frozen warm-up, no schedule (``retrieval.recipe``)."""
+    frozen warm-up, no schedule (``retrieval.training.recipe``)."""
     from dataclasses import replace
 
-    return replace(config.recipe(), warmup_epochs=0, schedule="constant")
+    from retrieval.training.recipe import Recipe
+
+    return replace(Recipe.from_config(config), warmup_epochs=0, schedule="constant")
 
 
 def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: int,
@@ -55,12 +57,12 @@ def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: 
     from pytorch_metric_learning import losses, trainers
     from torch import nn
 
-    from retrieval import recipe
+    from retrieval.training import recipe
     from retrieval.config import TrainConfig
-    from retrieval.embed import ImageDataset, embed_images
-    from retrieval.model import ModelConfig, create_model, preprocessing_for
-    from retrieval.train import seed_everything
-    from retrieval.transforms import train_transform
+    from retrieval.models.embed import ImageDataset, embed_images
+    from retrieval.models.model import ModelConfig, create_model, preprocessing_for
+    from retrieval.training.train import seed_everything
+    from retrieval.models.transforms import train_transform
 
     logging.getLogger("PML").setLevel(logging.WARNING)
     config = TrainConfig(seed=seed)

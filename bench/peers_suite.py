@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     from retrieval.data import open_set_split, read_folder_gallery
-    from retrieval.train import train
+    from retrieval.training.train import train
 
     train_samples, test = open_set_split(read_folder_gallery(data_path(args.data)))
     report = Report("peers", args, [args.seed])
@@ -41,7 +41,7 @@ def run(args) -> dict:
         checkpoint = train(suite_config(cfg_args, "arcface", args.seed, Path(temp) / "engine"),
                            train_samples)
         seconds = engine_train_seconds(checkpoint)
-        rows["engine (retrieval.train, ArcFace)"] = {
+        rows["engine (retrieval.training.train, ArcFace)"] = {
             **evaluate_checkpoint(checkpoint, test), "train_seconds": seconds, "epochs": args.epochs}
     budget = args.budget_s or seconds
     for key, title in PEERS.items():

@@ -50,7 +50,7 @@ def expand(gallery: np.ndarray, queries: np.ndarray, qe: int, dba: int) -> tuple
 
 def _map5(gallery, gallery_ids, queries, truths, threshold: float | None) -> tuple[float, float]:
     from index import GalleryIndex
-    from retrieval.evaluate import score
+    from retrieval.training.evaluate import score
     from retrieval.metrics import calibrate_threshold
 
     ranking = GalleryIndex(gallery, list(gallery_ids)).search(queries, 5)
@@ -61,9 +61,9 @@ def _map5(gallery, gallery_ids, queries, truths, threshold: float | None) -> tup
 
 def scores(run: Path, samples: Sequence, seed: int, val_new_fraction: float) -> dict[str, dict]:
     """``{variant: {"val": MAP@5, "test": MAP@5}}`` for the run folder of one protocol seed."""
-    from retrieval.checkpoint import load_model
+    from retrieval.models.checkpoint import load_model
     from retrieval.data import validation_split, whale_split
-    from retrieval.embed import embed_images
+    from retrieval.models.embed import embed_images
 
     split = whale_split(samples, seed)
     validation = validation_split(split.gallery, seed=seed, new_fraction=val_new_fraction)

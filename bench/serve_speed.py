@@ -146,8 +146,8 @@ def _bare(index: Path, image: bytes, requests: int) -> dict[str, list[float]]:
     import faiss
 
     from index.store import load_index
-    from retrieval.query import encoder_for
-    from retrieval.service import decode_upload
+    from retrieval.answering.query import encoder_for
+    from retrieval.answering.service import decode_upload
 
     stored = load_index(index)
     encoder = encoder_for(stored)

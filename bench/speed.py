@@ -5,13 +5,13 @@
   python -m bench speed --index-sizes 10000 100000 1000000 --index-types flat ivf
 
 Parts:
-  embed   gallery path (decode + preprocess + forward, ``retrieval.embed.embed_images``) images/s
+  embed   gallery path (decode + preprocess + forward, ``retrieval.models.embed.embed_images``) images/s
           ÷ the same model's bare forward on random tensors of the same shape and batch
   search  ``index.GalleryIndex.search`` (k=5 identities, neighbour folding) ÷ bare FAISS
           IndexFlatIP search on the same vectors (k=5, and k = the neighbours GalleryIndex asks for)
   knn     exact top-5: FAISS flat vs numpy matmul + argpartition vs scikit-learn NearestNeighbors
           (brute), same vectors, with agreement of their top-5 sets
-  train   images/s of ``retrieval.train.Trainer.train_epoch`` ÷ a minimal hand-written PyTorch
+  train   images/s of ``retrieval.training.train.Trainer.train_epoch`` ÷ a minimal hand-written PyTorch
           loop with the same model, loss (ArcFace), batch size, images and augmentation
   query   ``query.py`` on one image, as a fresh process: cold (first run) and warm (median of the
           next runs, files in the page cache)
@@ -27,6 +27,8 @@ Parts:
   milvus  the Milvus backend (milvus-lite) beside FAISS on the scale part's galleries: write /
           build time, batched q/s, 1-query ms, recall@5 and top-5 overlap with exact search, for
           flat / ivf / hnsw (bench/milvus_speed.py; needs pymilvus + milvus-lite)
+  write   save_index on a memory-mapped gallery of --write-sizes: seconds, peak anonymous memory
+          against the raw vectors' size, and the written index's recall (bench/write_speed.py)
 Repetitions are interleaved (A B A B ...) and the best of each is kept, so a burst of load from
 other jobs hits both sides of a ratio alike.
 """
@@ -46,7 +48,7 @@ import numpy as np
 
 from .common import ROOT, Report, data_path, format_table, torch_device
 
-PARTS = ("embed", "search", "knn", "train", "query", "serve", "index", "scale", "milvus")
+PARTS = ("embed", "search", "knn", "train", "query", "serve", "index", "scale", "milvus", "write")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,6 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--milvus-types", nargs="+", default=["flat", "ivf", "hnsw"],
                    choices=["flat", "ivf", "hnsw"], help="index types for the milvus part")
     p.add_argument("--milvus-queries", type=int, default=1000, help="queries for the milvus part")
+    p.add_argument("--write-sizes", type=int, nargs="+", default=[100_000],
+                   help="gallery sizes for the write part (memory-mapped, on disk in /tmp)")
+    p.add_argument("--write-types", nargs="+", default=["flat", "ivfpq"],
+                   choices=["flat", "ivf", "hnsw", "ivfpq"], help="index types for the write part")
+    p.add_argument("--write-queries", type=int, default=1000, help="queries for the write part")
     p.add_argument("--scale-queries", type=int, default=1000,
                    help="batched queries for the scale part (FAISS flat is ~7x slower per query "
                         "in batches of 200 than of 1000 here: keep batches large)")
@@ -114,9 +121,9 @@ def bench_embed(args) -> dict:
     import torch
 
     from retrieval.data import read_folder_gallery
-    from retrieval.embed import ImageDataset, embed_images
-    from retrieval.model import ModelConfig, create_model, preprocessing_for
-    from retrieval.transforms import eval_transform
+    from retrieval.models.embed import ImageDataset, embed_images
+    from retrieval.models.model import ModelConfig, create_model, preprocessing_for
+    from retrieval.models.transforms import eval_transform
     from torch.utils.data import DataLoader
 
     samples = read_folder_gallery(data_path(args.data))
@@ -246,11 +253,11 @@ def bench_train(args) -> dict:
 
     from retrieval import distributed
     from retrieval.data import identities_of, read_folder_gallery
-    from retrieval.embed import ImageDataset
-    from retrieval.model import ModelConfig, create_model, preprocessing_for
+    from retrieval.models.embed import ImageDataset
+    from retrieval.models.model import ModelConfig, create_model, preprocessing_for
     from retrieval.config import TrainConfig
-    from retrieval.train import Trainer
-    from retrieval.transforms import train_transform
+    from retrieval.training.train import Trainer
+    from retrieval.models.transforms import train_transform
 
     samples = read_folder_gallery(data_path(args.data))
     groups: dict[str, list] = {}
@@ -395,8 +402,8 @@ def realistic_model(args):
     if cache.is_file():
         vectors = np.load(cache)
     else:
-        from retrieval.embed import embed_images
-        from retrieval.model import preprocessing_for, zero_shot_model
+        from retrieval.models.embed import embed_images
+        from retrieval.models.model import preprocessing_for, zero_shot_model
 
         model = zero_shot_model()
         vectors = embed_images(model, [s.path for s in samples], preprocessing_for(model, 96),
@@ -515,7 +522,7 @@ def run(args) -> dict:
     results: dict = {}
     tables = []
 
-    name = "speed" if set(args.parts) >= set(PARTS) - {"scale", "milvus"} else "speed_" + "_".join(args.parts)
+    name = "speed" if set(args.parts) >= set(PARTS) - {"scale", "milvus", "write"} else "speed_" + "_".join(args.parts)
     if args.parts == ["scale"]:  # one file per size and index types: runs can be split up
         name = f"speed_scale_{args.scale_size}_{'_'.join(['flat'] + list(args.scale_types))}"
         if getattr(args, "scale_gallery", "isotropic") != "isotropic":
@@ -638,6 +645,21 @@ def run(args) -> dict:
                  for name, r in block["rows"].items()],
                 f"milvus: {block['gallery']} x {block['dim']} synthetic vectors, {block['queries']} "
                 f"queries, k = 5 identities"))
+            print(tables[-1], flush=True)
+        save()
+    if "write" in args.parts:
+        from .write_speed import bench_write
+
+        results["write"] = bench_write(args)
+        for size, block in results["write"].items():
+            tables.append(format_table(
+                ["write part: index type", "write s", "peak anon MiB", "÷ raw vectors", "batch q/s",
+                 "recall@5", "top-5 = exact"],
+                [[kind, r["write_s"], r["peak_anon_mib"], r["peak_share_of_raw"],
+                  r["batch_queries_per_s"], r["recall_at_5"], r["top5_overlap_with_exact"]]
+                 for kind, r in block["rows"].items()],
+                f"write: save_index on a memory-mapped {block['gallery']} x {block['dim']} gallery "
+                f"({block['raw_mib']} MiB), {block['queries']} queries"))
             print(tables[-1], flush=True)
         save()
     save()

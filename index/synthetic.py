@@ -27,16 +27,18 @@ def clustered_vectors(n_identities: int, dim: int, seed: int = 0, spread: float 
 
 
 def clustered_float32(n_vectors: int, dim: int, n_queries: int, seed: int = 0, spread: float = 0.25,
-                       chunk: int = 100_000):
+                       chunk: int = 100_000, out: np.ndarray | None = None):
     """Like ``clustered_vectors`` (identity centres, 1-4 noisy images each, one
-    noisy query per identity) but float32 and in chunks, so 1M x 512 needs ~2 GB, not ~16 GB."""
+    noisy query per identity) but float32 and in chunks, so 1M x 512 needs ~2 GB, not ~16 GB.
+    ``out``: a float32 ``(n_vectors, dim)`` array to fill (e.g. a memory map) instead of a new one;
+    the gallery is its first rows (there can be a few fewer than ``n_vectors``)."""
     rng = np.random.default_rng(seed)
     n_identities = max(1, n_vectors * 2 // 5)
     counts = rng.integers(1, 5, size=n_identities)
     labels = np.repeat(np.arange(n_identities), counts)[:n_vectors]
     centres = rng.standard_normal((n_identities, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    gallery = np.empty((len(labels), dim), dtype=np.float32)
+    gallery = np.empty((len(labels), dim), dtype=np.float32) if out is None else out[:len(labels)]
     scale = np.float32(spread * 4 / np.sqrt(dim))
     for start in range(0, len(labels), chunk):
         block = centres[labels[start:start + chunk]] + scale * rng.standard_normal(

@@ -15,16 +15,23 @@ Lower level: ``create_model`` / ``load_model`` (a checkpoint back as a model), `
 ``load_index`` (an index folder, searchable). Names load lazily, so ``import retrieval`` (and the
 CLIs' ``--help``) stays free of torch.
 
-Modules, one concern each: ``config`` (the run config), ``data`` (galleries, splits, the one image
-loader), ``model`` / ``pretrained`` (backbone -> GeM -> neck), ``transforms``, ``losses``,
-``recipe`` (optimiser groups, warm-up, schedule), ``train`` / ``distributed``, ``embed``,
-``evaluate`` / ``metrics`` / ``protocol`` (MAP@5, top-k, macro-F1, the new_whale threshold, the
-whale protocol), ``gallery_threshold`` (a zero-shot index's threshold from its own gallery),
-``encoder`` / ``onnx_encoder`` / ``indexing`` (the model behind an index, its ONNX export for the
-cold query path; build, append, remove), ``query`` / ``submission`` / ``report`` (answers, the
-Kaggle CSV, the HTML page), ``service`` (model + index kept warm for serve.py), ``heatmap`` /
-``audit`` (why two images matched; duplicates, mislabels, outliers), ``checkpoint`` / ``files``
-(safe, atomic files), ``errors`` / ``progress`` (one-line errors, progress bars).
+Four parts, each importing only from those before it (``tests/test_layers.py`` checks):
+
+* ``retrieval`` itself, what every side shares: ``config`` (the run config), ``data``
+  (galleries, splits, the one image loader), ``metrics`` (MAP@5, top-k, macro-F1, ``new_whale``
+  insertion), ``distributed`` (torchrun), ``errors`` / ``progress`` / ``files`` / ``cli``.
+* ``retrieval.models``, the network and running it: ``model`` / ``pretrained`` (backbone -> GeM
+  -> neck), ``checkpoint`` (read without running code), ``transforms``, ``identity_transforms``,
+  ``embed`` (images -> unit vectors).
+* ``retrieval.training``: ``recipe`` (optimiser groups, warm-up, schedule), ``losses``,
+  ``train`` (select and refit stages), ``evaluate`` (validation MAP@5 and the threshold),
+  ``protocol`` (the whale protocol).
+* ``retrieval.answering``, everything after training, none of it importing the training side:
+  ``encoder`` / ``onnx_encoder`` (the model behind an index and its ONNX export for the cold
+  query path), ``indexing`` (build, append, remove), ``gallery_threshold`` (a zero-shot index's
+  threshold), ``query`` / ``submission`` / ``report`` (answers, the Kaggle CSV and its scorer, the
+  HTML page), ``service`` (model + index kept warm for serve.py), ``heatmap`` / ``audit`` (why
+  two images matched; duplicates, mislabels, outliers).
 """
 from __future__ import annotations
 
@@ -36,13 +43,13 @@ NEW_WHALE = "new_whale"
 _EXPORTS = {
     "TrainConfig": ("config", "TrainConfig"),
     "read_gallery": ("data", "read_gallery"),
-    "create_model": ("model", "create_model"),
-    "load_model": ("checkpoint", "load_model"),
-    "train": ("train", "train"),
-    "embed_images": ("embed", "embed_images"),
-    "BuildOptions": ("indexing", "BuildOptions"),
-    "build_index": ("indexing", "run"),
-    "run_query": ("query", "run_query"),
+    "create_model": ("models.model", "create_model"),
+    "load_model": ("models.checkpoint", "load_model"),
+    "train": ("training.train", "train"),
+    "embed_images": ("models.embed", "embed_images"),
+    "BuildOptions": ("answering.indexing", "BuildOptions"),
+    "build_index": ("answering.indexing", "run"),
+    "run_query": ("answering.query", "run_query"),
 }
 
 __all__ = ["NEW_WHALE", *_EXPORTS, "load_index"]

@@ -6,7 +6,9 @@ import argparse
 
 def add_index_argument(parser: argparse.ArgumentParser) -> None:
     """--index: the index folder a CLI answers from (query.py, serve.py, audit.py)."""
-    from index.store import DEFAULT_INDEX_DIR  # here, not at the top: train_embed.py --help
+    from index.store import (
+        DEFAULT_INDEX_DIR,  # here, not at the top: train_embed.py --help
+    )
                                                # imports this module and must not load FAISS
     parser.add_argument("--index", default=DEFAULT_INDEX_DIR,
                         help="index folder written by build_index.py (default %(default)s)")

@@ -18,9 +18,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import UserError
 
-if TYPE_CHECKING:
-    from .recipe import Recipe
-
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 LOSS_NAMES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
 NEW_IDENTITY_CHOICES = ("none", "mirror", "rotations", "mirror+rotations")
@@ -68,7 +65,7 @@ class TrainConfig:
     triplet_margin: float = 0.1
     flip: bool = False
     # transforms whose result is another identity, a fact the user states about the domain
-    # (retrieval.identity_transforms): "none", "mirror", "rotations", "mirror+rotations"
+    # (retrieval.models.identity_transforms): "none", "mirror", "rotations", "mirror+rotations"
     new_identities: Literal["none", "mirror", "rotations", "mirror+rotations"] = "none"
     augment: float = 1.0  # augmentation strength: scales every range (0: none, 2: twice)
     val_new_fraction: float = 0.2
@@ -83,15 +80,8 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
-    def recipe(self) -> "Recipe":
-        from .recipe import Recipe
-
-        return Recipe(lr=self.lr, head_lr=self.head_lr, loss_lr=self.loss_lr,
-                      weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
-                      freeze_bn=self.freeze_bn, layer_decay=self.layer_decay)
-
     def loss_params(self) -> dict[str, float]:
-        """Keyword arguments of ``retrieval.losses.create_loss``."""
+        """Keyword arguments of ``retrieval.training.losses.create_loss``."""
         return {"margin": self.arcface_margin, "scale": self.arcface_scale,
                 "sub_centers": self.sub_centers, "triplet_margin": self.triplet_margin}
 

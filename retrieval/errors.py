@@ -5,8 +5,13 @@ import logging
 import sys
 from typing import Callable
 
-
-from index.errors import GalleryIndexError, IndexCorrupt, IndexNotFound, NotAnIndex, NotReplaceable
+from index.errors import (
+    GalleryIndexError,
+    IndexCorrupt,
+    IndexNotFound,
+    NotAnIndex,
+    NotReplaceable,
+)
 
 
 class UserError(Exception):

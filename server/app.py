@@ -1,4 +1,4 @@
-"""The HTTP face of ``retrieval.service.GalleryService``: a JSON API (OpenAPI docs at /docs) and
+"""The HTTP face of ``retrieval.answering.service.GalleryService``: a JSON API (OpenAPI docs at /docs) and
 the page at /. Routes only translate HTTP to service calls and service errors to status codes;
 every decision lives in the service.
 
@@ -16,8 +16,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from index.errors import GalleryIndexError
 from retrieval.errors import UserError, as_user_error
-from retrieval.report import jpeg_thumbnail
-from retrieval.service import (MAX_UPLOAD_BYTES, Conflict, GalleryService, NotFound, TooLarge,
+from retrieval.answering.report import jpeg_thumbnail
+from retrieval.answering.service import (MAX_UPLOAD_BYTES, Conflict, GalleryService, NotFound, TooLarge,
                                answer_json)
 
 PAGE = Path(__file__).with_name("page.html")

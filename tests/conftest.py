@@ -53,7 +53,7 @@ SERVICE_GALLERY = [f"s{i}" for i in range(1, 7)]  # the served index: 6 ORL peop
 def service_built(tmp_path_factory, orl_samples):
     """A zero-shot index at 64 px over ``SERVICE_GALLERY``, built once for the service and
     server tests (their ``index_dir`` fixtures copy it, since they edit it)."""
-    from retrieval.indexing import BuildOptions, run
+    from retrieval.answering.indexing import BuildOptions, run
 
     from .index_helpers import IMAGE_SIZE, copy_gallery
 

@@ -68,12 +68,17 @@ def copy_gallery(samples, folder: Path, identities: Sequence[str], per_identity:
 
 def make_checkpoint(path: Path, seed: int = 0, threshold: float | None = 0.5,
                     embedding_dim: int = 32) -> Path:
-    """A checkpoint shaped like ``retrieval.train.checkpoint_payload``: pretrained backbone,
+    """A checkpoint shaped like ``retrieval.training.train.checkpoint_payload``: pretrained backbone,
     random neck (``seed`` makes different models), preprocessing at 64 px."""
     import torch
 
-    from retrieval.checkpoint import save_checkpoint, state_fingerprint
-    from retrieval.model import ModelConfig, create_model, model_spec, preprocessing_for
+    from retrieval.models.checkpoint import save_checkpoint, state_fingerprint
+    from retrieval.models.model import (
+        ModelConfig,
+        create_model,
+        model_spec,
+        preprocessing_for,
+    )
 
     torch.manual_seed(seed)
     model = create_model(ModelConfig(embedding_dim=embedding_dim), pretrained=True).eval()

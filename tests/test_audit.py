@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from index import load_index, read_manifest
-from retrieval.audit import audit_gallery
+from retrieval.answering.audit import audit_gallery
+from retrieval.answering.indexing import BuildOptions, run
 from retrieval.data import load_image
-from retrieval.indexing import BuildOptions, run
 
 from .conftest import ORL
 from .index_helpers import IMAGE_SIZE, assert_one_line_error, run_cli, single_threaded

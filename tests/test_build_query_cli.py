@@ -15,15 +15,23 @@ import query
 import serve
 from index import GalleryIndex, load_index, read_manifest
 from retrieval import NEW_WHALE
-from retrieval.checkpoint import load_model
-from retrieval.embed import embed_images
+from retrieval.answering.indexing import BuildOptions, run
+from retrieval.answering.query import run_query
 from retrieval.errors import UserError
-from retrieval.indexing import BuildOptions, run
-from retrieval.query import run_query
+from retrieval.models.checkpoint import load_model
+from retrieval.models.embed import embed_images
 
 from .conftest import ORL as ORL_DIR
-from .index_helpers import (IMAGE_SIZE, assert_one_line_error, check_html, copy_gallery,
-                            make_checkpoint, run_cli, single_threaded, torchrun)
+from .index_helpers import (
+    IMAGE_SIZE,
+    assert_one_line_error,
+    check_html,
+    copy_gallery,
+    make_checkpoint,
+    run_cli,
+    single_threaded,
+    torchrun,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,7 +129,7 @@ def assert_same_index(a_dir, b_dir, queries):
 
 def test_append_does_not_re_embed_what_is_there(data, tmp_path, monkeypatch):
     build(tmp_path / "idx", data.gallery, model=str(data.ckpt))
-    from retrieval.encoder import Encoder
+    from retrieval.answering.encoder import Encoder
     embedded = []
     original = Encoder.encode
     monkeypatch.setattr(Encoder, "encode",
@@ -202,7 +210,7 @@ def test_query_cli_outputs_submission_html_and_json(data, index_dir, tmp_path):
 
 
 def test_query_cli_scores_labelled_queries_like_the_submission_scorer(data, index_dir, tmp_path):
-    from retrieval.submission import evaluate_submission
+    from retrieval.answering.submission import evaluate_submission
 
     truth = tmp_path / "truth.csv"
     rows = [(p.name, p.name.split("_")[0]) for p in sorted(data.queries.iterdir())]

@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.checkpoint import (FORMAT, load_checkpoint, load_model, save_checkpoint,
-                                  state_fingerprint)
 from retrieval.errors import UserError
 from retrieval.files import atomic_write
+from retrieval.models.checkpoint import (
+    FORMAT,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    state_fingerprint,
+)
 
 from .index_helpers import assert_one_line_error, copy_gallery, make_checkpoint, run_cli
 

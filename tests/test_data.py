@@ -9,9 +9,17 @@ import pandas as pd
 import pytest
 
 from retrieval import NEW_WHALE
-from retrieval.data import (drop_unreadable, load_image, open_set_split, read_folder_gallery,
-                            read_gallery, read_kaggle_gallery, require_identities,
-                            validation_split, whale_split)
+from retrieval.data import (
+    drop_unreadable,
+    load_image,
+    open_set_split,
+    read_folder_gallery,
+    read_gallery,
+    read_kaggle_gallery,
+    require_identities,
+    validation_split,
+    whale_split,
+)
 from retrieval.errors import UserError
 
 from .conftest import OMNIGLOT, ORL, make_kaggle_layout

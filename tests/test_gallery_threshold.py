@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from retrieval import NEW_WHALE
-from retrieval.gallery_threshold import calibrate_on_gallery
+from retrieval.answering.gallery_threshold import calibrate_on_gallery
 from retrieval.metrics import calibrate_threshold
 
 

@@ -17,13 +17,24 @@ import pandas as pd
 import pytest
 
 from retrieval import NEW_WHALE
-from retrieval.data import drop_unreadable, load_image, read_folder_gallery, read_kaggle_gallery
+from retrieval.answering.query import Hit, QueryAnswer
+from retrieval.data import (
+    drop_unreadable,
+    load_image,
+    read_folder_gallery,
+    read_kaggle_gallery,
+)
 from retrieval.errors import UserError
-from retrieval.query import Hit, QueryAnswer
 
 from .conftest import make_kaggle_layout
-from .index_helpers import (assert_one_line_error, check_html, copy_gallery, make_checkpoint,
-                            run_cli, single_threaded)
+from .index_helpers import (
+    assert_one_line_error,
+    check_html,
+    copy_gallery,
+    make_checkpoint,
+    run_cli,
+    single_threaded,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -91,7 +102,7 @@ def test_bomb_in_a_gallery_is_skipped_with_a_warning_or_fatal_when_strict(tmp_pa
 
 
 def test_report_gives_a_bomb_no_thumbnail(tmp_path, orl_samples, caplog):
-    from retrieval.report import thumbnail_uri
+    from retrieval.answering.report import thumbnail_uri
 
     assert thumbnail_uri(str(orl_samples[0].path)).startswith("data:image/jpeg;base64,")
     bomb = write_png_bomb(tmp_path / "report_bomb.png")
@@ -146,7 +157,7 @@ def test_nested_identities_with_a_slash_are_fine(omniglot_samples):
 
 
 def test_submission_refuses_a_label_with_a_space():
-    from retrieval.submission import write_submission
+    from retrieval.answering.submission import write_submission
 
     answers = [QueryAnswer("/q/a.jpg", [Hit("John Smith", 0.9, "/g/1.jpg"),
                                         Hit(NEW_WHALE, None, None)])]
@@ -166,7 +177,11 @@ def test_train_cli_refuses_an_identity_with_a_space_in_one_line(tmp_path, orl_sa
 
 
 def test_submission_escapes_file_names_that_start_a_formula(tmp_path, caplog):
-    from retrieval.submission import score_submission, submission_rows, write_submission
+    from retrieval.answering.submission import (
+        score_submission,
+        submission_rows,
+        write_submission,
+    )
 
     names = ["=1+1.jpg", "+a.jpg", "-b.jpg", "@c.jpg", "\td.jpg", "\re.jpg", "ok.jpg"]
     answers = [QueryAnswer(f"/q/{n}", [Hit("w1", 0.9, "/g/1.jpg")]) for n in names]
@@ -302,7 +317,7 @@ def test_symlinked_identity_folders_are_followed_without_looping(tmp_path, orl_s
 def index(tmp_path_factory, orl_samples):
     """A 64-px checkpoint index of s1..s4 (2 images each) and s5 (1 image, then swapped for a
     bomb: a gallery file replaced after indexing, as the HTML report meets it)."""
-    from retrieval.indexing import BuildOptions, run
+    from retrieval.answering.indexing import BuildOptions, run
 
     root = tmp_path_factory.mktemp("hardening")
     ckpt = make_checkpoint(root / "model.pt", threshold=0.5)

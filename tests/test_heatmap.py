@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retrieval.answering.heatmap import explain_pair, overlay_png
 from retrieval.data import load_image
-from retrieval.heatmap import explain_pair, overlay_png
-from retrieval.model import preprocessing_for, zero_shot_model
+from retrieval.models.model import preprocessing_for, zero_shot_model
 
 from .conftest import SHARED_DATA
 from .index_helpers import single_threaded

@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval import distributed, identity_transforms
+from retrieval import distributed
 from retrieval.config import NEW_IDENTITY_CHOICES, TrainConfig
 from retrieval.data import load_image
 from retrieval.errors import UserError
-from retrieval.train import Trainer, train
+from retrieval.models import identity_transforms
+from retrieval.training.train import Trainer, train
 
 TINY = dict(image_size=32, embedding_dim=16, batch_size=8, num_workers=0, epochs=1)
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from index import GalleryIndex
-from retrieval.embed import embed_images
-from retrieval.model import ModelConfig, create_model, preprocessing_for
+from retrieval.models.embed import embed_images
+from retrieval.models.model import ModelConfig, create_model, preprocessing_for
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,17 @@ import pytest
 
 import index.store as store
 from index import GalleryIndex
-from index.errors import GalleryIndexError, IndexCorrupt, IndexNotFound, InvalidGallery, NotReplaceable
+from index.errors import (
+    GalleryIndexError,
+    IndexCorrupt,
+    IndexNotFound,
+    InvalidGallery,
+    NotReplaceable,
+)
 from index.store import load_index, read_manifest, save_index, writer_lock
 from index.synthetic import clustered_vectors
-from retrieval.encoder import check_index_model
+from retrieval.answering.encoder import check_index_model
 from retrieval.errors import UserError, index_advice
-
 
 MODEL = {"fingerprint": "0123456789abcdef", "source": "checkpoint", "checkpoint": "/m/model.pt",
          "model_config": {"backbone": "tf_efficientnet_lite0", "embedding_dim": 32, "gem_p": 3.0},

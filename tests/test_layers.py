@@ -21,6 +21,24 @@ FORBIDDEN = {
 }
 
 
+# inside retrieval/: what each part may not import (the shared modules at its top, then models,
+# then training and answering side by side, neither importing the other)
+RETRIEVAL_PARTS = {
+    "retrieval": {"retrieval.models", "retrieval.training", "retrieval.answering"},
+    "retrieval.models": {"retrieval.training", "retrieval.answering"},
+    "retrieval.training": {"retrieval.answering"},
+    "retrieval.answering": {"retrieval.training"},
+}
+
+
+def retrieval_part(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "retrieval":
+        return None
+    below = ".".join(parts[:2])
+    return below if below in RETRIEVAL_PARTS else "retrieval"
+
+
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -60,6 +78,13 @@ def test_no_floor_imports_from_above(floor):
     assert not wrong, wrong
 
 
+def test_retrieval_parts_import_only_what_sits_below_them():
+    wrong = sorted(f"{name} -> {target}" for name, targets in project_graph().items()
+                   if retrieval_part(name) for target in targets
+                   if retrieval_part(target) in RETRIEVAL_PARTS[retrieval_part(name)])
+    assert not wrong, wrong
+
+
 def test_no_import_circles():
     graph = project_graph()
     # a package's __init__ importing its own modules is how a package exports names, not a circle
@@ -87,7 +112,7 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     """Guards the tests above: a lazy relative import inside a function is an arrow too."""
     module = ROOT / "bench" / "peers_suite.py"
     assert "bench.open_set" in imports_of(module)
-    assert "retrieval.train" in imports_of(module)  # imported inside run()
+    assert "retrieval.training.train" in imports_of(module)  # imported inside run()
 
 
 def test_the_public_api_resolves_and_import_stays_light():
@@ -102,4 +127,4 @@ def test_the_public_api_resolves_and_import_stays_light():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True", "retrieval.indexing", "index.store"]
+    assert done.stdout.split() == ["True", "retrieval.answering.indexing", "index.store"]

@@ -3,8 +3,12 @@ import numpy as np
 import pytest
 
 from retrieval import NEW_WHALE
-from retrieval.metrics import (average_precision_at_k, calibrate_threshold, insert_new_whale,
-                               map_at_k)
+from retrieval.metrics import (
+    average_precision_at_k,
+    calibrate_threshold,
+    insert_new_whale,
+    map_at_k,
+)
 
 
 def test_average_precision_is_one_over_rank_of_first_hit():

@@ -13,11 +13,18 @@ import pytest
 
 from index import load_index, milvus
 from index.errors import MilvusError
+from retrieval.answering.indexing import BuildOptions, run
+from retrieval.answering.query import run_query
 from retrieval.errors import UserError
-from retrieval.indexing import BuildOptions, run
-from retrieval.query import run_query
 
-from .index_helpers import IMAGE_SIZE, ROOT, assert_one_line_error, copy_gallery, run_cli, single_threaded
+from .index_helpers import (
+    IMAGE_SIZE,
+    ROOT,
+    assert_one_line_error,
+    copy_gallery,
+    run_cli,
+    single_threaded,
+)
 
 PEOPLE = [f"s{i}" for i in range(1, 7)]
 

@@ -6,9 +6,9 @@ import pytest
 import timm
 import torch
 
-from retrieval.model import GeM, ModelConfig, create_model, preprocessing_for
-from retrieval.pretrained import load_offline_weights, offline_weights_file
-from retrieval.transforms import eval_transform
+from retrieval.models.model import GeM, ModelConfig, create_model, preprocessing_for
+from retrieval.models.pretrained import load_offline_weights, offline_weights_file
+from retrieval.models.transforms import eval_transform
 
 TABBY, TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 281, 282, 285, 967
 
@@ -95,7 +95,7 @@ def test_unknown_backbone_is_a_clear_error():
 def test_blend_gives_the_weighted_sum_of_both_similarities():
     """Naive reference: the dot product of two blended vectors is (1-s) * trained + s * untrained,
     for torch and NumPy alike; the blended vectors stay unit vectors."""
-    from retrieval.model import blend
+    from retrieval.models.model import blend
 
     rng = np.random.default_rng(0)
     unit = lambda n, d: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(  # noqa: E731
@@ -113,7 +113,7 @@ def test_blend_gives_the_weighted_sum_of_both_similarities():
 def test_a_blended_model_embeds_with_the_untrained_backbone_beside_the_trained_one():
     """pretrained_share 0.25: the vector is [trained neck | untrained ImageNet GeM] in the blend's
     proportions; the reference is the untouched zero-shot model, frozen, even in train mode."""
-    from retrieval.model import with_pretrained_share, zero_shot_model
+    from retrieval.models.model import with_pretrained_share, zero_shot_model
 
     torch.manual_seed(0)
     trained = create_model(ModelConfig(embedding_dim=16), pretrained=True).eval()
@@ -135,7 +135,7 @@ def test_interpolating_towards_the_start_gives_the_weighted_weights():
     """Naive reference, weight by weight: (1 - s) * trained + s * start for every float tensor
     of the backbone (BatchNorm statistics included), GeM's exponent towards its initial value,
     integer counters and the neck as trained; the trained model itself is left untouched."""
-    from retrieval.model import interpolate_towards
+    from retrieval.models.model import interpolate_towards
 
     torch.manual_seed(0)
     trained = create_model(ModelConfig(embedding_dim=16), pretrained=False)

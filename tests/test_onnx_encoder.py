@@ -12,14 +12,20 @@ import pytest
 
 from index import load_index
 from index.errors import IndexCorrupt
+from retrieval.answering.onnx_encoder import ENCODER_FILE, OnnxEncoder, preprocess
+from retrieval.answering.query import _full_encoder, encoder_for, run_query
 from retrieval.data import load_image
-from retrieval.model import Preprocessing
-from retrieval.onnx_encoder import ENCODER_FILE, OnnxEncoder, preprocess
-from retrieval.query import _full_encoder, encoder_for, run_query
-from retrieval.transforms import eval_transform
+from retrieval.models.model import Preprocessing
+from retrieval.models.transforms import eval_transform
 
 from .conftest import ORL, SHARED_DATA
-from .index_helpers import IMAGE_SIZE, ROOT, copy_gallery, make_checkpoint, single_threaded
+from .index_helpers import (
+    IMAGE_SIZE,
+    ROOT,
+    copy_gallery,
+    make_checkpoint,
+    single_threaded,
+)
 
 HEAVY = ("torch", "timm", "torchvision", "albumentations", "pandas", "pytorch_metric_learning")
 
@@ -51,7 +57,7 @@ def test_preprocessing_equals_the_albumentations_pipeline(size):
 @pytest.fixture(scope="module")
 def indexes(tmp_path_factory, orl_samples):
     """A checkpoint index (with flip TTA) and a zero-shot one, both built as users build them."""
-    from retrieval.indexing import BuildOptions, run
+    from retrieval.answering.indexing import BuildOptions, run
 
     root = tmp_path_factory.mktemp("onnx")
     gallery = copy_gallery(orl_samples, root / "gallery", ["s1", "s2", "s3", "s4"], per_identity=2)
@@ -100,7 +106,7 @@ def test_cold_query_imports_no_heavy_library_and_answers_like_the_full_model(ind
 def test_edits_carry_the_encoder_and_a_damaged_one_is_refused(indexes, tmp_path, orl_samples):
     import shutil
 
-    from retrieval.indexing import BuildOptions, run
+    from retrieval.answering.indexing import BuildOptions, run
 
     shutil.copytree(indexes / "zero", tmp_path / "idx")
     before = load_index(tmp_path / "idx").manifest.files[ENCODER_FILE]

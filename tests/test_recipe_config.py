@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import train_embed
-from retrieval import recipe
 from retrieval.config import FIELDS, TrainConfig, read_config_file
 from retrieval.errors import UserError
-from retrieval.losses import create_loss
-from retrieval.model import ModelConfig, create_model
+from retrieval.models.model import ModelConfig, create_model
+from retrieval.training import recipe
+from retrieval.training.losses import create_loss
 
 from .conftest import ROOT
 
@@ -151,7 +151,7 @@ def _free_port() -> int:
 
 MINING_ACROSS_RANKS = r"""
 import os, sys, torch, torch.distributed as dist
-from retrieval.losses import create_loss
+from retrieval.training.losses import create_loss
 rank, port, wrapped = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 torch.manual_seed(rank)

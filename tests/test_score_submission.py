@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
+from retrieval.answering.submission import score_submission
 from retrieval.errors import UserError
-from retrieval.submission import score_submission
 
 from .conftest import ROOT
 
@@ -33,7 +33,7 @@ def test_missing_rows_and_wrong_header_are_clear_errors(tmp_path):
 def test_module_cli_prints_map5(tmp_path):
     submission = write(tmp_path / "s.csv", "Image,Id\na.jpg,w2 w1\n")
     truth = write(tmp_path / "t.csv", "Image,Id\na.jpg,w1\n")
-    done = subprocess.run([sys.executable, "-m", "retrieval.submission", str(submission), str(truth)],
+    done = subprocess.run([sys.executable, "-m", "retrieval.answering.submission", str(submission), str(truth)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and done.stdout.splitlines()[0] == "MAP@5 0.5000"
     assert "top-1 0.0000   top-5 1.0000" in done.stdout

@@ -14,7 +14,7 @@ from PIL import Image
 
 from index import load_index
 from retrieval import NEW_WHALE
-from retrieval.service import UPLOADS_DIR, GalleryService
+from retrieval.answering.service import UPLOADS_DIR, GalleryService
 
 from .conftest import ORL, SERVICE_GALLERY
 from .index_helpers import IMAGE_SIZE, single_threaded, writers_beside_a_reader
@@ -115,11 +115,11 @@ def test_bad_input_answers_4xx_with_a_one_line_reason(client, request_, status, 
 
 
 def test_an_upload_over_the_limit_is_refused_with_413(client, monkeypatch):
+    import retrieval.answering.service
     import server.app
-    import retrieval.service
 
     monkeypatch.setattr(server.app, "MAX_UPLOAD_BYTES", 1000)
-    monkeypatch.setattr(retrieval.service, "MAX_UPLOAD_BYTES", 1000)
+    monkeypatch.setattr(retrieval.answering.service, "MAX_UPLOAD_BYTES", 1000)
     response = post_query(client, photo("s1", 9))
     assert response.status_code == 413 and "limit" in response.json()["detail"]
 
@@ -181,7 +181,7 @@ def test_appends_from_two_threads_while_queries_run_lose_and_duplicate_nothing(i
 def test_photos_arriving_together_share_a_forward_pass_and_get_their_own_vectors(index_dir):
     from concurrent.futures import ThreadPoolExecutor
 
-    from retrieval.service import decode_upload
+    from retrieval.answering.service import decode_upload
 
     service = GalleryService(index_dir)
     sizes = []

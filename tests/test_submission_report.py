@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 
 from retrieval import NEW_WHALE
+from retrieval.answering.query import Hit, QueryAnswer, QueryResult, hits_for
+from retrieval.answering.report import render
+from retrieval.answering.submission import submission_rows, write_submission
 from retrieval.errors import UserError
-from retrieval.query import Hit, QueryAnswer, QueryResult, hits_for
-from retrieval.report import render
-from retrieval.submission import submission_rows, write_submission
 
 from .index_helpers import check_html
 

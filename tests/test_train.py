@@ -15,16 +15,17 @@ import pandas as pd
 import pytest
 import torch
 
-from retrieval import distributed, protocol
-from retrieval.checkpoint import load_checkpoint, load_model, save_checkpoint
+from retrieval import distributed
+from retrieval.answering.submission import score_submission
 from retrieval.config import LOSS_NAMES, TrainConfig
 from retrieval.data import load_image, validation_split
 from retrieval.errors import UserError
-from retrieval.evaluate import evaluate_queries
-from retrieval.model import ModelConfig, create_model
-from retrieval.submission import score_submission
-from retrieval.train import Trainer, train
-from retrieval.transforms import eval_transform
+from retrieval.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from retrieval.models.model import ModelConfig, create_model
+from retrieval.models.transforms import eval_transform
+from retrieval.training import protocol
+from retrieval.training.evaluate import evaluate_queries
+from retrieval.training.train import Trainer, train
 
 from .conftest import OMNIGLOT, ROOT
 from .index_helpers import make_checkpoint
@@ -212,8 +213,8 @@ def test_every_loss_trains_every_part(orl_subset, loss):
 
 def _scripted_validation(monkeypatch, scores):
     """Selection sees these validation MAP@5 values, epoch by epoch (the model is real)."""
-    import retrieval.train as train_module
-    from retrieval.evaluate import EvalResult
+    import retrieval.training.train as train_module
+    from retrieval.training.evaluate import EvalResult
 
     epochs = iter(scores)
     monkeypatch.setattr(train_module, "evaluate_blends",
@@ -325,7 +326,7 @@ def test_a_blended_model_reproduces_its_validation_score(orl_subset, tmp_path, m
     """Selection scores blends of the trained and the untrained features on validation; the
     share it picks ships inside model.pt (a second, frozen backbone), and the reloaded model
     answers the validation queries exactly as selection scored them."""
-    import retrieval.train as train_module
+    import retrieval.training.train as train_module
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))  # force a blend to be shipped
     config = TrainConfig(out=str(tmp_path), epochs=2, refit=False, blend_pretrained=True, **TINY)
@@ -340,8 +341,8 @@ def test_a_blended_model_reproduces_its_validation_score(orl_subset, tmp_path, m
 
 
 def test_a_blend_is_kept_only_where_it_scores_better():
-    from retrieval.evaluate import EvalResult
-    from retrieval.train import _best_result
+    from retrieval.training.evaluate import EvalResult
+    from retrieval.training.train import _best_result
 
     plain = EvalResult(0.8, 0.6, 0.5, 0.0)
     tie = EvalResult(0.8, 0.7, 0.4, 0.25)  # ranks better without threshold, same MAP@5
@@ -354,7 +355,7 @@ def test_a_blend_is_kept_only_where_it_scores_better():
 def test_blending_leaves_the_trained_weights_as_they_were(orl_subset, tmp_path, monkeypatch):
     """Building the untrained reference must not shift the run's random stream: with or without
     the blend, the trained part of model.pt is the same, weight for weight."""
-    import retrieval.train as train_module
+    import retrieval.training.train as train_module
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (0.0, 0.5))
 
@@ -376,9 +377,9 @@ def test_a_weight_interpolated_model_reproduces_its_validation_score(orl_subset,
     validation ships inside model.pt as plain weights (same size, one network), the reloaded
     model answers the validation queries exactly as selection scored it, and share 1 gives the
     untouched ImageNet backbone."""
-    import retrieval.train as train_module
-    from retrieval.evaluate import EvalResult
-    from retrieval.model import pretrained_backbone
+    import retrieval.training.train as train_module
+    from retrieval.models.model import pretrained_backbone
+    from retrieval.training.evaluate import EvalResult
 
     real = train_module.evaluate_queries
     calls = []
@@ -407,8 +408,8 @@ def test_a_weight_interpolated_model_reproduces_its_validation_score(orl_subset,
 
 def test_the_refit_ships_the_weight_share_selection_chose(orl_subset, tmp_path, monkeypatch):
     """The refit model is moved towards the ImageNet weights by the share selection chose."""
-    import retrieval.train as train_module
-    from retrieval.model import pretrained_backbone
+    import retrieval.training.train as train_module
+    from retrieval.models.model import pretrained_backbone
 
     def choose_half(start, split, selection, out, device):
         selection.weight_share = 0.5
@@ -430,7 +431,7 @@ def test_the_refit_ships_the_weight_share_selection_chose(orl_subset, tmp_path, 
 def test_the_refit_model_records_the_shipped_validation_score(orl_subset, tmp_path, monkeypatch):
     """model.pt carries the validation MAP@5 of the model as shipped (here blended), the one its
     threshold was calibrated with, beside that of the trained embedding alone."""
-    import retrieval.train as train_module
+    import retrieval.training.train as train_module
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))  # force a blend to be shipped
     config = TrainConfig(out=str(tmp_path), epochs=2, **TINY)
@@ -446,7 +447,7 @@ def test_the_refit_model_records_the_shipped_validation_score(orl_subset, tmp_pa
 def test_training_from_scratch_needs_no_pretrained_weights(orl_subset, tmp_path, monkeypatch):
     """--no-pretrained with a backbone whose weights only the hub has: nothing may try to fetch
     ImageNet weights (no blend reference, no weight share), with the blend on by default."""
-    import retrieval.model as model_module
+    import retrieval.models.model as model_module
 
     def no_hub(name, pretrained):
         if pretrained:

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from retrieval.data import load_image
-from retrieval.model import Preprocessing
-from retrieval.transforms import eval_transform, train_transform
+from retrieval.models.model import Preprocessing
+from retrieval.models.transforms import eval_transform, train_transform
 
 PRE = Preprocessing(image_size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

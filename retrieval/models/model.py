@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
-from .config import DEFAULT_BACKBONE
-from .errors import UserError
+from ..config import DEFAULT_BACKBONE
+from ..errors import UserError
 from .pretrained import load_offline_weights
 
 log = logging.getLogger(__name__)

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:  # torch / timm load only when a model is really built
     import torch
 
     from index.store import Manifest
 
-    from .model import EmbeddingModel, Preprocessing
+    from ..models.model import EmbeddingModel, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Encoder:
 
     def model_info(self) -> dict[str, Any]:
         """The manifest's ``model`` entry: enough to rebuild this encoder for queries."""
-        from .model import model_spec
+        from ..models.model import model_spec
 
         return {"fingerprint": self.fingerprint,
                 "source": "checkpoint" if self.checkpoint else "pretrained",
@@ -73,7 +73,7 @@ class Encoder:
                device: "torch.device | None" = None, progress: bool = True,
                desc: str = "embedding") -> np.ndarray:
         """(N, D) float32 unit vectors, with this encoder's TTA."""
-        from .embed import embed_images
+        from ..models.embed import embed_images
 
         return embed_images(self.model, paths, self.preprocessing, batch_size=batch_size,
                             num_workers=num_workers, device=device, tta_flip=self.tta == "flip",
@@ -82,7 +82,7 @@ class Encoder:
     def encode_arrays(self, images: Sequence[np.ndarray],
                       device: "torch.device | None" = None) -> np.ndarray:
         """(N, D) float32 unit vectors of decoded RGB images, with this encoder's TTA."""
-        from .embed import embed_arrays
+        from ..models.embed import embed_arrays
 
         return embed_arrays(self.model, images, self.preprocessing, device=device,
                             tta_flip=self.tta == "flip")
@@ -117,7 +117,7 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
 
 
 def _checkpoint_encoder(spec: EncoderSpec) -> Encoder:
-    from .checkpoint import load_model
+    from ..models.checkpoint import load_model
 
     if spec.image_size is not None:
         raise UserError("--image-size only applies to the zero-shot model: a checkpoint's image "
@@ -130,8 +130,13 @@ def _checkpoint_encoder(spec: EncoderSpec) -> Encoder:
 
 def _zero_shot_encoder(spec: EncoderSpec) -> Encoder:
     """The untrained reference model: ImageNet backbone + GeM, no neck, no threshold."""
-    from .checkpoint import state_fingerprint
-    from .model import create_model, preprocessing_for, spec_from_dict, zero_shot_model
+    from ..models.checkpoint import state_fingerprint
+    from ..models.model import (
+        create_model,
+        preprocessing_for,
+        spec_from_dict,
+        zero_shot_model,
+    )
 
     if spec.preprocessing is not None:
         config, preprocessing = spec_from_dict({"model_config": spec.model_config,

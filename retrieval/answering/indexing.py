@@ -20,15 +20,24 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
 from index.errors import GalleryIndexError
 
-from .data import Sample
-from .encoder import Encoder, EncoderSpec, check_index_model, default_workers, load_encoder
-from .errors import UserError, as_user_error
+if TYPE_CHECKING:
+    from index.rows import GalleryRows
+
+from ..data import Sample
+from ..errors import UserError, as_user_error
+from .encoder import (
+    Encoder,
+    EncoderSpec,
+    check_index_model,
+    default_workers,
+    load_encoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +94,9 @@ class Current:
 
 def run(opts: BuildOptions) -> Any:
     """Build or edit the index at ``opts.out``; the manifest on rank 0, None on other ranks."""
-    from . import distributed
     from index.store import writer_lock
+
+    from .. import distributed
 
     _check_options(opts)
     ctx = distributed.setup(opts.device)
@@ -142,7 +152,7 @@ def _on_main(ctx, work: Callable[[], T], share: bool = True) -> T | None:
     """Run ``work`` on rank 0 only. Its UserError reaches every rank (so a bad input stops all of
     them with the same one-line message instead of leaving them waiting); its result too when
     ``share``, else the other ranks get None (big results, like the index's vectors, stay put)."""
-    from . import distributed
+    from .. import distributed
 
     result: Any = None
     if ctx.is_main:
@@ -205,7 +215,7 @@ def _read_current_milvus(opts: BuildOptions, stored) -> Current:
 def _plan(opts: BuildOptions, current: Current, encoder_box: list[Encoder]) -> Plan:
     """Rank 0: list the images to embed (cheap checks first), load the model (the index's own
     when appending) and keep it in ``encoder_box``: only the picklable plan goes to other ranks."""
-    from .data import read_gallery
+    from ..data import read_gallery
 
     listed = read_gallery(opts.gallery, opts.labels, opts.allow_outside)
     if current.milvus is not None:
@@ -288,7 +298,7 @@ def _embed_sharded(ctx, encoder: Encoder, samples: list[Sample],
 
 def _embed_shard(ctx, encoder: Encoder, shard: list[Sample],
                  opts: BuildOptions) -> tuple[list[Sample], np.ndarray]:
-    from .data import drop_unreadable
+    from ..data import drop_unreadable
 
     kept = drop_unreadable(shard, strict=opts.strict)
     workers = default_workers(len(kept), opts.batch_size) if opts.workers is None else opts.workers
@@ -454,11 +464,13 @@ def _export(encoder: Encoder | None, scratch: Path) -> dict[str, Path]:
     return {ENCODER_FILE: path}
 
 
-def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None, rows: Any,
-               identities: list[str]) -> tuple[float | None, str | None]:
+def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
+               rows: np.ndarray | GalleryRows, identities: list[str]) -> tuple[float | None, str | None]:
     """The new_whale threshold to record, and where it came from: ``--threshold``; else the index's
     own (an edit keeps it); else the checkpoint's; else one calibrated on the gallery itself (the
     zero-shot model has none: without it the index would never answer new_whale)."""
+    from index.rows import GalleryRows
+
     from .gallery_threshold import calibrate_on_gallery
 
     if opts.threshold is not None:
@@ -468,7 +480,7 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None, rows:
         return manifest.threshold, manifest.threshold_source
     if encoder is not None and encoder.threshold is not None:
         return encoder.threshold, "checkpoint"
-    calibration = calibrate_on_gallery(rows.array(), identities)
+    calibration = calibrate_on_gallery(GalleryRows.of(rows).array(), identities)
     if calibration is None:
         log.warning("no new_whale threshold: no identity in the gallery has two images to calibrate "
                     "one on, so queries never get new_whale (pass --threshold to set one)")

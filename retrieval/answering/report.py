@@ -37,7 +37,7 @@ def jpeg_thumbnail(path: str | Path, size: int = THUMBNAIL) -> bytes:
     thumbnails); ``load_image``'s one-line UserError for a file it cannot use."""
     from PIL import Image
 
-    from .data import load_image
+    from ..data import load_image
 
     image = Image.fromarray(load_image(path, max_side=size))
     image.thumbnail((size, size))
@@ -50,7 +50,7 @@ def jpeg_thumbnail(path: str | Path, size: int = THUMBNAIL) -> bytes:
 def thumbnail_uri(path: str, size: int = THUMBNAIL) -> str | None:
     """A data: URI of a JPEG thumbnail, or None if the file cannot be used (moved, corrupt, a
     decompression bomb swapped in since indexing): ``load_image`` decides, as for every image."""
-    from .errors import UserError
+    from ..errors import UserError
 
     try:
         data = jpeg_thumbnail(path, size)
@@ -68,9 +68,9 @@ def _image_cell(path: str | None, lines: list[str], css: str = "", extra: str = 
 
 
 def render(result, explain=None) -> str:
-    """The page for a ``retrieval.query.QueryResult``; with ``explain(query, gallery) -> (PNG,
+    """The page for a ``retrieval.answering.query.QueryResult``; with ``explain(query, gallery) -> (PNG,
     PNG)`` each match of the first ``HEATMAP_QUERIES`` queries gets a "why?" toggle with both
-    heat-maps (``retrieval.heatmap``)."""
+    heat-maps (``retrieval.answering.heatmap``)."""
     threshold = "none" if result.threshold is None else f"{result.threshold:.4f}"
     answers = result.answers[:MAX_QUERIES]
     rows = []
@@ -128,7 +128,7 @@ def _scores(result) -> str:
 
 
 def write_report(path: str | Path, result, explain=None) -> None:
-    from .files import atomic_write
+    from ..files import atomic_write
 
     if len(result.answers) > MAX_QUERIES:
         log.warning("the report shows the first %d of %d queries", MAX_QUERIES, len(result.answers))

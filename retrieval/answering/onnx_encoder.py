@@ -111,8 +111,8 @@ class OnnxEncoder:
     def encode(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0,
                device: Any = None, progress: bool = True, desc: str = "embedding") -> np.ndarray:
         """(N, D) float32 unit vectors of the images at ``paths``, in batches."""
-        from .data import load_image
-        from .progress import bar
+        from ..data import load_image
+        from ..progress import bar
 
         chunks = [self.encode_arrays([load_image(p) for p in paths[start:start + batch_size]])
                   for start in bar(range(0, len(paths), batch_size), progress, desc=desc,

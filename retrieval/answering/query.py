@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import NEW_WHALE
-from .errors import UserError
+from .. import NEW_WHALE
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def list_query_images(target: str | Path) -> list[Path]:
     """One image; the images directly inside a folder (sorted: Kaggle's test/ layout); or, for a
     folder holding only sub-folders, every image below it (a folder per identity: see
     ``folder_truths``)."""
-    from .data import IMAGE_EXTENSIONS, is_image
+    from ..data import IMAGE_EXTENSIONS, is_image
 
     target = Path(target)
     if target.is_file():
@@ -74,7 +74,7 @@ def list_query_images(target: str | Path) -> list[Path]:
 
 def is_labelled_tree(target: Path) -> bool:
     """A folder with no images of its own but images in sub-folders: one folder per identity."""
-    from .data import is_image
+    from ..data import is_image
 
     if not target.is_dir() or any(is_image(p) for p in target.iterdir()):
         return False
@@ -130,7 +130,7 @@ def check_output_options(target: str | Path, truth: str | Path | None, metrics: 
 
 def evaluate(result: "QueryResult") -> Any:
     """``metrics.evaluate_answers`` over the answers that have a truth."""
-    from .metrics import evaluate_answers
+    from ..metrics import evaluate_answers
 
     scored = [a for a in result.answers if a.image in result.truths]
     if not scored:
@@ -215,7 +215,7 @@ def _device(name: str | None):
         return None
     import torch
 
-    from .distributed import check_device
+    from ..distributed import check_device
 
     check_device(name)
     return torch.device(name)
@@ -237,7 +237,7 @@ def _readable_queries(images: Sequence[Path], folder: bool, strict: bool) -> lis
     A single image must be readable. In a folder the bad ones are left out with a warning (one
     corrupt photo should not cost the whole batch), unless ``strict``; none left is an error.
     """
-    from .data import find_unreadable, load_image
+    from ..data import find_unreadable, load_image
 
     if not folder:
         for image in images:
@@ -258,7 +258,7 @@ def hits_for(identities: Sequence[str], scores: np.ndarray, best_images: Sequenc
              threshold: float | None, k: int) -> list[Hit]:
     """The top-``k`` answer with ``new_whale`` placed by ``threshold`` (as Kaggle scores it);
     ``best_images``: each identity's nearest gallery image, in the order of ``identities``."""
-    from .metrics import insert_new_whale
+    from ..metrics import insert_new_whale
 
     labels = insert_new_whale(identities, scores, threshold, k)
     position = {identity: i for i, identity in enumerate(identities)}
@@ -286,7 +286,7 @@ def format_text(result: QueryResult) -> str:
     if result.threshold is None:
         lines.append("(no new_whale threshold: the index's model has none; pass --threshold)")
     if result.evaluation is not None:
-        from .metrics import format_evaluation
+        from ..metrics import format_evaluation
 
         lines.append(format_evaluation(result.evaluation, result.truth_source))
     return "\n".join(lines)
@@ -306,7 +306,7 @@ def write_metrics(path: str | Path, result: QueryResult) -> None:
     """The evaluation as JSON, written atomically."""
     import json
 
-    from .files import atomic_write
+    from ..files import atomic_write
 
     if result.evaluation is None:
         raise UserError(_NO_TRUTH)

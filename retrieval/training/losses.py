@@ -1,7 +1,7 @@
 """Metric-learning losses by name, all from pytorch-metric-learning.
 
 Classification-style losses (ArcFace, sub-center ArcFace) hold a weight per identity: those
-parameters get their own learning rate (``retrieval.recipe``). Pair-based losses (triplet,
+parameters get their own learning rate (``retrieval.training.recipe``). Pair-based losses (triplet,
 multi-similarity) learn only from pairs inside a batch, so they come with a miner and need m images
 per identity per batch; under DDP both are wrapped so pairs are mined across every rank's batch,
 not within each rank's share of it. Their parameters come from the run config
@@ -16,7 +16,7 @@ from typing import Callable
 from pytorch_metric_learning import losses, miners
 from torch import nn
 
-from .config import LOSS_NAMES
+from ..config import LOSS_NAMES
 
 
 @dataclass

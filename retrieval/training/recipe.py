@@ -1,6 +1,6 @@
 """The one training recipe: optimiser groups, frozen-backbone warm-up and learning-rate schedule.
 
-The engine (``retrieval.train``), the softmax baseline and the peer libraries in ``bench/`` all take
+The engine (``retrieval.training.train``), the softmax baseline and the peer libraries in ``bench/`` all take
 their optimiser and schedule from here, so a comparison between them measures the method, not a
 different recipe; where a peer deliberately trains differently (no warm-up, constant learning rate,
 as a plain setup does), that is a ``Recipe`` parameter, not a copy of the code.
@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 SCHEDULES = ("cosine", "constant")
 FINAL_LR_FRACTION = 0.01
@@ -42,6 +45,13 @@ class Recipe:
     schedule: Literal["cosine", "constant"] = "cosine"
     freeze_bn: bool = True  # keep the backbone's BatchNorm statistics after the warm-up too
     layer_decay: float = 1.0  # backbone learning rate x this per block below the last (1: off)
+
+    @classmethod
+    def from_config(cls, config: "TrainConfig") -> "Recipe":
+        """The run config's recipe fields."""
+        return cls(lr=config.lr, head_lr=config.head_lr, loss_lr=config.loss_lr,
+                   weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
+                   freeze_bn=config.freeze_bn, layer_decay=config.layer_decay)
 
 
 def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None,

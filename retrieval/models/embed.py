@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .data import load_image
+from ..data import load_image
+from ..progress import bar
 from .model import EmbeddingModel, Preprocessing
-from .progress import bar
 from .transforms import eval_transform
 
 

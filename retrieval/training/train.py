@@ -29,18 +29,34 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import distributed, identity_transforms, recipe
-from .checkpoint import load_checkpoint, load_model, save_checkpoint, state_fingerprint
-from .data import Sample, identities_of, require_identities, validation_split
-from .embed import ImageDataset
-from .errors import UserError
+from .. import distributed
+from ..config import TrainConfig, write_config
+from ..data import Sample, identities_of, require_identities, validation_split
+from ..errors import UserError
+from ..models import identity_transforms
+from ..models.checkpoint import (
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    state_fingerprint,
+)
+from ..models.embed import ImageDataset
+from ..models.model import (
+    EmbeddingModel,
+    ModelConfig,
+    create_model,
+    interpolate_towards,
+    model_spec,
+    preprocessing_for,
+    pretrained_backbone,
+    with_pretrained_share,
+)
+from ..models.transforms import seed_worker_transform, train_transform
+from ..progress import bar
+from . import recipe
 from .evaluate import EvalResult, evaluate_blends, evaluate_queries
 from .losses import LossSpec, create_loss
-from .progress import bar
-from .config import TrainConfig, write_config
-from .model import (EmbeddingModel, ModelConfig, create_model, interpolate_towards, model_spec,
-                    preprocessing_for, pretrained_backbone, with_pretrained_share)
-from .transforms import seed_worker_transform, train_transform
+from .recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +106,7 @@ class Trainer:
                                 distributed=ctx.distributed, **config.loss_params())
         self.head = LossHead(self.model, self.spec).to(ctx.device)
         self.loader = self._loader(items)
-        self.recipe = config.recipe()
+        self.recipe = Recipe.from_config(config)
         self.optimizer = recipe.create_optimizer(
             recipe.param_groups(self.model, self.recipe, self.spec.loss).values(), self.recipe)
         self.steps_per_epoch = len(self.loader)
@@ -382,7 +398,7 @@ def _reference_vectors(trainer: Trainer, split) -> tuple:
     since that model never changes, by the trainer's one ImageNet backbone + GeM (the reference
     a chosen blend ships). Outside the run's random stream, so blending or not trains the very
     same model."""
-    from .embed import embed_images
+    from ..models.embed import embed_images
 
     reference = EmbeddingModel(ModelConfig(trainer.config.backbone, embedding_dim=0),
                                trainer.imagenet_backbone)

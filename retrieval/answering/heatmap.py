@@ -31,7 +31,7 @@ def explain_pair(model, preprocessing, query: np.ndarray, gallery: np.ndarray) -
     import torch
     import torch.nn.functional as F
 
-    from .transforms import eval_transform
+    from ..models.transforms import eval_transform
 
     transform = eval_transform(preprocessing)
     batch = torch.stack([transform(image=query)["image"], transform(image=gallery)["image"]])
@@ -87,7 +87,7 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> byt
 
 
 def explain_files(model, preprocessing, query: str | Path, gallery: str | Path) -> PairExplanation:
-    from .data import load_image
+    from ..data import load_image
 
     return explain_pair(model, preprocessing, load_image(query), load_image(gallery))
 

@@ -125,8 +125,8 @@ class _Thumbnails:
 def _thumbnail(path: str) -> np.ndarray | None:
     from PIL import Image
 
-    from .data import load_image
-    from .errors import UserError
+    from ..data import load_image
+    from ..errors import UserError
 
     try:
         image = Image.fromarray(load_image(path, max_side=4 * THUMBNAIL))
@@ -207,7 +207,7 @@ def _outliers(vectors: np.ndarray, paths, labels: np.ndarray, mads: float) -> li
 
 def write_audit(folder: str | Path, findings: list[Finding], index_dir: str) -> tuple[Path, Path]:
     """``audit.csv`` and a self-contained ``audit.html`` (thumbnails inlined) in ``folder``."""
-    from .files import atomic_write
+    from ..files import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import NEW_IDENTITY_CHOICES
-from .data import Sample
+from ..config import NEW_IDENTITY_CHOICES
+from ..data import Sample
 
 _OPS = {"none": ("",), "mirror": ("", "mirror"), "rotations": ("", "rot90", "rot180", "rot270"),
         "mirror+rotations": ("", "mirror", "rot90", "rot180", "rot270")}

@@ -21,15 +21,15 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from . import NEW_WHALE
-from .checkpoint import load_model
-from .config import TrainConfig
-from .data import QuerySplit, Sample, validation_split, whale_split
-from .errors import UserError
-from .files import atomic_write
+from .. import NEW_WHALE
+from ..config import TrainConfig
+from ..data import QuerySplit, Sample, validation_split, whale_split
+from ..errors import UserError
+from ..files import atomic_write
+from ..metrics import calibrate_threshold, map_at_k
+from ..models.checkpoint import load_model
+from ..models.model import preprocessing_for, zero_shot_model
 from .evaluate import rank_queries, score
-from .metrics import calibrate_threshold, map_at_k
-from .model import preprocessing_for, zero_shot_model
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
     split = whale_split(samples, seed)
     run_config = replace(config, out=str(Path(config.out) / f"seed{seed}"), seed=seed)
     checkpoint = train(run_config, split.gallery)
-    from .distributed import setup
+    from ..distributed import setup
     if not setup(config.device).is_main:
         return None
     if data_root is not None:

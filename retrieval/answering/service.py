@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from . import NEW_WHALE
-from .errors import UserError
+from .. import NEW_WHALE
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,8 @@ class GalleryService:
 
     def explain(self, data: bytes, image: str, name: str = "upload") -> tuple[bytes, bytes]:
         """PNG heat-maps (query, gallery image ``image``): where each found the other
-        (``retrieval.heatmap``). Loads the full model once, on first use."""
-        from .data import load_image
+        (``retrieval.answering.heatmap``). Loads the full model once, on first use."""
+        from ..data import load_image
         from .heatmap import explain_pair, overlay_png
 
         query = decode_upload(data, name)
@@ -373,7 +373,7 @@ class GalleryService:
     def _store_upload(self, data: bytes) -> Path:
         """``uploads/<sha256><ext>``, written whole (temp file, flush, rename) before the index
         names it; the same bytes always give the same path."""
-        from .files import atomic_write
+        from ..files import atomic_write
 
         path = self.index_dir / UPLOADS_DIR / (hashlib.sha256(data).hexdigest()[:40] + _extension(data))
         if not (path.is_file() and path.stat().st_size == len(data)):
@@ -383,7 +383,7 @@ class GalleryService:
 
 def decode_upload(data: bytes, name: str = "upload") -> np.ndarray:
     """An uploaded image as RGB uint8, with the loader's size guard and one-line errors."""
-    from .data import load_image
+    from ..data import load_image
 
     if len(data) > MAX_UPLOAD_BYTES:
         raise TooLarge(f"{name} is {len(data) / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES // 2**20} MB "
@@ -395,7 +395,7 @@ def decode_upload(data: bytes, name: str = "upload") -> np.ndarray:
 
 def check_identity_name(identity: str) -> str:
     """A usable identity label (the same rule as a gallery's folder names or CSV ids)."""
-    from .data import identity_problem, suggested_identity
+    from ..data import identity_problem, suggested_identity
 
     identity = (identity or "").strip()
     if not identity:

@@ -10,10 +10,10 @@ import torch
 
 from index import GalleryIndex, IdentityRanking
 
-from .data import Sample
-from .embed import embed_images
-from .metrics import calibrate_threshold, insert_new_whale, map_at_k
-from .model import EmbeddingModel, Preprocessing, blend
+from ..data import Sample
+from ..metrics import calibrate_threshold, insert_new_whale, map_at_k
+from ..models.embed import embed_images
+from ..models.model import EmbeddingModel, Preprocessing, blend
 
 
 @dataclass

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ ESCAPE = "'"  # spreadsheets show a cell starting with it as text, without the q
 
 def submission_rows(answers: Sequence) -> list[tuple[str, str]]:
     """(file name, "id1 id2 ...") per answer (``QueryAnswer``), sorted by file name."""
-    from .data import check_identities
+    from ..data import check_identities
 
     check_identities((label for a in answers for label in a.labels[:KAGGLE_LABELS]), "the index",
                      "rename it in the gallery and rebuild the index with build_index.py")
@@ -57,7 +57,7 @@ def _unescape(name: str) -> str:
 
 def write_submission(path: str | Path, answers: Sequence) -> int:
     """Write the file atomically; returns the number of rows."""
-    from .files import atomic_write
+    from ..files import atomic_write
 
     rows = submission_rows(answers)
     buffer = io.StringIO()
@@ -89,7 +89,7 @@ def score_submission(submission: str | Path, truth: str | Path) -> float:
 def evaluate_submission(submission: str | Path, truth: str | Path):
     """Every metric (``metrics.evaluate_answers``, as ``query.py --truth`` prints them) of a
     submission file against a truth file."""
-    from .metrics import evaluate_answers
+    from ..metrics import evaluate_answers
 
     answers = read_labels_csv(submission, "submission")
     truths = read_labels_csv(truth, "truth file")
@@ -103,10 +103,10 @@ def evaluate_submission(submission: str | Path, truth: str | Path):
 
 
 def _main() -> None:
-    """``python -m retrieval.submission SUBMISSION TRUTH``: print MAP@5 and the other metrics."""
+    """``python -m retrieval.answering.submission SUBMISSION TRUTH``: print MAP@5 and the other metrics."""
     import argparse
 
-    from .metrics import format_evaluation
+    from ..metrics import format_evaluation
 
     parser = argparse.ArgumentParser(description="Score a Kaggle whale submission (MAP@5, top-1 / "
                                                  "top-5 accuracy, macro-F1, per identity).")
@@ -120,6 +120,6 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    from .errors import run_cli
+    from ..errors import run_cli
 
     run_cli(_main)

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import UserError
-from .files import atomic_write
+from ..errors import UserError
+from ..files import atomic_write
 
 FORMAT = "whale-retrieval-checkpoint/1"
 PLAIN_TYPES = (str, int, float, bool, type(None))
