@@ -57,6 +57,11 @@ DEFAULT_COLLECTION = "whale_gallery"
 MILVUS_TYPES = {"flat": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
 BUILD_PARAMS = {"ivf": {"nlist": "nlist"}, "hnsw": {"M": "M", "efConstruction": "efConstruction"}}
 SEARCH_PARAMS = {"ivf": {"nprobe": "nprobe"}, "hnsw": {"efSearch": "ef"}}
+# Milvus builds an index per sealed segment, not one over the collection: IVF's cells are sized
+# for a segment. milvus-lite compacts to at most 100k rows (its MAX_SEGMENT_ROWS) and flushes
+# files of 128 MiB (~62k rows at 512-d); a server's default 1 GiB segment holds ~500k such rows, so
+# this errs on the side of fewer cells there, which tuning then compensates with nprobe.
+SEGMENT_ROWS = 100_000
 OPEN_ATTEMPTS_S = 10.0  # how long to wait for a milvus-lite file another process holds
 
 
@@ -252,14 +257,16 @@ def upsert(client, collection: str, vectors: np.ndarray, paths: Sequence[str],
 
 def resolve(requested: str, n_vectors: int, dim: int) -> IndexSpec:
     """The index kind for the collection: ``auto`` is exact below ``types.FLAT_MAX`` vectors and
-    HNSW above (Milvus's own IVF_PQ is a server-side option this backend does not offer)."""
+    HNSW above (Milvus's own IVF_PQ is a server-side option this backend does not offer). Build
+    parameters are those of one segment (``SEGMENT_ROWS``): at 1M rows, FAISS's 4,000 cells
+    would leave ~15 training points per cell in each 62k-row file milvus-lite indexes."""
     from . import types
 
     kind = ("flat" if n_vectors < types.FLAT_MAX else "hnsw") if requested == "auto" else requested
     if kind not in MILVUS_TYPES:
         raise InvalidGallery(f"the Milvus backend offers index types {', '.join(MILVUS_TYPES)} and "
                              f"auto, not {requested}: pick one of those with --index-type")
-    spec = types.resolve(kind, n_vectors, dim, gpus=0)
+    spec = types.resolve(kind, min(n_vectors, SEGMENT_ROWS), dim, gpus=0)
     return IndexSpec(spec.kind, spec.params, requested)
 
 

@@ -234,3 +234,14 @@ def test_an_ivf_collection_is_tuned_to_the_target_recall_like_faiss(tmp_path):
     faiss_index = GalleryIndex(vectors, labels, "ivf")
     faiss_found = tuning.tune(faiss_index.cpu_index, faiss_index.spec, vectors, labels, 0.9)
     assert abs(np.log2(faiss_found.value) - np.log2(found.value)) <= 1
+
+
+def test_ivf_cells_are_sized_for_a_segment_not_the_collection():
+    """Milvus trains IVF per segment (milvus-lite: files of ~62k rows at 512-d): cells sized for
+    1M rows would get ~15 training points each, below k-means' 39."""
+    from index import types
+
+    assert milvus.resolve("ivf", 1_000_000, 512).params == types.resolve("ivf", milvus.SEGMENT_ROWS, 512).params
+    flushed_rows = 128 * 2 ** 20 // (512 * 4 + 64)  # one 128 MiB file of 512-d rows
+    assert milvus.resolve("ivf", 1_000_000, 512).params["nlist"] * types.MIN_POINTS_PER_CELL <= flushed_rows
+    assert milvus.resolve("ivf", 5_000, 512).params == types.resolve("ivf", 5_000, 512).params
