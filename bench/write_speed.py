@@ -77,7 +77,7 @@ def bench_write(args) -> dict:
             del target
             gallery = np.load(folder / "gallery.npy", mmap_mode="r")[:len(labels)]
             paths = [f"/gallery/{i:09d}.jpg" for i in range(len(labels), 0, -1)]  # all rows move
-            exact_scores, exact_rows = tuning._exact(queries, gallery, 5 * 4)
+            _, exact_rows = tuning.exact_blocked(queries, gallery, 5 * 4)
             exact = [list(dict.fromkeys(labels[r]))[:5] for r in exact_rows]
             rows = {}
             for kind in args.write_types:

@@ -40,7 +40,8 @@ class GalleryRows:
 
     @classmethod
     def of(cls, vectors: "np.ndarray | GalleryRows") -> "GalleryRows":
-        return vectors if isinstance(vectors, GalleryRows) else cls([vectors])
+        """``vectors`` as rows: itself if it already is, else one part (any array-like)."""
+        return vectors if isinstance(vectors, GalleryRows) else cls([np.asarray(vectors)])
 
     def __len__(self) -> int:
         return int(self._starts[-1])

@@ -290,7 +290,7 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
     ``attachments`` ({name in ATTACHMENTS: file}) are copied into the new data folder with it.
     A caller editing an existing index (read, change, write) holds ``writer_lock`` around it.
     """
-    source = GalleryRows.of(vectors if isinstance(vectors, GalleryRows) else np.asarray(vectors))
+    source = GalleryRows.of(vectors)
     if not len(source) == len(paths) == len(identities):
         raise ValueError(f"{len(paths)} paths, {len(identities)} identities, vectors {source.shape}")
     if len(source) == 0:

@@ -99,7 +99,7 @@ def exact_answers(vectors: np.ndarray, identities: np.ndarray, rows: np.ndarray,
                   wanted: int) -> list[list[str]]:
     """Exact search's top-``K`` identities for the gallery rows ``rows``, own image left out
     (``wanted``: neighbours needed to see ``K`` identities besides the own image)."""
-    scores, found = _exact(np.ascontiguousarray(vectors[rows]), vectors, wanted)
+    scores, found = exact_blocked(np.ascontiguousarray(vectors[rows]), vectors, wanted)
     return _identities(scores, found, rows, np.asarray(identities, dtype=object))
 
 
@@ -139,7 +139,7 @@ def _set(index: faiss.Index, spec: IndexSpec, param: str, value: int) -> None:
         index.hnsw.efSearch = int(value)
 
 
-def _exact(queries: np.ndarray, vectors: np.ndarray, n: int, block: int = 65_536):
+def exact_blocked(queries: np.ndarray, vectors: np.ndarray, n: int, block: int = 65_536):
     """Exact top-``n`` inner products: ``search.exact_top`` on the gallery block by block (500
     queries against a whole 1M gallery would be a 2 GB matrix), the blocks' bests merged."""
     starts = range(0, len(vectors), block)
