@@ -483,7 +483,8 @@ def bench_scale(args) -> dict:
         rows[f"GalleryIndex {kind}"]["params"] = resolve(kind, len(gallery), args.dim).params
         # what build_index.py ships: the search parameter tuned to the default target recall
         t = time.perf_counter()
-        tuned = tuning.tune(built.cpu_index, built.spec, gallery, labels, search=built.neighbours)
+        tuned = tuning.tune(built.cpu_index, built.spec, gallery, labels, search=built.neighbours,
+                            set_rerank=lambda factor, b=built: setattr(b, "rerank_factor", factor))
         tune_s = time.perf_counter() - t
         if tuned is not None:
             name = f"GalleryIndex {kind}, tuned to {tuning.DEFAULT_TARGET}"
@@ -492,7 +493,7 @@ def bench_scale(args) -> dict:
                 lambda ix, q: ix.search(q, 5), lambda r: r.identities)
             rows[name].update(build_s=None, tune_s=round(tune_s, 1),
                               params={**rows[f"GalleryIndex {kind}"]["params"],
-                                      tuned.param: tuned.value},
+                                      tuned.param: tuned.value, **tuned.extra},
                               tuning_recall=round(tuned.recall, 4))
             types.apply_search_params(built.cpu_index, resolve(kind, len(gallery), args.dim))
         for nprobe in args.scale_nprobe if kind == "ivf" else []:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # An ivfpq index's similarities are estimates from compressed codes: it is asked for this many
 # times the neighbours needed, and those are re-scored exactly from the raw vectors (memory-mapped
 # when loaded from disk, so only the candidates' rows are read) before the fold into identities.
+# The default; tuning raises it (the index's ``rerank`` parameter) where codes shortlist poorly.
 RERANK_FACTOR = 4
 
 # Below this many queries an exact CPU search is a NumPy matrix product instead of FAISS's: FAISS
@@ -81,6 +82,7 @@ class GalleryIndex:
                 raw_vectors: np.ndarray | None = None) -> None:
         self.spec = spec
         self._rerank_rows = raw_vectors if spec.kind == "ivfpq" else None
+        self.rerank_factor = int(spec.params.get("rerank", RERANK_FACTOR))
         self.identities = np.asarray(identities, dtype=object)
         self.dim = int(cpu_index.d)
         types.apply_search_params(cpu_index, spec)
@@ -118,7 +120,7 @@ class GalleryIndex:
     def neighbours(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's ``search``: the ``n`` nearest gallery rows and their similarities, re-scored
         exactly where the index holds compressed codes and the raw vectors are at hand."""
-        wanted = min(len(self), n * RERANK_FACTOR) if self._rerank_rows is not None else n
+        wanted = min(len(self), n * self.rerank_factor) if self._rerank_rows is not None else n
         index = self._index_for(wanted)
         types.prepare_search(index, self.spec, wanted)
         similarities, rows = index.search(queries, wanted)

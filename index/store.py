@@ -342,7 +342,8 @@ def _tuned(gallery: GalleryIndex, vectors: np.ndarray, identities: list[str],
     spec = gallery.spec
     target = tuning.DEFAULT_TARGET if target is None else float(target)
     found = tuning.tune(gallery.cpu_index, spec, vectors, np.asarray(identities, dtype=object),
-                        target, search=gallery.neighbours)
+                        target, search=gallery.neighbours,
+                        set_rerank=lambda factor: setattr(gallery, "rerank_factor", factor))
     return tuning.tuned_spec(spec, found, target, len(vectors))
 
 

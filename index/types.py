@@ -10,9 +10,9 @@ were taken, are in bench/README.md):
 * ``ivf`` (IndexIVFFlat): k-means cells, a query scans ``nprobe`` of them; fast to build, GPU-able.
 * ``ivfpq`` (IndexIVFPQ): cells plus product-quantised codes (64 B per 512-d vector instead of
   2 KB), for galleries that do not fit in memory. The codes only shortlist: ``GalleryIndex``
-  re-scores ``search.RERANK_FACTOR`` times the neighbours it needs exactly from the raw vectors,
-  memory-mapped from ``vectors.npy`` (only the candidates' rows are read), so similarities and the
-  ``new_whale`` threshold stay exact.
+  re-scores ``rerank`` (tuned; default ``search.RERANK_FACTOR``) times the neighbours it needs
+  exactly from the raw vectors, memory-mapped from ``vectors.npy`` (only the candidates' rows are
+  read), so similarities and the ``new_whale`` threshold stay exact.
 * ``auto``: flat below ``FLAT_MAX`` vectors (``FLAT_MAX_GPU`` with GPUs), then ivf up to
   ``GRAPH_MAX``, ivfpq above. What was measured (bench/README.md, "Index cost growth", 1M x 512
   synthetic vectors, one CPU thread): exact flat answers one query in 86 ms; hnsw with its fixed

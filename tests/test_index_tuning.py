@@ -95,3 +95,23 @@ def test_a_target_that_cannot_be_met_is_said_at_build_time(gallery, tmp_path, ca
     entry = read_manifest(tmp_path / "pq").index
     assert entry["recall"] < 1.0  # product-quantised scores are estimates: never exact
     assert "cannot reach the target recall 1.00" in caplog.text
+
+
+def test_ivfpq_lengthens_its_shortlist_where_codes_shortlist_poorly(tmp_path):
+    """On isotropic 64-d vectors with 8-byte codes, the default x4 shortlist misses the target even
+    scanning every cell; tuning then keeps the shortest longer shortlist that meets it, and the
+    loaded index searches with it."""
+    from index import GalleryIndex
+    from index.synthetic import clustered_float32
+
+    vectors, labels, _, _ = clustered_float32(20_000, 64, 10, spread=0.35)
+    short = GalleryIndex(vectors, labels, "ivfpq")
+    default_only = tuning.tune(short.cpu_index, short.spec, vectors, labels, search=short.neighbours)
+    assert not default_only.reached  # x4 alone: the premise of this test
+    paths = [f"/g/{i:06d}.png" for i in range(len(vectors))]
+    save_index(tmp_path / "pq", vectors, paths, list(labels), model=MODEL, tta="none",
+               threshold=None, index_type="ivfpq")
+    entry = read_manifest(tmp_path / "pq").index
+    assert entry["params"]["rerank"] in tuning.RERANK_FACTORS[1:]
+    assert entry["recall"] >= tuning.DEFAULT_TARGET
+    assert load_index(tmp_path / "pq").gallery.rerank_factor == entry["params"]["rerank"]
