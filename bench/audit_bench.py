@@ -122,6 +122,7 @@ def _scores(findings, ranked, swapped: set[str], duplicates: list[tuple[str, str
     top_pairs = pairs[:len(injected_pairs)]
     return {"swapped_images": len(swapped), "duplicates": len(duplicates),
             "swaps_found": len(set(mislabel) & swapped),
+            "duplicates_found": len(set(top_pairs) & injected_pairs),
             "swaps_found_in_top": round(len(set(mislabel) & swapped) / max(1, len(swapped)), 3),
             "duplicates_found_in_top": round(len(set(top_pairs) & injected_pairs)
                                              / max(1, len(injected_pairs)), 3),
@@ -142,7 +143,7 @@ def _cross_fit(name: str, args, samples: list, n_identities: int) -> list[dict]:
     import time
 
     from bench.common import suite_config
-    from retrieval.data import Sample
+    from retrieval.data import read_gallery
     from retrieval.training.train import train
 
     names = sorted({s.identity for s in samples})
@@ -157,13 +158,12 @@ def _cross_fit(name: str, args, samples: list, n_identities: int) -> list[dict]:
             folds.append((folder, *_inject(mine, folder, args.swap, args.duplicate,
                                            args.seed + fold)))
         for model_kind in ("zero-shot", "cross-fit"):
-            found = {"swaps": 0, "swapped": 0, "dup_hits": 0.0, "dups": 0, "train_s": 0.0}
+            found = {"swaps": 0, "swapped": 0, "dup_hits": 0, "dups": 0, "train_s": 0.0}
             for fold, (folder, csv, swapped, duplicates) in enumerate(folds):
                 model = None
                 if model_kind == "cross-fit":
                     _, other_csv, _, _ = folds[1 - fold]
-                    other = [Sample(Path(p), i) for p, i in
-                             (line.split(",", 1) for line in other_csv.read_text().splitlines()[1:])]
+                    other = read_gallery("/", other_csv, allow_outside=True)
                     config = suite_config(argparse.Namespace(
                         image_size=args.image_size, epochs=args.epochs, refit=False, workers=0),
                         "arcface", args.seed, folder / "model")
@@ -175,7 +175,7 @@ def _cross_fit(name: str, args, samples: list, n_identities: int) -> list[dict]:
                 score = _scores(findings, ranked, swapped, duplicates)
                 found["swaps"] += score["swaps_found"]
                 found["swapped"] += len(swapped)
-                found["dup_hits"] += score["duplicates_found_in_top"] * len(duplicates)
+                found["dup_hits"] += score["duplicates_found"]
                 found["dups"] += len(duplicates)
             results.append({"data": name, "model": f"{model_kind}, two folds",
                             "images": len(samples), "identities": n_identities,

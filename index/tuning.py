@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import faiss
 import numpy as np
@@ -77,7 +77,7 @@ def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: n
         for factor in RERANK_FACTORS:
             set_rerank(factor)
             best = choose(spec, param, candidates(spec), answers, exact, target)
-            best = Tuning(**{**best.__dict__, "extra": {"rerank": factor}})
+            best = replace(best, extra={"rerank": factor})
             if best.reached:
                 break
     _set(index, spec, param, best.value)

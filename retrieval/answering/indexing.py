@@ -26,9 +26,6 @@ import numpy as np
 
 from index.errors import GalleryIndexError
 
-if TYPE_CHECKING:
-    from index.rows import GalleryRows
-
 from ..data import Sample
 from ..errors import UserError, as_user_error
 from .encoder import (
@@ -38,6 +35,9 @@ from .encoder import (
     default_workers,
     load_encoder,
 )
+
+if TYPE_CHECKING:
+    from index.rows import GalleryRows
 
 log = logging.getLogger(__name__)
 
