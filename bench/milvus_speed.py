@@ -5,6 +5,9 @@ for that size; for Milvus also tuned to the default target recall, as build_inde
 batched queries/s and one-query latency through the product's search (``MilvusGallery.search`` /
 ``GalleryIndex.search``, k = 5 identities), recall@5 of the true identity, and the overlap of the
 top-5 identities with exact FAISS search.
+
+Each row is stored in ``results`` and ``saved()`` is called as soon as it is measured: at 1M a
+Milvus type takes an hour or more here, and a run stopped part-way keeps what it measured.
 """
 from __future__ import annotations
 
@@ -13,28 +16,33 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 SINGLE_QUERIES = 20
 
 
-def bench_milvus(args) -> dict:
+def bench_milvus(args, results: dict | None = None, saved: Callable[[], None] = lambda: None) -> dict:
     from index import GalleryIndex, milvus, tuning
     from index.synthetic import clustered_float32
 
-    results = {}
+    results = {} if results is None else results
+    faiss_types = args.milvus_types if args.milvus_faiss_types is None else args.milvus_faiss_types
     for n in args.milvus_sizes:
         gallery, labels, queries, truth = clustered_float32(n, args.dim, args.milvus_queries)
         paths = [f"/gallery/{i:08d}.jpg" for i in range(len(gallery))]
         exact = GalleryIndex(gallery, labels).search(queries, 5).identities
         rows = {}
-        for kind in args.milvus_types:
+        results[str(n)] = {"gallery": len(gallery), "dim": args.dim, "queries": len(queries),
+                           "rows": rows}
+        for kind in faiss_types:
             started = time.perf_counter()
             index = GalleryIndex(gallery, labels, kind)
             rows[f"faiss {kind}"] = _searched(index, time.perf_counter() - started, queries, truth,
                                               exact, index.spec.params)
             del index
+            saved()
         folder = Path(tempfile.mkdtemp(prefix="bench-milvus-"))
         try:
             client = milvus.connect(str(folder / "bench.db"))
@@ -52,6 +60,7 @@ def bench_milvus(args) -> dict:
                                                         spec.params)
                 rows[f"milvus-lite {kind}"]["settle_s"] = round(time.perf_counter() - started
                                                                     - write_s, 2)
+                saved()
                 started = time.perf_counter()
                 tuned = index.tune(gallery, paths, list(labels), tuning.DEFAULT_TARGET)
                 if tuned is not None:  # what build_index.py --backend milvus ships
@@ -60,12 +69,11 @@ def bench_milvus(args) -> dict:
                     rows[f"milvus-lite {kind}, tuned"].update(
                         build_s=None, tune_s=round(time.perf_counter() - started, 1),
                         tuning_recall=round(tuned.recall, 4))
+                    saved()
                 client.drop_collection(name)
             client.close()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        results[str(n)] = {"gallery": len(gallery), "dim": args.dim, "queries": len(queries),
-                           "rows": rows}
         logging.getLogger(__name__).info("milvus part: %d vectors done", n)
     return results
 

@@ -90,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gallery sizes for the milvus part (1000000: about an hour of upserts here)")
     p.add_argument("--milvus-types", nargs="+", default=["flat", "ivf", "hnsw"],
                    choices=["flat", "ivf", "hnsw"], help="index types for the milvus part")
+    p.add_argument("--milvus-faiss-types", nargs="*", default=None, choices=["flat", "ivf", "hnsw"],
+                   help="FAISS types measured beside Milvus on the same gallery (default: the "
+                        "--milvus-types; give none to skip FAISS, e.g. where the scale part has them)")
     p.add_argument("--milvus-queries", type=int, default=1000, help="queries for the milvus part")
     p.add_argument("--write-sizes", type=int, nargs="+", default=[100_000],
                    help="gallery sizes for the write part (memory-mapped, on disk in /tmp)")
@@ -636,7 +639,8 @@ def run(args) -> dict:
     if "milvus" in args.parts:
         from .milvus_speed import bench_milvus
 
-        results["milvus"] = bench_milvus(args)
+        results["milvus"] = {}
+        bench_milvus(args, results["milvus"], save)
         for size, block in results["milvus"].items():
             tables.append(format_table(
                 ["milvus part: backend, type", "build / write s", "batch q/s", "1-query ms",

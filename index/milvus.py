@@ -25,10 +25,12 @@ consistency, so a query sees every write acknowledged before it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -63,6 +65,10 @@ SEARCH_PARAMS = {"ivf": {"nprobe": "nprobe"}, "hnsw": {"efSearch": "ef"}}
 # this errs on the side of fewer cells there, which tuning then compensates with nprobe.
 SEGMENT_ROWS = 100_000
 OPEN_ATTEMPTS_S = 10.0  # how long to wait for a milvus-lite file another process holds
+SETTLE_POLL_S = 2.0  # how often settle() looks at the index build
+# milvus-lite serves a file through a local gRPC address: the client forgets the file, so
+# connect() remembers it for settle() (which reads the database folder to see its index build)
+_LITE_FILES: "weakref.WeakKeyDictionary[Any, Path]" = weakref.WeakKeyDictionary()
 
 
 def image_key(path: str) -> str:
@@ -110,7 +116,10 @@ def connect(uri: str):
     deadline = time.monotonic() + (OPEN_ATTEMPTS_S if is_local(uri) else 0)
     while True:
         try:
-            return MilvusClient(uri=uri, **kwargs)
+            client = MilvusClient(uri=uri, **kwargs)
+            if is_local(uri):
+                _LITE_FILES[client] = Path(uri)
+            return client
         except Exception as err:  # pymilvus raises several types for an unreachable server
             if time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -321,24 +330,69 @@ def iterate_rows(client, collection: str, fields: Sequence[str] = (PATH, IDENTIT
 
 # ----------------------------------------------------------------------------- searching
 
-def settle(client, collection: str, timeout_s: float = 600.0) -> None:
-    """Return once searches go through the collection's index. Milvus builds a sealed segment's
-    index in the background and answers from the raw vectors (exactly) until then, so tuning
-    would otherwise measure exact search. A server reports the rows still waiting
-    (``pending_index_rows``); milvus-lite reports its index finished early, but builds every
-    segment's index synchronously when the collection is loaded again (retried while a background
-    write of an index file is still under way)."""
+def settle(client, collection: str, timeout_s: float = 6 * 3600.0) -> None:
+    """Return once searches go through the collection's index, so tuning does not measure exact
+    search. Milvus indexes each sealed segment in the background and answers from its raw vectors
+    (exactly) until then. A server reports the rows still waiting (``pending_index_rows``).
+    milvus-lite reports its index finished at once; its background worker writes one index file
+    per data file, so we wait until every data file of the collection has one (twice in a row, as
+    a compaction may still merge indexed files into a new one). A collection that is not loaded is
+    loaded: that builds the missing indexes inside the call. Never released and reloaded: at 1M
+    rows a reload rebuilds every segment's index in one call that outlives the connection."""
+    from pymilvus.client.types import LoadState
+
+    if client.get_load_state(collection).get("state") != LoadState.Loaded:
+        _load(client, collection)
+        return
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    settled_polls = 0
+    while settled_polls < 2:
+        pending = _pending_index(client, collection)
+        if pending is None:  # a milvus-lite whose folder we cannot read: the old, slow way
+            client.release_collection(collection)
+            _load(client, collection)
+            return
+        settled_polls = settled_polls + 1 if pending == 0 else 0
+        if settled_polls < 2:
+            if time.monotonic() > deadline:
+                log.warning("Milvus collection %r is still building its index after %.0f s "
+                            "(%d waiting); searching what is built", collection, timeout_s, pending)
+                return
+            time.sleep(SETTLE_POLL_S)
+
+
+def _pending_index(client, collection: str) -> int | None:
+    """Rows (a server) or data files (milvus-lite) not indexed yet; None where it cannot tell."""
+    lite = _LITE_FILES.get(client)
+    if lite is None:
         described = client.describe_index(collection, VECTOR) or {}
-        if int(described.get("pending_index_rows", 0) or 0) == 0:
-            break
-        time.sleep(1.0)
-    else:
-        log.warning("Milvus collection %r is still building its index after %.0f s", collection,
-                    timeout_s)
+        return int(described.get("pending_index_rows", 0) or 0)
+    return unindexed_lite_files(lite, collection)
+
+
+def unindexed_lite_files(database: Path, collection: str) -> int | None:
+    """How many of a milvus-lite collection's data files lack their vector index file (milvus-lite
+    3.x layout: ``collections/NAME/manifest.json`` lists ``data/*.parquet`` per partition, and
+    ``indexes/STEM.vector.TYPE.idx`` sits beside them); None where the layout is not that."""
+    folder = Path(database) / "collections" / collection
+    try:
+        partitions = json.loads((folder / "manifest.json").read_text())["partitions"]
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, KeyError, TypeError):  # caught mid-write: look again
+        return 1
+    missing = 0
+    for name, files in partitions.items():
+        indexes = folder / "partitions" / name / "indexes"
+        for data_file in files.get("data_files", []):
+            stem = Path(data_file).stem
+            if not any(indexes.glob(f"{stem}.{VECTOR}.*.idx")):
+                missing += 1
+    return missing
+
+
+def _load(client, collection: str) -> None:
     for attempt in range(10):
-        client.release_collection(collection)
         try:
             client.load_collection(collection)
             return

@@ -227,6 +227,7 @@ def test_an_ivf_collection_is_tuned_to_the_target_recall_like_faiss(tmp_path):
     milvus.create_collection(client, "t", 32, spec, "fp")
     milvus.upsert(client, "t", vectors, paths, list(labels))
     milvus.settle(client, "t")
+    assert milvus.unindexed_lite_files(tmp_path / "t.db", "t") == 0  # milvus-lite's layout read
     gallery = milvus.MilvusGallery(client, "t", 32, len(set(labels)), len(vectors), spec)
     found = gallery.tune(vectors, paths, list(labels), 0.9)
     assert found.reached and found.recall >= 0.9 and found.value < spec.params["nlist"]
@@ -234,6 +235,20 @@ def test_an_ivf_collection_is_tuned_to_the_target_recall_like_faiss(tmp_path):
     faiss_index = GalleryIndex(vectors, labels, "ivf")
     faiss_found = tuning.tune(faiss_index.cpu_index, faiss_index.spec, vectors, labels, 0.9)
     assert abs(np.log2(faiss_found.value) - np.log2(found.value)) <= 1
+
+
+def test_settle_counts_the_data_files_still_without_an_index_file(tmp_path):
+    folder = tmp_path / "db" / "collections" / "c"
+    assert milvus.unindexed_lite_files(tmp_path / "db", "c") is None  # no such layout: unknown
+    (folder / "partitions" / "_default" / "indexes").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"partitions": {"_default": {"data_files": [
+        "data/data_000001_000100.parquet", "data/data_000101_000200.parquet"]}}}))
+    assert milvus.unindexed_lite_files(tmp_path / "db", "c") == 2
+    (folder / "partitions" / "_default" / "indexes" / "data_000001_000100.vector.ivf_flat.idx").touch()
+    (folder / "partitions" / "_default" / "indexes" / "data_000101_000200.path.inverted.sidx").touch()
+    assert milvus.unindexed_lite_files(tmp_path / "db", "c") == 1
+    (folder / "manifest.json").write_text('{"partitions": {"_def')  # caught mid-write
+    assert milvus.unindexed_lite_files(tmp_path / "db", "c") == 1
 
 
 def test_ivf_cells_are_sized_for_a_segment_not_the_collection():
