@@ -54,6 +54,9 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 256  # 128 lost ~7% recall@5 on 100k x 512 synthetic data
 MIN_POINTS_PER_CELL = 39  # FAISS's k-means wants at least 39 training points per centroid
 TRAIN_POINTS_PER_CELL = 64  # k-means sample per cell (FAISS default 256): 4x faster at 1M vectors
+# from this many cells the coarse k-means runs in two levels (sqrt(nlist) groups, then cells within
+# each): 12x faster at 200k x 512 (1,788 cells: 14 s vs 180 s), same tuned nprobe and recall
+TWO_LEVEL_MIN_CELLS = 1024
 PQ_MIN_VECTORS = 1000  # below this PQ cannot train even 4-bit codes well (and is pointless)
 ADD_CHUNK = 65_536  # vectors added to a FAISS index at a time
 GPU_MAX_K = 2048  # FAISS GPU indexes answer at most this many neighbours per query
@@ -147,11 +150,32 @@ def build(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
         # cell (its default 256 means every vector at 1M x 4000 cells); recall measured in bench/
         faiss.extract_index_ivf(index).cp.max_points_per_centroid = TRAIN_POINTS_PER_CELL
     if not index.is_trained:
-        index.train(training_sample(vectors, spec))
+        sample = training_sample(vectors, spec)
+        if spec.kind in ("ivf", "ivfpq") and p["nlist"] >= TWO_LEVEL_MIN_CELLS:
+            _train_cells_in_two_levels(index, sample, p["nlist"])
+        index.train(sample)  # PQ codebooks; the cells are trained already where trained above
     for start in range(0, len(vectors), ADD_CHUNK):  # a memory-mapped gallery stays on disk
         index.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
     apply_search_params(index, spec)
     return index
+
+
+def _train_cells_in_two_levels(index: faiss.Index, sample: np.ndarray, nlist: int) -> None:
+    """The coarse centroids by FAISS's two-level k-means: sqrt(nlist) groups, then each group's
+    share of the cells from its own points. One k-means over all cells costs samples x cells per
+    iteration (at 1M vectors, 256k x 4,000 x 512: most of a 28-minute build here); this costs
+    about 2 sqrt(nlist) times less, and ``index.train`` then skips the coarse step. A group too
+    small to get a cell of its own makes FAISS refuse; the one-level k-means then runs instead."""
+    from faiss.contrib.clustering import two_level_clustering
+
+    try:
+        centroids, _ = two_level_clustering(sample, max(2, math.isqrt(nlist)), nlist,
+                                            spherical=True, clustering_niter=10)
+    except RuntimeError as err:
+        log.info("two-level k-means refused (%s); training the %d cells in one level",
+                 str(err).splitlines()[0][:120], nlist)
+        return
+    faiss.extract_index_ivf(index).quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
 
 
 def training_sample(vectors: np.ndarray, spec: IndexSpec) -> np.ndarray:
