@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="layer-wise learning-rate decay: the backbone's last block learns at "
                             "--lr, each block below at this factor times the one above, so early, "
                             "generic features move least (default %(default)s = off)")
+    train.add_argument("--trainable-blocks", type=int, default=DEFAULTS.trainable_blocks,
+                       help="after the frozen warm-up, train only the backbone's last N blocks "
+                            "(timm's fine-grained groups; for EfficientNet the last holds the "
+                            "head convolution) and keep the rest at its ImageNet weights "
+                            "(default %(default)s = the whole backbone)")
     train.add_argument("--ema-decay", type=float, default=DEFAULTS.ema_decay,
                        help="validate and ship an exponential moving average of the weights with "
                             "this decay, e.g. 0.999 (its decay warms up over the first steps; "

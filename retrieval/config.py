@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from .errors import UserError
 
@@ -58,6 +58,9 @@ class TrainConfig:
     # (0, 1/4, 1/2, 3/4 or 1) that selection finds best on validation (WiSE-FT; one network)
     interpolate_pretrained: bool = False
     layer_decay: float = 1.0  # backbone lr x this per block below the last one (1: off)
+    # after the warm-up only the backbone's last this many blocks learn (timm's fine-grained
+    # groups; 0: the whole backbone): partial fine-tuning keeps the early ImageNet features
+    trainable_blocks: int = 0
     # ArcFace margin in degrees (28.6 deg = 0.5 rad, the paper's value); scale 30 suits small sets
     arcface_margin: float = 28.6
     arcface_scale: float = 30.0

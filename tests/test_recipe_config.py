@@ -203,3 +203,28 @@ def test_layer_decay_gives_each_backbone_block_a_geometric_rate():
     stem_rate = next(g["lr"] for g in backbone if any(p is stem for p in g["params"]))
     assert stem_rate == rates[0]
     assert {g["lr"] for name, g in groups.items() if not name.startswith("backbone")} == {2.0, 3.0}
+
+
+def test_trainable_blocks_release_only_the_last_blocks_of_the_backbone():
+    """Partial fine-tuning: after the warm-up only the last N of timm's fine-grained groups learn;
+    the earlier blocks keep their weights and BatchNorm statistics even with freeze_bn off."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(embedding_dim=8), pretrained=False)
+    model.train()
+    recipe.set_backbone_frozen(model, False, freeze_bn=False, trainable_blocks=1)
+    learning = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert "conv_head.weight" in learning and "blocks.6.0.conv_pw.weight" in learning
+    assert "conv_stem.weight" not in learning and "blocks.5.3.conv_pw.weight" not in learning
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
+    optimizer.step()
+    after = model.backbone.state_dict()
+    assert torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
+    assert torch.equal(before["blocks.0.0.bn1.running_mean"], after["blocks.0.0.bn1.running_mean"])
+    assert not torch.equal(before["conv_head.weight"], after["conv_head.weight"])
+    assert not torch.equal(before["bn2.running_mean"], after["bn2.running_mean"])  # released BN adapts
+    more = recipe.released_parameters(model.backbone, 5)
+    assert learning < more < recipe.released_parameters(model.backbone, 0)
+    assert "blocks.5.0.conv_pw.weight" in more and "blocks.4.2.conv_pw.weight" not in more
+    assert recipe.Recipe.from_config(TrainConfig(trainable_blocks=5)).trainable_blocks == 5

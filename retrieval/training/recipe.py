@@ -14,6 +14,10 @@ as a plain setup does), that is a ``Recipe`` parameter, not a copy of the code.
 * ``layer_decay`` < 1: layer-wise learning-rate decay over the backbone (timm's
   ``param_groups_layer_decay``): its last block learns at ``lr``, each block below at
   ``layer_decay`` times the one above, so generic early features move least.
+* ``trainable_blocks`` > 0: after the warm-up only the backbone's last that many blocks (timm's
+  fine-grained ``group_matcher`` groups; for EfficientNet the last one holds the head conv) learn,
+  the rest keeps its ImageNet weights: partial fine-tuning, for galleries of a few photos per
+  identity where updating every layer overwrites general features. 0: the whole backbone learns.
 * ``freeze_bn`` (default on): the backbone's BatchNorm statistics stay ImageNet's after the warm-up
   too. Re-estimating them from batches of 16 new-domain images is what made fine-tuning destroy
   the features on colour photos: even at a backbone rate of 1e-5 validation MAP@5 fell from 0.58
@@ -45,13 +49,15 @@ class Recipe:
     schedule: Literal["cosine", "constant"] = "cosine"
     freeze_bn: bool = True  # keep the backbone's BatchNorm statistics after the warm-up too
     layer_decay: float = 1.0  # backbone learning rate x this per block below the last (1: off)
+    trainable_blocks: int = 0  # after the warm-up, only the backbone's last this many blocks learn (0: all)
 
     @classmethod
     def from_config(cls, config: "TrainConfig") -> "Recipe":
         """The run config's recipe fields."""
         return cls(lr=config.lr, head_lr=config.head_lr, loss_lr=config.loss_lr,
                    weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
-                   freeze_bn=config.freeze_bn, layer_decay=config.layer_decay)
+                   freeze_bn=config.freeze_bn, layer_decay=config.layer_decay,
+                   trainable_blocks=config.trainable_blocks)
 
 
 def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None,
@@ -117,16 +123,34 @@ def backbone_frozen(epoch: int, recipe: Recipe) -> bool:
     return epoch < recipe.warmup_epochs
 
 
-def set_backbone_frozen(model: nn.Module, frozen: bool, freeze_bn: bool = False) -> None:
+def set_backbone_frozen(model: nn.Module, frozen: bool, freeze_bn: bool = False,
+                        trainable_blocks: int = 0) -> None:
     """Freeze (no gradients, BatchNorm statistics kept: eval mode) or release the backbone;
     ``freeze_bn`` keeps a released backbone's BatchNorm layers in eval mode (their ImageNet
-    statistics; their affine weights still learn). Call after ``model.train()``, which would put
+    statistics; their affine weights still learn); ``trainable_blocks`` > 0 releases only its last
+    that many blocks (the others stay as if frozen). Call after ``model.train()``, which would put
     the backbone back in training mode."""
-    for parameter in model.backbone.parameters():
-        parameter.requires_grad_(not frozen)
+    released = set() if frozen else released_parameters(model.backbone, trainable_blocks)
+    for name, parameter in model.backbone.named_parameters():
+        parameter.requires_grad_(name in released)
     if frozen:
         model.backbone.eval()
-    elif freeze_bn:
-        for module in model.backbone.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return
+    for module in model.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if freeze_bn or not any(p.requires_grad for p in module.parameters()):
                 module.eval()
+
+
+def released_parameters(backbone: nn.Module, trainable_blocks: int = 0) -> set[str]:
+    """Names of the backbone parameters that learn once it is released: all of them, or those of
+    its last ``trainable_blocks`` blocks as timm's fine-grained ``group_matcher`` numbers them (a
+    backbone without one releases all)."""
+    names = {name for name, _ in backbone.named_parameters()}
+    if trainable_blocks <= 0 or not hasattr(backbone, "group_matcher"):
+        return names
+    from timm.models import group_parameters
+
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=False))
+    last = sorted(groups)[-trainable_blocks:]
+    return {name for group in last for name in groups[group]} & names

@@ -150,7 +150,8 @@ class Trainer:
         """The (DDP-wrapped, when distributed) module; rebuilt when the frozen set changes,
         since DDP fixes the parameters it syncs at construction."""
         if self._wrapped is None or self._wrapped_frozen != frozen:
-            recipe.set_backbone_frozen(self.model, frozen)
+            recipe.set_backbone_frozen(self.model, frozen,
+                                       trainable_blocks=self.recipe.trainable_blocks)
             self.head.backbone_frozen = frozen
             self._wrapped = self.head
             if self.ctx.distributed:
@@ -164,7 +165,8 @@ class Trainer:
         frozen = recipe.backbone_frozen(self.epoch, self.recipe)
         module = self._module_for(frozen)
         self.head.train()
-        recipe.set_backbone_frozen(self.model, frozen, self.recipe.freeze_bn)  # after train()
+        recipe.set_backbone_frozen(self.model, frozen, self.recipe.freeze_bn,  # after train()
+                                   self.recipe.trainable_blocks)
         if self.ctx.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         self.loader.sampler.set_epoch(self.epoch)
