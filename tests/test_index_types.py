@@ -208,4 +208,4 @@ def test_many_cells_train_in_two_levels_as_well_as_in_one(kind, monkeypatch):
         return float(np.mean([t in set(labels[r[r >= 0]]) for r, t in zip(rows, truth)]))
 
     assert found(two_level) >= found(one_level) - 0.03
-    assert found(two_level) > 0.5  # a real task at this nprobe
+    assert found(two_level) > (0.5 if kind == "ivf" else 0.3)  # a real task (4-bit codes: rough)
