@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(timm's fine-grained groups; for EfficientNet the last holds the "
                             "head convolution) and keep the rest at its ImageNet weights "
                             "(default %(default)s = the whole backbone)")
+    train.add_argument("--partial-epochs", type=int, default=DEFAULTS.partial_epochs,
+                       help="with --trainable-blocks: train only those blocks for this many epochs "
+                            "after the warm-up, then the whole backbone (gradual unfreezing; "
+                            "validation picks the best epoch; default %(default)s = partial to the end)")
     train.add_argument("--ema-decay", type=float, default=DEFAULTS.ema_decay,
                        help="validate and ship an exponential moving average of the weights with "
                             "this decay, e.g. 0.999 (its decay warms up over the first steps; "

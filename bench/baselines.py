@@ -73,7 +73,7 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample]) -> 
         frozen = recipe.backbone_frozen(epoch, plan)
         model.train()
         classifier.train()
-        recipe.set_backbone_frozen(model, frozen, plan.freeze_bn, plan.trainable_blocks)
+        recipe.set_backbone_frozen(model, frozen, plan.freeze_bn, recipe.released_blocks(epoch, plan))
         losses = []
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)

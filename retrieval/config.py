@@ -61,6 +61,7 @@ class TrainConfig:
     # after the warm-up only the backbone's last this many blocks learn (timm's fine-grained
     # groups; 0: the whole backbone): partial fine-tuning keeps the early ImageNet features
     trainable_blocks: int = 0
+    partial_epochs: int = 0  # with trainable_blocks: epochs of partial training, then all (0: to the end)
     # ArcFace margin in degrees (28.6 deg = 0.5 rad, the paper's value); scale 30 suits small sets
     arcface_margin: float = 28.6
     arcface_scale: float = 30.0

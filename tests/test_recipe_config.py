@@ -228,3 +228,14 @@ def test_trainable_blocks_release_only_the_last_blocks_of_the_backbone():
     assert learning < more < recipe.released_parameters(model.backbone, 0)
     assert "blocks.5.0.conv_pw.weight" in more and "blocks.4.2.conv_pw.weight" not in more
     assert recipe.Recipe.from_config(TrainConfig(trainable_blocks=5)).trainable_blocks == 5
+
+
+def test_partial_epochs_release_the_whole_backbone_after_them():
+    """Gradual unfreezing: warm-up frozen, then the last blocks only for partial_epochs, then all."""
+    plan = recipe.Recipe(warmup_epochs=1, trainable_blocks=2, partial_epochs=3)
+    assert [recipe.released_blocks(e, plan) for e in range(1, 6)] == [2, 2, 2, 0, 0]
+    to_the_end = recipe.Recipe(warmup_epochs=1, trainable_blocks=2)
+    assert {recipe.released_blocks(e, to_the_end) for e in range(1, 20)} == {2}
+    assert recipe.released_blocks(3, recipe.Recipe(partial_epochs=3)) == 0  # no blocks: all
+    config = TrainConfig.from_dict({"trainable_blocks": 1, "partial_epochs": 7})
+    assert recipe.Recipe.from_config(config).partial_epochs == 7

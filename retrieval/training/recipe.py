@@ -18,6 +18,10 @@ as a plain setup does), that is a ``Recipe`` parameter, not a copy of the code.
   fine-grained ``group_matcher`` groups; for EfficientNet the last one holds the head conv) learn,
   the rest keeps its ImageNet weights: partial fine-tuning, for galleries of a few photos per
   identity where updating every layer overwrites general features. 0: the whole backbone learns.
+  With ``partial_epochs`` > 0 that lasts so many epochs after the warm-up, then the whole backbone
+  learns (gradual unfreezing): selection keeps the best epoch on validation, so a gallery whose
+  features only need their top adapted ships a partial epoch, and one that needs every layer
+  (line drawings) a later one.
 * ``freeze_bn`` (default on): the backbone's BatchNorm statistics stay ImageNet's after the warm-up
   too. Re-estimating them from batches of 16 new-domain images is what made fine-tuning destroy
   the features on colour photos: even at a backbone rate of 1e-5 validation MAP@5 fell from 0.58
@@ -50,6 +54,7 @@ class Recipe:
     freeze_bn: bool = True  # keep the backbone's BatchNorm statistics after the warm-up too
     layer_decay: float = 1.0  # backbone learning rate x this per block below the last (1: off)
     trainable_blocks: int = 0  # after the warm-up, only the backbone's last this many blocks learn (0: all)
+    partial_epochs: int = 0  # ... for this many epochs, then all of it (0: to the end)
 
     @classmethod
     def from_config(cls, config: "TrainConfig") -> "Recipe":
@@ -57,7 +62,7 @@ class Recipe:
         return cls(lr=config.lr, head_lr=config.head_lr, loss_lr=config.loss_lr,
                    weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
                    freeze_bn=config.freeze_bn, layer_decay=config.layer_decay,
-                   trainable_blocks=config.trainable_blocks)
+                   trainable_blocks=config.trainable_blocks, partial_epochs=config.partial_epochs)
 
 
 def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None,
@@ -121,6 +126,15 @@ def create_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epo
 
 def backbone_frozen(epoch: int, recipe: Recipe) -> bool:
     return epoch < recipe.warmup_epochs
+
+
+def released_blocks(epoch: int, recipe: Recipe) -> int:
+    """How many of the backbone's last blocks learn in ``epoch`` once it is released (0: all)."""
+    if recipe.trainable_blocks <= 0:
+        return 0
+    if recipe.partial_epochs > 0 and epoch >= recipe.warmup_epochs + recipe.partial_epochs:
+        return 0
+    return recipe.trainable_blocks
 
 
 def set_backbone_frozen(model: nn.Module, frozen: bool, freeze_bn: bool = False,

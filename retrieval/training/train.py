@@ -116,7 +116,7 @@ class Trainer:
         self.ema = _create_ema(self.model, config.ema_decay)
         self.epoch = 0
         self._wrapped: nn.Module | None = None
-        self._wrapped_frozen: bool | None = None
+        self._wrapped_frozen: tuple[bool, int] | None = None
 
     def _loader(self, samples: Sequence[identity_transforms.TrainItem]) -> DataLoader:
         cfg, ctx = self.config, self.ctx
@@ -146,27 +146,26 @@ class Trainer:
                           worker_init_fn=seed_worker_transform,
                           pin_memory=ctx.device.type == "cuda")
 
-    def _module_for(self, frozen: bool) -> nn.Module:
+    def _module_for(self, frozen: bool, blocks: int) -> nn.Module:
         """The (DDP-wrapped, when distributed) module; rebuilt when the frozen set changes,
         since DDP fixes the parameters it syncs at construction."""
-        if self._wrapped is None or self._wrapped_frozen != frozen:
-            recipe.set_backbone_frozen(self.model, frozen,
-                                       trainable_blocks=self.recipe.trainable_blocks)
+        if self._wrapped is None or self._wrapped_frozen != (frozen, blocks):
+            recipe.set_backbone_frozen(self.model, frozen, trainable_blocks=blocks)
             self.head.backbone_frozen = frozen
             self._wrapped = self.head
             if self.ctx.distributed:
                 ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
                 self._wrapped = DistributedDataParallel(self.head, device_ids=ids)
-            self._wrapped_frozen = frozen
+            self._wrapped_frozen = (frozen, blocks)
         return self._wrapped
 
     def train_epoch(self) -> float:
         """One pass over the data; returns the mean loss (averaged over ranks)."""
         frozen = recipe.backbone_frozen(self.epoch, self.recipe)
-        module = self._module_for(frozen)
+        blocks = recipe.released_blocks(self.epoch, self.recipe)
+        module = self._module_for(frozen, blocks)
         self.head.train()
-        recipe.set_backbone_frozen(self.model, frozen, self.recipe.freeze_bn,  # after train()
-                                   self.recipe.trainable_blocks)
+        recipe.set_backbone_frozen(self.model, frozen, self.recipe.freeze_bn, blocks)  # after train()
         if self.ctx.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         self.loader.sampler.set_epoch(self.epoch)
