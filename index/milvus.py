@@ -346,19 +346,20 @@ def settle(client, collection: str, timeout_s: float = 6 * 3600.0) -> None:
         return
     deadline = time.monotonic() + timeout_s
     settled_polls = 0
-    while settled_polls < 2:
+    while True:
         pending = _pending_index(client, collection)
         if pending is None:  # a milvus-lite whose folder we cannot read: the old, slow way
             client.release_collection(collection)
             _load(client, collection)
             return
         settled_polls = settled_polls + 1 if pending == 0 else 0
-        if settled_polls < 2:
-            if time.monotonic() > deadline:
-                log.warning("Milvus collection %r is still building its index after %.0f s "
-                            "(%d waiting); searching what is built", collection, timeout_s, pending)
-                return
-            time.sleep(SETTLE_POLL_S)
+        if settled_polls == 2:
+            return
+        if time.monotonic() > deadline:
+            log.warning("Milvus collection %r is still building its index after %.0f s "
+                        "(%d waiting); searching what is built", collection, timeout_s, pending)
+            return
+        time.sleep(SETTLE_POLL_S)
 
 
 def _pending_index(client, collection: str) -> int | None:

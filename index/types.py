@@ -9,10 +9,10 @@ were taken, are in bench/README.md):
   CPU only. Its fixed parameters lose recall on very large galleries: raise ``efSearch``.
 * ``ivf`` (IndexIVFFlat): k-means cells, a query scans ``nprobe`` of them; fast to build, GPU-able.
 * ``ivfpq`` (IndexIVFPQFastScan): cells plus 4-bit product-quantised codes scanned with SIMD
-  (64 B per 512-d vector instead of 2 KB), for galleries that do not fit in memory. The codes only shortlist: ``GalleryIndex``
-  re-scores ``rerank`` (tuned; default ``search.RERANK_FACTOR``) times the neighbours it needs
-  exactly from the raw vectors, memory-mapped from ``vectors.npy`` (only the candidates' rows are
-  read), so similarities and the ``new_whale`` threshold stay exact.
+  (64 B per 512-d vector instead of 2 KB), for galleries that do not fit in memory. The codes
+  only shortlist: ``GalleryIndex`` re-scores ``rerank`` (tuned; default ``search.RERANK_FACTOR``)
+  times the neighbours it needs exactly from the raw vectors, memory-mapped from ``vectors.npy``
+  (only the candidates' rows are read), so similarities and the ``new_whale`` threshold stay exact.
 * ``auto``: flat below ``FLAT_MAX`` vectors (``FLAT_MAX_GPU`` with GPUs), then ivf up to
   ``GRAPH_MAX``, ivfpq above. What was measured (bench/README.md, "Index cost growth", 1M x 512
   synthetic vectors, one CPU thread): exact flat answers one query in 86 ms; hnsw with its fixed
@@ -114,12 +114,12 @@ def _params(kind: str, n_vectors: int, dim: int) -> dict[str, Any]:
         nlist = _n_cells(n_vectors)
         params: dict[str, Any] = {"nlist": nlist, "nprobe": min(nlist, max(8, math.ceil(nlist / 4)))}
         if kind == "ivfpq":
-            params.update(_pq_params(n_vectors, dim))
+            params.update(_pq_params(dim))
         return params
     return {}
 
 
-def _pq_params(n_vectors: int, dim: int) -> dict[str, Any]:
+def _pq_params(dim: int) -> dict[str, Any]:
     """4-dimensional sub-vectors (or the nearest divisor of ``dim``) with 4-bit codes, scanned by
     FAISS's SIMD fast-scan kernels (``IndexIVFPQFastScan``): 64 B per 512-d vector, as the 8-bit
     codes on 8-d sub-vectors were. The codes only shortlist and the raw vectors re-rank it; at
