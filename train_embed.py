@@ -81,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="layer-wise learning-rate decay: the backbone's last block learns at "
                             "--lr, each block below at this factor times the one above, so early, "
                             "generic features move least (default %(default)s = off)")
-    train.add_argument("--trainable-blocks", type=int, default=DEFAULTS.trainable_blocks,
+    train.add_argument("--trainable-blocks", type=int, nargs="+", metavar="N",
+                       default=DEFAULTS.trainable_blocks,
                        help="after the frozen warm-up, train only the backbone's last N blocks "
                             "(timm's fine-grained groups; for EfficientNet the last holds the "
-                            "head convolution) and keep the rest at its ImageNet weights "
-                            "(default %(default)s = the whole backbone)")
+                            "head convolution) and keep the rest at its ImageNet weights; 0 = the "
+                            "whole backbone. Several values (e.g. 0 1) run selection once per "
+                            "depth and keep the one that scores best on the validation "
+                            "carve-out (default %(default)s)")
     train.add_argument("--partial-epochs", type=int, default=DEFAULTS.partial_epochs,
                        help="with --trainable-blocks: train only those blocks for this many epochs "
                             "after the warm-up, then the whole backbone (gradual unfreezing; "

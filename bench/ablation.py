@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -39,12 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``lr1e-5=lr:1e-5,freeze_bn:true`` -> ("lr1e-5", {"lr": 1e-05, "freeze_bn": True})."""
+    """``lr1e-5=lr:1e-5,freeze_bn:true`` -> ("lr1e-5", {"lr": 1e-05, "freeze_bn": True});
+    a list value keeps its commas: ``depth=trainable_blocks:[0,1]``."""
     from retrieval.config import FIELDS
 
     name, _, spec = text.partition("=")
     overrides: dict[str, Any] = {}
-    for item in filter(None, spec.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", spec)):
         field, _, raw = item.partition(":")
         if field not in FIELDS:
             raise SystemExit(f"variant {name}: unknown field {field!r} (fields: {', '.join(FIELDS)})")

@@ -59,8 +59,10 @@ class TrainConfig:
     interpolate_pretrained: bool = False
     layer_decay: float = 1.0  # backbone lr x this per block below the last one (1: off)
     # after the warm-up only the backbone's last this many blocks learn (timm's fine-grained
-    # groups; 0: the whole backbone): partial fine-tuning keeps the early ImageNet features
-    trainable_blocks: int = 0
+    # groups; 0: the whole backbone): partial fine-tuning keeps the early ImageNet features.
+    # A list (e.g. [0, 1]) runs selection once per depth and keeps the one validation scores best
+    # (the first among equals); the refit and the checkpoint then hold the chosen depth
+    trainable_blocks: int | list[int] = 0
     partial_epochs: int = 0  # with trainable_blocks: epochs of partial training, then all (0: to the end)
     # ArcFace margin in degrees (28.6 deg = 0.5 rad, the paper's value); scale 30 suits small sets
     arcface_margin: float = 28.6
@@ -78,11 +80,26 @@ class TrainConfig:
     num_workers: int = 2
     device: str | None = None
 
+    def __post_init__(self) -> None:
+        depths = self.depth_choices()  # a bad value is one line here, not a traceback later
+        if len(depths) == 1:
+            self.trainable_blocks = depths[0]  # "--trainable-blocks 1" is the number, not a choice
+
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """From a checkpoint's stored config: keys of other versions are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    def depth_choices(self) -> list[int]:
+        """The depths (``trainable_blocks``) selection tries, in the order given, no repeats."""
+        given = self.trainable_blocks
+        depths = [given] if isinstance(given, int) else list(dict.fromkeys(given))
+        if not depths or any(not isinstance(d, int) or isinstance(d, bool) or d < 0
+                             for d in depths):
+            raise UserError(f"trainable_blocks must be a whole number >= 0 or a list of them "
+                            f"(0: the whole backbone), not {given!r}")
+        return depths
 
     def loss_params(self) -> dict[str, float]:
         """Keyword arguments of ``retrieval.training.losses.create_loss``."""

@@ -239,3 +239,20 @@ def test_partial_epochs_release_the_whole_backbone_after_them():
     assert recipe.released_blocks(3, recipe.Recipe(partial_epochs=3)) == 0  # no blocks: all
     config = TrainConfig.from_dict({"trainable_blocks": 1, "partial_epochs": 7})
     assert recipe.Recipe.from_config(config).partial_epochs == 7
+
+
+def test_several_depths_are_a_choice_one_depth_is_the_number(tmp_path):
+    """``--trainable-blocks 0 1`` (flag or config file) asks selection to choose; one value is that
+    depth; a bad value is one line. A recipe is always one depth: the choice is the trainer's."""
+    args = train_embed.parse_args(["--gallery", "g", "--trainable-blocks", "0", "1"])
+    assert TrainConfig.from_dict(vars(args)).depth_choices() == [0, 1]
+    args = train_embed.parse_args(["--gallery", "g", "--trainable-blocks", "2"])
+    assert TrainConfig.from_dict(vars(args)).trainable_blocks == 2
+    path = tmp_path / "run.yaml"
+    path.write_text("trainable_blocks: [1, 0, 1]\n")
+    assert TrainConfig.from_dict(read_config_file(path)).depth_choices() == [1, 0]
+    for bad in ([], [-1], "1", [True]):
+        with pytest.raises(UserError, match="trainable_blocks must be"):
+            TrainConfig(trainable_blocks=bad)
+    with pytest.raises(ValueError, match="one recipe per depth"):
+        recipe.Recipe.from_config(TrainConfig(trainable_blocks=[0, 1]))

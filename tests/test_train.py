@@ -461,3 +461,54 @@ def test_training_from_scratch_needs_no_pretrained_weights(orl_subset, tmp_path,
     assert config.blend_pretrained
     payload = load_checkpoint(train(config, orl_subset))
     assert payload["model_config"]["pretrained_share"] == 0.0
+
+
+def test_the_depth_is_chosen_on_validation_and_each_depth_trains_as_it_would_alone(
+        orl_subset, tmp_path):
+    """``trainable_blocks: [0, 1]``: selection runs once per depth from the run's seed, the depth
+    scoring best on validation (as shipped) wins, and the refit continues that depth's own random
+    stream, so the shipped model is bit for bit the one a run with that depth alone ships."""
+    def run(name: str, depths, refit: bool) -> dict:
+        config = TrainConfig(out=str(tmp_path / name), epochs=2, trainable_blocks=depths,
+                             refit=refit, **TINY)
+        return load_checkpoint(train(config, orl_subset))
+
+    chosen = run("both", [0, 1], refit=True)
+    depth = chosen["train_config"]["trainable_blocks"]
+    assert depth in (0, 1)
+    assert sorted(p.name for p in (tmp_path / "both").glob("best*.pt")) == ["best.pt"]
+    rows = read_log(tmp_path / "both")
+    assert [(r["stage"], r["trainable_blocks"]) for r in rows] == \
+        [("select", "0")] * 2 + [("select", "1")] * 2 + [("refit", str(depth))] * len(rows[4:])
+    alone = run(f"alone{depth}", depth, refit=True)
+    assert alone["fingerprint"] == chosen["fingerprint"]
+    assert alone["metrics"]["val_map5"] == pytest.approx(chosen["metrics"]["val_map5"])
+    other = run(f"alone{1 - depth}", 1 - depth, refit=False)  # its selected model, as shipped
+    assert other["fingerprint"] != alone["fingerprint"]
+    if depth == 1:
+        assert other["metrics"]["val_map5"] < chosen["metrics"]["val_map5"]
+    else:  # the whole backbone is listed first: it also wins a tie
+        assert other["metrics"]["val_map5"] <= chosen["metrics"]["val_map5"]
+
+
+def test_a_depth_choice_resumes_in_its_second_depth(orl_subset, tmp_path, monkeypatch):
+    """Interrupted while the second depth trains: the resumed run keeps the first depth's result,
+    trains no epoch twice and still chooses between both."""
+    config = TrainConfig(out=str(tmp_path), epochs=2, trainable_blocks=[0, 1], refit=False, **TINY)
+    original = Trainer.train_epoch
+
+    def crash_in_the_second_depth(self):
+        if self.recipe.trainable_blocks == 1 and self.epoch == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_the_second_depth)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, orl_subset)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    train(config, orl_subset, resume=tmp_path / "last.pt")
+    rows = [(r["trainable_blocks"], r["epoch"]) for r in read_log(tmp_path)]
+    assert rows == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    model = load_checkpoint(tmp_path / "model.pt")
+    assert model["train_config"]["trainable_blocks"] in (0, 1)
+    assert not list(tmp_path.glob("best_blocks*.pt"))

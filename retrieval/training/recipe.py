@@ -58,11 +58,16 @@ class Recipe:
 
     @classmethod
     def from_config(cls, config: "TrainConfig") -> "Recipe":
-        """The run config's recipe fields."""
+        """The run config's recipe fields; a run that chooses its depth on validation
+        (``trainable_blocks`` a list) gets one recipe per depth (``replace`` the field first)."""
+        depths = config.depth_choices()
+        if len(depths) > 1:
+            raise ValueError(f"one recipe per depth: trainable_blocks {depths} is a choice that "
+                             "selection makes (retrieval.training.train)")
         return cls(lr=config.lr, head_lr=config.head_lr, loss_lr=config.loss_lr,
                    weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
                    freeze_bn=config.freeze_bn, layer_decay=config.layer_decay,
-                   trainable_blocks=config.trainable_blocks, partial_epochs=config.partial_epochs)
+                   trainable_blocks=depths[0], partial_epochs=config.partial_epochs)
 
 
 def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None,

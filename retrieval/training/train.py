@@ -18,7 +18,7 @@ import functools
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -73,6 +73,8 @@ class Selection:
     pretrained_share: float = 0.0  # of the untrained reference blended in (model.blend)
     weight_share: float = 0.0  # of the ImageNet weights interpolated in (model.interpolate_towards)
     shipped_map5: float = -1.0  # validation MAP@5 of the chosen model as shipped (blend, share)
+    trainable_blocks: int = 0  # the depth this selection trained (TrainConfig.trainable_blocks)
+    finished: list[dict] = field(default_factory=list)  # selections of the depths tried before
 
 
 class LossHead(nn.Module):
@@ -261,8 +263,9 @@ def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
 class EpochLog:
     """``log.csv``: one row per epoch, readable in a spreadsheet."""
 
-    COLUMNS = ["stage", "epoch", "train_loss", "val_map5", "val_map5_no_threshold", "threshold",
-               "pretrained_share", "val_map5_blended", "lr_backbone", "seconds"]
+    COLUMNS = ["stage", "trainable_blocks", "epoch", "train_loss", "val_map5",
+               "val_map5_no_threshold", "threshold", "pretrained_share", "val_map5_blended",
+               "lr_backbone", "seconds"]
 
     def __init__(self, path: Path, enabled: bool, append: bool):
         """``append`` continues the log of a resumed run; otherwise a fresh log is started."""
@@ -278,7 +281,12 @@ class EpochLog:
 
 
 def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distributed.Context,
-                   out: Path, epoch_log: EpochLog, resume: dict | None) -> Selection:
+                   out: Path, epoch_log: EpochLog, resume: dict | None,
+                   run_config: TrainConfig, finished: Sequence[Selection] = ()) -> Selection:
+    """Stage 1 for one depth (``config.trainable_blocks``, a number): train on the gallery part
+    of the validation split, keep the best epoch in ``best.pt``. ``run_config``: the run's own
+    config, which ``last.pt`` keeps so a resumed run makes the same choices; ``finished``: the
+    selections of the depths tried before this one (resumable too)."""
     split = validation_split(samples, seed=config.seed, new_fraction=config.val_new_fraction)
     if not split.queries and ctx.is_main:
         log.warning("no validation queries (every identity has one image and "
@@ -289,7 +297,8 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
                  "(%d pseudo-new)", len(split.gallery), len(identities_of(split.gallery)),
                  len(split.queries), sum(q.identity == "new_whale" for q in split.queries))
     trainer = Trainer(config, split.gallery, config.epochs, ctx)
-    selection = Selection()
+    selection = Selection(trainable_blocks=config.trainable_blocks,
+                          finished=[asdict(done) for done in finished])
     if resume is not None:
         _restore(trainer, resume)
         selection = Selection(**resume["selection"])
@@ -299,7 +308,8 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
     while trainer.epoch < config.epochs:
         started = time.time()
         loss = trainer.train_epoch()
-        row = {"stage": "select", "epoch": trainer.epoch, "train_loss": round(loss, 5),
+        row = {"stage": "select", "trainable_blocks": config.trainable_blocks,
+               "epoch": trainer.epoch, "train_loss": round(loss, 5),
                "lr_backbone": trainer.scheduler.get_last_lr()[0]}
         if ctx.is_main and not split.queries:  # nothing to validate on: keep the last epoch
             selection.best_epoch = trainer.epoch
@@ -328,11 +338,16 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
             epoch_log.write(**row)
             blend_note = (f"; blended with untrained share {row['pretrained_share']}: "
                           f"{row['val_map5_blended']}" if reference is not None else "")
-            log.info("select epoch %d/%d  loss %.4f  val MAP@5 %s (no threshold %s%s, threshold %s)"
-                     "  %.0fs", trainer.epoch, config.epochs, loss, row.get("val_map5", "-"),
+            depth_note = ("" if len(run_config.depth_choices()) == 1 else
+                          f" (last {config.trainable_blocks} blocks trainable)"
+                          if config.trainable_blocks else " (whole backbone trainable)")
+            log.info("select epoch %d/%d%s  loss %.4f  val MAP@5 %s (no threshold %s%s, threshold "
+                     "%s)  %.0fs", trainer.epoch, config.epochs, depth_note, loss,
+                     row.get("val_map5", "-"),
                      row.get("val_map5_no_threshold", "-"), blend_note, row.get("threshold", "-"),
                      row["seconds"])
             save_checkpoint(out / "last.pt", {**checkpoint_payload(trainer, None, "select", raw=True),
+                                              "train_config": asdict(run_config),
                                               "trainer": trainer.state(),
                                               "selection": asdict(selection)})
         distributed.barrier(ctx)
@@ -340,6 +355,73 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
         with torch.random.fork_rng(devices=[]):  # embedding draws seeds: keep the refit's stream
             _choose_weight_share(trainer.imagenet_backbone, split, selection, out, ctx.device)
     return distributed.broadcast(ctx, selection)
+
+
+def _run_selections(config: TrainConfig, samples: Sequence[Sample], ctx: distributed.Context,
+                    out: Path, epoch_log: EpochLog,
+                    resume: dict | None) -> tuple[TrainConfig, Selection]:
+    """Stage 1 once per depth of ``config.trainable_blocks`` (one number: once); returns the
+    config with the chosen depth and its selection, whose model is ``best.pt``.
+
+    Each depth starts from the run's seed, so it trains exactly what a run with that depth alone
+    would, and the refit continues the chosen depth's random stream: choosing between depths
+    changes which model ships, never the models themselves. The depth whose model scores best
+    on validation as shipped (blend and weight share included) wins, the first listed among
+    equals."""
+    depths = config.depth_choices()
+    current = Selection(**resume["selection"]) if resume is not None else None
+    finished = [Selection(**done) for done in current.finished] if current is not None else []
+    streams: dict[int, tuple] = {}
+    for depth in depths:
+        if any(done.trainable_blocks == depth for done in finished):
+            continue  # tried before the run was interrupted
+        resumes_here = current is not None and (len(depths) == 1
+                                                or current.trainable_blocks == depth)
+        if not resumes_here:
+            seed_everything(config.seed)
+        selection = _run_selection(replace(config, trainable_blocks=depth), samples, ctx, out,
+                                   epoch_log, resume if resumes_here else None, config, finished)
+        selection.finished = []
+        streams[depth] = _random_streams()
+        if len(depths) > 1 and ctx.is_main:
+            (out / "best.pt").replace(out / f"best_blocks{depth}.pt")
+        finished.append(selection)
+    chosen = _best_depth(finished)
+    if len(depths) > 1:
+        if ctx.is_main:
+            log.info("validation MAP@5 as shipped by trainable blocks (0: the whole backbone): "
+                     "%s; keeping %d", {d.trainable_blocks: round(d.shipped_map5, 5)
+                                        for d in finished}, chosen.trainable_blocks)
+            for done in finished:
+                kept = out / f"best_blocks{done.trainable_blocks}.pt"
+                if done is chosen:
+                    kept.replace(out / "best.pt")
+                else:
+                    kept.unlink(missing_ok=True)
+        distributed.barrier(ctx)
+    if chosen.trainable_blocks in streams:
+        _restore_random_streams(streams[chosen.trainable_blocks])
+    return replace(config, trainable_blocks=chosen.trainable_blocks), chosen
+
+
+def _best_depth(selections: Sequence[Selection]) -> Selection:
+    """The selection scoring best on validation as shipped; the first among equals."""
+    best = selections[0]
+    for selection in selections[1:]:
+        if selection.shipped_map5 > best.shipped_map5:
+            best = selection
+    return best
+
+
+def _random_streams() -> tuple:
+    """The state of every random source ``seed_everything`` seeds."""
+    return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+
+
+def _restore_random_streams(streams: tuple) -> None:
+    random.setstate(streams[0])
+    np.random.set_state(streams[1])
+    torch.random.set_rng_state(streams[2])
 
 
 WEIGHT_SHARES = (0.25, 0.5, 0.75, 1.0)  # shares of the ImageNet weights selection tries
@@ -449,7 +531,8 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
         started = time.time()
         loss = trainer.train_epoch()
         if ctx.is_main:
-            epoch_log.write(stage="refit", epoch=trainer.epoch, train_loss=round(loss, 5),
+            epoch_log.write(stage="refit", trainable_blocks=config.trainable_blocks,
+                            epoch=trainer.epoch, train_loss=round(loss, 5),
                             lr_backbone=trainer.scheduler.get_last_lr()[0],
                             seconds=round(time.time() - started, 1))
             log.info("refit epoch %d/%d  loss %.4f  %.0fs", trainer.epoch, epochs, loss,
@@ -524,7 +607,7 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
     if ctx.is_main:
         write_config(config, out)
     if state is None or state["stage"] == "select":
-        selection = _run_selection(config, samples, ctx, out, epoch_log, state)
+        config, selection = _run_selections(config, samples, ctx, out, epoch_log, state)
         state = None
     else:
         selection = Selection(**state["selection"])
