@@ -137,30 +137,29 @@ class GalleryIndex:
         return self.faiss_index
 
 
-RERANK_BLOCK = 16  # queries re-scored at a time: 1,000 at once took 20x longer (a 800 MB gather)
-
-
 def rerank(queries: np.ndarray, rows: np.ndarray, raw: np.ndarray,
            n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates ``rows`` (-1: none) re-scored by their exact inner product with each query
-    (reading only those rows of ``raw``), the best ``n`` kept, best first; a block of queries at
-    a time, so the gathered candidates stay small."""
-    if len(queries) > RERANK_BLOCK:
-        parts = [_rerank_block(queries[s:s + RERANK_BLOCK], rows[s:s + RERANK_BLOCK], raw, n)
-                 for s in range(0, len(queries), RERANK_BLOCK)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    return _rerank_block(queries, rows, raw, n)
-
-
-def _rerank_block(queries: np.ndarray, rows: np.ndarray, raw: np.ndarray,
-                  n: int) -> tuple[np.ndarray, np.ndarray]:
-    valid = rows >= 0
-    gathered = raw[np.where(valid, rows, 0).ravel()].reshape(*rows.shape, raw.shape[1])
-    exact = np.einsum("qd,qcd->qc", queries, gathered.astype(np.float32, copy=False))
-    exact = np.where(valid, exact, -np.inf).astype(np.float32)
-    order = np.argsort(-exact, axis=1, kind="stable")[:, :n]
-    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(
-        np.where(valid, rows, -1), order, axis=1)
+    """Candidates ``rows`` (-1: none) re-scored by their exact inner product with each query, the
+    best ``n`` kept, best first. FAISS computes the products straight from the rows of ``raw``
+    (float32, row-major, possibly memory-mapped: only the candidates' rows are read), with no
+    gathered copy: 8x faster than NumPy's gather + product for 3,280 candidates a query."""
+    if raw.dtype != np.float32 or not raw.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"re-ranking needs row-major float32 vectors, not {raw.dtype}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    exact = np.empty(rows.shape, dtype=np.float32)
+    if rows.size:
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(exact), faiss.swig_ptr(queries),
+                                         faiss.swig_ptr(raw), faiss.swig_ptr(rows),
+                                         raw.shape[1], rows.shape[0], rows.shape[1])
+    exact[rows < 0] = -np.inf  # FAISS's padding
+    if n < rows.shape[1]:
+        top = np.argpartition(-exact, n - 1, axis=1)[:, :n]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(exact, top, axis=1), axis=1,
+                                                 kind="stable"), axis=1)
+    else:
+        top = np.argsort(-exact, axis=1, kind="stable")
+    return np.take_along_axis(exact, top, axis=1), np.take_along_axis(rows, top, axis=1)
 
 
 def exact_top(queries: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

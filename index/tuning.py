@@ -29,8 +29,9 @@ DEFAULT_TARGET = 0.95
 SAMPLE = 500  # held-out queries: the recall estimate's standard error is below 0.01 near 0.95
 K = 5  # identities per answer, as query.py gives by default
 TUNED = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}
-RERANK_FACTORS = (4, 16, 64)  # ivfpq shortlists tried, shortest first: x4 missed 0.95 on
-# isotropic 1M x 512 even scanning every cell (0.942), x16 reached it on a smaller such set
+RERANK_FACTORS = (4, 8, 16, 32, 64)  # ivfpq shortlists tried, shortest first: x4 missed 0.95
+# on isotropic 1M x 512 even scanning every cell (0.942); on a realistic 200k gallery x4 met it at
+# nprobe 64 and x8 at nprobe 32 (bench/README.md, "Re-ranking by FAISS")
 
 
 @dataclass(frozen=True)

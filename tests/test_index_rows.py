@@ -115,20 +115,25 @@ def test_a_memory_mapped_gallery_is_not_copied_into_memory(tmp_path, monkeypatch
     np.testing.assert_array_equal(stored[:5], np.asarray(mapped[::-1][:5]))
 
 
-def test_rerank_in_query_blocks_equals_a_naive_loop():
-    """The exact re-scoring of an ivfpq shortlist, done a block of queries at a time, against a
-    per-query reference (missing candidates, -1, never returned ahead of real ones)."""
-    from index.search import RERANK_BLOCK, rerank
+def test_rerank_equals_a_naive_loop(tmp_path):
+    """The exact re-scoring of an ivfpq shortlist (FAISS's products by row number, over a
+    memory-mapped file) against a per-query NumPy reference: missing candidates, -1, never come
+    ahead of real ones, and a query with fewer real candidates than asked is padded with -1."""
+    from index.search import rerank
 
     rng = np.random.default_rng(5)
-    raw = rng.standard_normal((500, 16)).astype(np.float32)
-    queries = rng.standard_normal((RERANK_BLOCK * 3 + 5, 16)).astype(np.float32)
-    rows = rng.integers(0, 500, size=(len(queries), 12))
+    np.save(tmp_path / "raw.npy", rng.standard_normal((500, 16)).astype(np.float32))
+    raw = np.load(tmp_path / "raw.npy", mmap_mode="r")
+    queries = rng.standard_normal((53, 16)).astype(np.float32)
+    rows = np.stack([rng.choice(500, size=12, replace=False) for _ in queries])
     rows[::7, -3:] = -1
+    rows[5, 2:] = -1  # two real candidates for four places
     scores, best = rerank(queries, rows, raw, 4)
     for q, candidates, got_scores, got_rows in zip(queries, rows, scores, best):
         real = candidates[candidates >= 0]
         exact = raw[real] @ q
         order = np.argsort(-exact, kind="stable")[:4]
-        np.testing.assert_array_equal(got_rows, real[order])
-        np.testing.assert_allclose(got_scores, exact[order], rtol=1e-5)
+        np.testing.assert_array_equal(got_rows[:len(order)], real[order])
+        np.testing.assert_allclose(got_scores[:len(order)], exact[order], rtol=1e-5)
+        assert (got_rows[len(order):] == -1).all() and np.isneginf(got_scores[len(order):]).all()
+    assert (best[5, 2:] == -1).all()
