@@ -476,7 +476,10 @@ def test_the_depth_is_chosen_on_validation_and_each_depth_trains_as_it_would_alo
     chosen = run("both", [0, 1], refit=True)
     depth = chosen["train_config"]["trainable_blocks"]
     assert depth in (0, 1)
-    assert sorted(p.name for p in (tmp_path / "both").glob("best*.pt")) == ["best.pt"]
+    kept = sorted(p.name for p in (tmp_path / "both").glob("best*.pt"))
+    assert kept == ["best.pt", "best_blocks0.pt", "best_blocks1.pt"]
+    assert load_checkpoint(tmp_path / "both" / "best.pt")["fingerprint"] == \
+        load_checkpoint(tmp_path / "both" / f"best_blocks{depth}.pt")["fingerprint"]
     rows = read_log(tmp_path / "both")
     assert [(r["stage"], r["trainable_blocks"]) for r in rows] == \
         [("select", "0")] * 2 + [("select", "1")] * 2 + [("refit", str(depth))] * len(rows[4:])
@@ -491,14 +494,17 @@ def test_the_depth_is_chosen_on_validation_and_each_depth_trains_as_it_would_alo
         assert other["metrics"]["val_map5"] <= chosen["metrics"]["val_map5"]
 
 
-def test_a_depth_choice_resumes_in_its_second_depth(orl_subset, tmp_path, monkeypatch):
-    """Interrupted while the second depth trains: the resumed run keeps the first depth's result,
-    trains no epoch twice and still chooses between both."""
+@pytest.mark.parametrize("crash_epoch", [0, 1])
+def test_a_depth_choice_resumes_in_its_second_depth(orl_subset, tmp_path, monkeypatch,
+                                                     crash_epoch):
+    """Interrupted while the second depth trains (in its first epoch: last.pt is still the first
+    depth's finished selection; or later): the resumed run keeps the first depth's result,
+    trains no epoch twice, still chooses between both and ships what it chose."""
     config = TrainConfig(out=str(tmp_path), epochs=2, trainable_blocks=[0, 1], refit=False, **TINY)
     original = Trainer.train_epoch
 
     def crash_in_the_second_depth(self):
-        if self.recipe.trainable_blocks == 1 and self.epoch == 1:
+        if self.recipe.trainable_blocks == 1 and self.epoch == crash_epoch:
             raise KeyboardInterrupt("simulated crash")
         return original(self)
 
@@ -510,5 +516,6 @@ def test_a_depth_choice_resumes_in_its_second_depth(orl_subset, tmp_path, monkey
     rows = [(r["trainable_blocks"], r["epoch"]) for r in read_log(tmp_path)]
     assert rows == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
     model = load_checkpoint(tmp_path / "model.pt")
-    assert model["train_config"]["trainable_blocks"] in (0, 1)
-    assert not list(tmp_path.glob("best_blocks*.pt"))
+    depth = model["train_config"]["trainable_blocks"]
+    assert model["fingerprint"] == \
+        load_checkpoint(tmp_path / f"best_blocks{depth}.pt")["fingerprint"]

@@ -75,6 +75,7 @@ class Selection:
     shipped_map5: float = -1.0  # validation MAP@5 of the chosen model as shipped (blend, share)
     trainable_blocks: int = 0  # the depth this selection trained (TrainConfig.trainable_blocks)
     finished: list[dict] = field(default_factory=list)  # selections of the depths tried before
+    complete: bool = False  # every epoch trained and the weight share chosen: nothing to resume
 
 
 class LossHead(nn.Module):
@@ -282,9 +283,10 @@ class EpochLog:
 
 def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distributed.Context,
                    out: Path, epoch_log: EpochLog, resume: dict | None,
-                   run_config: TrainConfig, finished: Sequence[Selection] = ()) -> Selection:
+                   run_config: TrainConfig, best_path: Path,
+                   finished: Sequence[Selection] = ()) -> Selection:
     """Stage 1 for one depth (``config.trainable_blocks``, a number): train on the gallery part
-    of the validation split, keep the best epoch in ``best.pt``. ``run_config``: the run's own
+    of the validation split, keep the best epoch in ``best_path``. ``run_config``: the run's own
     config, which ``last.pt`` keeps so a resumed run makes the same choices; ``finished``: the
     selections of the depths tried before this one (resumable too)."""
     split = validation_split(samples, seed=config.seed, new_fraction=config.val_new_fraction)
@@ -313,7 +315,7 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
                "lr_backbone": trainer.scheduler.get_last_lr()[0]}
         if ctx.is_main and not split.queries:  # nothing to validate on: keep the last epoch
             selection.best_epoch = trainer.epoch
-            selection.best_fingerprint = _save_best(trainer, out, None, {})
+            selection.best_fingerprint = _save_best(trainer, best_path, None, {})
         elif ctx.is_main:
             results = evaluate_blends(trainer.shipped_model, trainer.preprocessing, split.gallery,
                                       split.queries, device=ctx.device, progress=False,
@@ -328,7 +330,7 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
                 selection.threshold = blended.threshold
                 selection.pretrained_share = blended.pretrained_share
                 selection.shipped_map5 = blended.map5
-                selection.best_fingerprint = _save_best(trainer, out, blended.threshold,
+                selection.best_fingerprint = _save_best(trainer, best_path, blended.threshold,
                                                         {"val_map5": blended.map5,
                                                          "val_map5_trained": result.map5},
                                                         blended.pretrained_share)
@@ -353,7 +355,12 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
         distributed.barrier(ctx)
     if ctx.is_main and split.queries and config.interpolate_pretrained and config.pretrained:
         with torch.random.fork_rng(devices=[]):  # embedding draws seeds: keep the refit's stream
-            _choose_weight_share(trainer.imagenet_backbone, split, selection, out, ctx.device)
+            _choose_weight_share(trainer.imagenet_backbone, split, selection, best_path,
+                                 ctx.device)
+    selection.complete = True
+    if ctx.is_main:  # a run resumed from here goes straight on to the next depth or the refit
+        last = load_checkpoint(out / "last.pt")
+        save_checkpoint(out / "last.pt", {**last, "selection": asdict(selection)})
     return distributed.broadcast(ctx, selection)
 
 
@@ -367,7 +374,7 @@ def _run_selections(config: TrainConfig, samples: Sequence[Sample], ctx: distrib
     would, and the refit continues the chosen depth's random stream: choosing between depths
     changes which model ships, never the models themselves. The depth whose model scores best
     on validation as shipped (blend and weight share included) wins, the first listed among
-    equals."""
+    equals. Each depth's model stays beside it as ``best_blocks{N}.pt``."""
     depths = config.depth_choices()
     current = Selection(**resume["selection"]) if resume is not None else None
     finished = [Selection(**done) for done in current.finished] if current is not None else []
@@ -377,31 +384,33 @@ def _run_selections(config: TrainConfig, samples: Sequence[Sample], ctx: distrib
             continue  # tried before the run was interrupted
         resumes_here = current is not None and (len(depths) == 1
                                                 or current.trainable_blocks == depth)
-        if not resumes_here:
-            seed_everything(config.seed)
-        selection = _run_selection(replace(config, trainable_blocks=depth), samples, ctx, out,
-                                   epoch_log, resume if resumes_here else None, config, finished)
-        selection.finished = []
-        streams[depth] = _random_streams()
-        if len(depths) > 1 and ctx.is_main:
-            (out / "best.pt").replace(out / f"best_blocks{depth}.pt")
-        finished.append(selection)
+        if resumes_here and current.complete:
+            selection = current
+        else:
+            if not resumes_here:
+                seed_everything(config.seed)
+            selection = _run_selection(replace(config, trainable_blocks=depth), samples, ctx,
+                                       out, epoch_log, resume if resumes_here else None, config,
+                                       _best_path(out, depth, len(depths)), finished)
+            streams[depth] = _random_streams()
+        finished.append(replace(selection, finished=[]))
     chosen = _best_depth(finished)
     if len(depths) > 1:
         if ctx.is_main:
             log.info("validation MAP@5 as shipped by trainable blocks (0: the whole backbone): "
                      "%s; keeping %d", {d.trainable_blocks: round(d.shipped_map5, 5)
                                         for d in finished}, chosen.trainable_blocks)
-            for done in finished:
-                kept = out / f"best_blocks{done.trainable_blocks}.pt"
-                if done is chosen:
-                    kept.replace(out / "best.pt")
-                else:
-                    kept.unlink(missing_ok=True)
+            save_checkpoint(out / "best.pt",
+                            load_checkpoint(_best_path(out, chosen.trainable_blocks, len(depths))))
         distributed.barrier(ctx)
     if chosen.trainable_blocks in streams:
         _restore_random_streams(streams[chosen.trainable_blocks])
     return replace(config, trainable_blocks=chosen.trainable_blocks), chosen
+
+
+def _best_path(out: Path, depth: int, n_depths: int) -> Path:
+    """Where a selection keeps its best model: ``best.pt``, or one file per depth tried."""
+    return out / ("best.pt" if n_depths == 1 else f"best_blocks{depth}.pt")
 
 
 def _best_depth(selections: Sequence[Selection]) -> Selection:
@@ -427,14 +436,14 @@ def _restore_random_streams(streams: tuple) -> None:
 WEIGHT_SHARES = (0.25, 0.5, 0.75, 1.0)  # shares of the ImageNet weights selection tries
 
 
-def _choose_weight_share(start: nn.Module, split, selection: Selection, out: Path,
+def _choose_weight_share(start: nn.Module, split, selection: Selection, best_path: Path,
                          device: torch.device) -> None:
     """``interpolate_pretrained``: move the chosen model's backbone weights back towards the
     ImageNet ones by each of ``WEIGHT_SHARES`` and keep the share that scores strictly best on
     validation (with its re-calibrated threshold), rewriting ``best.pt``; a tie keeps the model
     as trained. ``start``: the ImageNet backbone the training began from. Like the blend, the
     epoch is chosen first and the share for that epoch only."""
-    model, preprocessing, payload = load_model(out / "best.pt")
+    model, preprocessing, payload = load_model(best_path)
     shares = (0.0, *WEIGHT_SHARES)
     candidates = [interpolate_towards(model, start, share) for share in shares]
     results = [evaluate_queries(candidate, preprocessing, split.gallery, split.queries,
@@ -450,7 +459,7 @@ def _choose_weight_share(start: nn.Module, split, selection: Selection, out: Pat
     payload = {**payload, "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
                "threshold": best.threshold,
                "metrics": {**payload["metrics"], "val_map5": best.map5, "weight_share": share}}
-    save_checkpoint(out / "best.pt", payload)
+    save_checkpoint(best_path, payload)
     selection.weight_share, selection.threshold = share, best.threshold
     selection.shipped_map5 = best.map5
     selection.best_fingerprint = payload["fingerprint"]
@@ -491,12 +500,13 @@ def _reference_vectors(trainer: Trainer, split) -> tuple:
                      for part in (split.gallery, split.queries))
 
 
-def _save_best(trainer: Trainer, out: Path, threshold: float | None, metrics: dict,
+def _save_best(trainer: Trainer, path: Path, threshold: float | None, metrics: dict,
                pretrained_share: float = 0.0) -> str:
-    """``best.pt`` of this run; returns its fingerprint, which the selection remembers."""
+    """The best model of this selection (``best.pt``); returns its fingerprint, which the
+    selection remembers."""
     payload = checkpoint_payload(trainer, threshold, "select", metrics,
                                  pretrained_share=pretrained_share)
-    save_checkpoint(out / "best.pt", payload)
+    save_checkpoint(path, payload)
     return payload["fingerprint"]
 
 
