@@ -4,7 +4,8 @@ Two stages, so the protocol's test queries are never seen before the final score
   1. *select*: carve validation queries out of the training data (``data.validation_split``),
      train, and after every epoch search the validation queries with the same index code that
      serves users; keep the epoch with the best MAP@5 and the ``new_whale`` threshold that
-     maximised it.
+     maximised it. Given several depths of fine-tuning (``trainable_blocks: [0, 1]``), once
+     per depth, keeping the depth whose model validates best.
   2. *refit* (default on): train a fresh model on all the training data exactly as the chosen one
      was trained (same epochs, frozen epochs and learning rate per epoch), and give it the
      calibrated threshold. With 1-3 images per identity, the images lent to validation
