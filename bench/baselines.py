@@ -23,6 +23,8 @@ from retrieval.training import recipe
 from retrieval.training.recipe import Recipe
 from retrieval.config import TrainConfig
 from retrieval.training.train import seed_everything
+
+from .common import whole_backbone
 from retrieval.models.transforms import eval_transform, seed_worker_transform, train_transform
 
 
@@ -62,7 +64,7 @@ def train_softmax_classifier(config: TrainConfig, gallery: Sequence[Sample]) -> 
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, generator=generator,
                         num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
                         worker_init_fn=seed_worker_transform)
-    plan = Recipe.from_config(config)
+    plan = Recipe.from_config(whole_backbone(config))
     optimizer = recipe.create_optimizer(
         recipe.param_groups(model, plan, extra_head=classifier.parameters()).values(), plan)
     scheduler = recipe.create_scheduler(optimizer, len(loader), config.epochs, plan)

@@ -227,6 +227,15 @@ def suite_config(args: Any, loss: str, seed: int, out: Path) -> "TrainConfig":
                        num_workers=args.workers, device=getattr(args, "device", None))
 
 
+def whole_backbone(config: "TrainConfig") -> "TrainConfig":
+    """``config`` training the whole backbone: the softmax baseline and the peers take the
+    engine's recipe but not its choice of depth on validation (a second selection run they do
+    not make)."""
+    from dataclasses import replace
+
+    return replace(config, trainable_blocks=0)
+
+
 def torch_device(name: str | None) -> "torch.device":
     """``--device`` as a torch device; None: the first GPU where torch sees one, else the CPU."""
     import torch

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import ROOT, label_array, torch_device
+from .common import ROOT, label_array, torch_device, whole_backbone
 
 PEERS_PYTHON = ROOT / "bench" / ".venv-peers" / "bin" / "python"
 OML_ENVIRONMENT = (
@@ -46,7 +46,7 @@ def peer_recipe(config):
 
     from retrieval.training.recipe import Recipe
 
-    return replace(Recipe.from_config(config), warmup_epochs=0, schedule="constant")
+    return replace(Recipe.from_config(whole_backbone(config)), warmup_epochs=0, schedule="constant")
 
 
 def train_pml(train_samples, eval_paths: Sequence[Path], image_size: int, seed: int,

@@ -271,7 +271,8 @@ def bench_train(args) -> dict:
               for s in group[:per_identity]][: args.train_images]
     config = TrainConfig(out=tempfile.mkdtemp(prefix="bench-speed-"), image_size=args.image_size,
                          loss="arcface", epochs=1000, warmup_epochs=0, batch_size=args.train_batch,
-                         num_workers=args.workers, device=getattr(args, "device", None), seed=0)
+                         num_workers=args.workers, device=getattr(args, "device", None), seed=0,
+                         trainable_blocks=0)  # one depth: the step being timed trains it all
     torch.manual_seed(0)
     ctx = distributed.setup(config.device)
     device = ctx.device

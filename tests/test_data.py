@@ -22,7 +22,7 @@ from retrieval.data import (
 )
 from retrieval.errors import UserError
 
-from .conftest import OMNIGLOT, ORL, make_kaggle_layout
+from .conftest import make_kaggle_layout
 
 
 def test_folder_layout_nested_identities(omniglot_samples, orl_samples):

@@ -11,7 +11,8 @@ from retrieval.errors import UserError
 from retrieval.models import identity_transforms
 from retrieval.training.train import Trainer, train
 
-TINY = dict(image_size=32, embedding_dim=16, batch_size=8, num_workers=0, epochs=1)
+TINY = dict(image_size=32, embedding_dim=16, batch_size=8, num_workers=0, epochs=1,
+            trainable_blocks=0)
 
 
 @pytest.mark.parametrize("choice,factor", [("none", 1), ("mirror", 2), ("rotations", 4),

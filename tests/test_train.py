@@ -30,7 +30,10 @@ from retrieval.training.train import Trainer, train
 from .conftest import OMNIGLOT, ROOT
 from .index_helpers import make_checkpoint
 
-TINY = dict(image_size=48, embedding_dim=64, batch_size=16, num_workers=0, warmup_epochs=1)
+# one depth (the whole backbone): the tests of the mechanics train one selection, not the
+# default's two
+TINY = dict(image_size=48, embedding_dim=64, batch_size=16, num_workers=0, warmup_epochs=1,
+            trainable_blocks=0)
 
 
 def read_log(out: Path) -> list[dict]:
@@ -469,8 +472,8 @@ def test_the_depth_is_chosen_on_validation_and_each_depth_trains_as_it_would_alo
     scoring best on validation (as shipped) wins, and the refit continues that depth's own random
     stream, so the shipped model is bit for bit the one a run with that depth alone ships."""
     def run(name: str, depths, refit: bool) -> dict:
-        config = TrainConfig(out=str(tmp_path / name), epochs=2, trainable_blocks=depths,
-                             refit=refit, **TINY)
+        config = TrainConfig(out=str(tmp_path / name), epochs=2, refit=refit,
+                             **{**TINY, "trainable_blocks": depths})
         return load_checkpoint(train(config, orl_subset))
 
     chosen = run("both", [0, 1], refit=True)
@@ -500,7 +503,8 @@ def test_a_depth_choice_resumes_in_its_second_depth(orl_subset, tmp_path, monkey
     """Interrupted while the second depth trains (in its first epoch: last.pt is still the first
     depth's finished selection; or later): the resumed run keeps the first depth's result,
     trains no epoch twice, still chooses between both and ships what it chose."""
-    config = TrainConfig(out=str(tmp_path), epochs=2, trainable_blocks=[0, 1], refit=False, **TINY)
+    config = TrainConfig(out=str(tmp_path), epochs=2, refit=False,
+                         **{**TINY, "trainable_blocks": [0, 1]})
     original = Trainer.train_epoch
 
     def crash_in_the_second_depth(self):

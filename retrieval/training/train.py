@@ -96,7 +96,9 @@ class LossHead(nn.Module):
 
 
 class Trainer:
-    """One model being trained on one set of samples: epochs, optimiser, schedule, state."""
+    """One model being trained on one set of samples: epochs, optimiser, schedule, state. Its
+    config names one depth (``trainable_blocks`` a number): a choice between depths is made by
+    training one ``Trainer`` per depth (``_run_selections``)."""
 
     def __init__(self, config: TrainConfig, samples: Sequence[Sample], epochs: int,
                  ctx: distributed.Context, model: EmbeddingModel | None = None):
