@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "head convolution) and keep the rest at its ImageNet weights; 0 = the "
                             "whole backbone. Several values (e.g. 0 1) run selection once per "
                             "depth and keep the one that scores best on the validation "
-                            "carve-out (default %(default)s)")
+                            "carve-out (default: 0 1, the whole backbone or its last block; "
+                            "0 alone trains the whole backbone in one selection run)")
     train.add_argument("--partial-epochs", type=int, default=DEFAULTS.partial_epochs,
                        help="with --trainable-blocks: train only those blocks for this many epochs "
                             "after the warm-up, then the whole backbone (gradual unfreezing; "
