@@ -269,11 +269,14 @@ def test_torchrun_two_cpu_processes(orl_subset, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_log(out)
-    selection = [float(r["val_map5"]) for r in rows if r["stage"] == "select"]
-    chosen = selection.index(max(selection)) + 1  # the refit repeats exactly the chosen epochs
-    assert [r["stage"] for r in rows] == ["select"] * 2 + ["refit"] * chosen  # rank 0 logs once
     model, pre, payload = load_model(out / "model.pt")
     assert payload["train_config"]["batch_size"] == 8 and pre.image_size == 48
+    depth = str(payload["train_config"]["trainable_blocks"])  # the default chooses between 0, 1
+    selection = [float(r["val_map5"]) for r in rows
+                 if r["stage"] == "select" and r["trainable_blocks"] == depth]
+    chosen = selection.index(max(selection)) + 1  # the refit repeats exactly the chosen epochs
+    assert [(r["stage"], r["trainable_blocks"]) for r in rows] == \
+        [("select", "0")] * 2 + [("select", "1")] * 2 + [("refit", depth)] * chosen  # rank 0 logs
 
 
 def test_ema_follows_the_naive_average_of_the_trained_weights(orl_subset):
