@@ -23,9 +23,9 @@ from retrieval.training import recipe
 from retrieval.training.recipe import Recipe
 from retrieval.config import TrainConfig
 from retrieval.training.train import seed_everything
+from retrieval.models.transforms import eval_transform, seed_worker_transform, train_transform
 
 from .common import whole_backbone
-from retrieval.models.transforms import eval_transform, seed_worker_transform, train_transform
 
 
 @dataclass

@@ -417,12 +417,9 @@ def _best_path(out: Path, depth: int, n_depths: int) -> Path:
 
 
 def _best_depth(selections: Sequence[Selection]) -> Selection:
-    """The selection scoring best on validation as shipped; the first among equals."""
-    best = selections[0]
-    for selection in selections[1:]:
-        if selection.shipped_map5 > best.shipped_map5:
-            best = selection
-    return best
+    """The selection scoring best on validation as shipped; the first among equals (``max``
+    keeps the first of equal items)."""
+    return max(selections, key=lambda selection: selection.shipped_map5)
 
 
 def _random_streams() -> tuple:
@@ -480,12 +477,9 @@ def _best_result(results: Sequence[EvalResult]) -> EvalResult:
     The epoch itself is chosen on the trained embedding alone (share 0), as without blending,
     and the share for that epoch only: one choice on top of the usual one, not a grid searched
     jointly, so a small validation set is not over-fitted (on ORL, 40 validation queries, a joint
-    search picked early epochs whose blend tied with later, better-trained ones)."""
-    best = results[0]
-    for result in results[1:]:
-        if result.map5 > best.map5:
-            best = result
-    return best
+    search picked early epochs whose blend tied with later, better-trained ones). ``max`` keeps
+    the first of equal items."""
+    return max(results, key=lambda result: result.map5)
 
 
 def _reference_vectors(trainer: Trainer, split) -> tuple:
