@@ -440,7 +440,7 @@ class MilvusGallery:
         identities = np.asarray(identities, dtype=object)
         max_images = int(np.unique(identities.astype(str), return_counts=True)[1].max())
         wanted = tuning.K * max_images + 1
-        exact = tuning.exact_answers(vectors, identities, rows, wanted)
+        exact = tuning.exact_answers(vectors, identities, rows, min(len(vectors), wanted - 1))
         queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
         own = [image_key(paths[row]) for row in rows]
 

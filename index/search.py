@@ -96,6 +96,7 @@ class GalleryIndex:
         _, counts = np.unique(self.identities.astype(str), return_counts=True)
         self.max_images_per_identity = int(counts.max())
         self.num_identities = len(counts)
+        self.crowded_identity_images = crowded_count(counts)
 
     def __len__(self) -> int:
         return int(self.cpu_index.ntotal)
@@ -103,19 +104,31 @@ class GalleryIndex:
     def search(self, queries: np.ndarray, k: int = 5) -> IdentityRanking:
         """The ``k`` best identities per query (fewer only if the gallery has fewer).
 
-        Asking FAISS for ``k * max_images_per_identity`` neighbours guarantees ``k`` distinct
-        identities among them whenever the gallery has that many (for approximate types: among
-        the neighbours they find).
+        ``k`` distinct identities are sure to be among ``k * max_images_per_identity``
+        neighbours, but far fewer almost always hold them (``first_ask``): FAISS is asked for
+        those, and only the queries they leave short of ``k`` identities are asked again for the
+        sure number. The answer is the same (for approximate types: the same search, on a
+        shortlist sized by the first ask).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries of shape {queries.shape} for an index of dimension {self.dim}")
-        n_neighbours = min(len(self), k * self.max_images_per_identity)
+        return fold_asking_twice(self._top, queries, self.identities, k,
+                                 self.first_ask(k), self.sure_ask(k))
+
+    def first_ask(self, k: int) -> int:
+        """Neighbours asked first: a query's own identity's images come first (at most the
+        crowded count), then mostly one image per other identity; ``k`` more spare."""
+        return min(self.sure_ask(k), self.crowded_identity_images + 2 * k)
+
+    def sure_ask(self, k: int) -> int:
+        """Neighbours that hold ``k`` distinct identities whatever the query."""
+        return min(len(self), k * self.max_images_per_identity)
+
+    def _top(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self._flat_rows is not None and len(queries) < FEW_QUERIES:
-            similarities, rows = exact_top(queries, self._flat_rows, n_neighbours)
-        else:
-            similarities, rows = self.neighbours(queries, n_neighbours)
-        return fold_into_identities(similarities, rows, self.identities, k)
+            return exact_top(queries, self._flat_rows, n)
+        return self.neighbours(queries, n)
 
     def neighbours(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's ``search``: the ``n`` nearest gallery rows and their similarities, re-scored
@@ -173,6 +186,62 @@ def exact_top(queries: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray
     scores = np.take_along_axis(similarities, candidates, axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(candidates, order, axis=1)
+
+
+def crowded_count(counts: np.ndarray, share: float = 0.99) -> int:
+    """Images of a crowded identity: the count that ``share`` of the gallery's *images* belong to
+    an identity with at most (a query's nearest images are mostly its own identity's, and an
+    image drawn at random sits in a big identity more often than the identity count says)."""
+    ordered = np.sort(np.asarray(counts))
+    covered = np.cumsum(ordered) / ordered.sum()
+    return int(ordered[min(len(ordered) - 1, int(np.searchsorted(covered, share)))])
+
+
+def fold_asking_twice(top, queries: np.ndarray, identities: np.ndarray, k: int, first: int,
+                      sure: int, own_rows: np.ndarray | None = None) -> IdentityRanking:
+    """``fold_into_identities`` over ``top(queries, first)`` (``top``: best-first similarities
+    and rows, -1 padded); the queries that found fewer than ``k`` identities although ``top``
+    had more to give are asked again for ``sure`` neighbours. ``own_rows``: one gallery row per
+    query left out of its answer (a gallery image asked as a query, as tuning does)."""
+    extra = 0 if own_rows is None else 1
+    ranking = _fold(top(queries, first + extra), identities, k, own_rows)
+    full = ranking.filled & (ranking.seen < k)
+    short = np.flatnonzero(full) if first < sure else np.empty(0, dtype=np.int64)
+    if len(short):
+        again = _fold(top(queries[short], sure + extra), identities, k,
+                      None if own_rows is None else own_rows[short])
+        for position, q in enumerate(short):
+            ranking.identities[q] = again.identities[position]
+        ranking.scores[short] = again.scores
+        ranking.best_rows[short] = again.best_rows
+    log.debug("%d of %d queries asked again for %d neighbours (first ask %d)", len(short),
+              len(queries), sure, first)
+    return IdentityRanking(ranking.identities, ranking.scores, ranking.best_rows)
+
+
+@dataclass
+class _Folded:
+    identities: list[list[str]]
+    scores: np.ndarray
+    best_rows: np.ndarray
+    seen: np.ndarray  # identities found per query
+    filled: np.ndarray  # the neighbour list had no padding: more could be asked
+
+
+def _fold(found: tuple[np.ndarray, np.ndarray], identities: np.ndarray, k: int,
+          own_rows: np.ndarray | None) -> _Folded:
+    similarities, rows = found
+    if own_rows is not None:  # the own image out, the rest moved up, padding at the end
+        rows = np.where(rows == own_rows[:, None], -1, rows)
+        kept = np.argsort(rows < 0, axis=1, kind="stable")
+        rows = np.take_along_axis(rows, kept, axis=1)
+        similarities = np.take_along_axis(similarities, kept, axis=1)
+        filled = (rows[:, -2] >= 0) if rows.shape[1] > 1 else np.zeros(len(rows), bool)
+    else:
+        filled = rows[:, -1] >= 0 if rows.shape[1] else np.zeros(len(rows), bool)
+    ranking = fold_into_identities(similarities, rows, identities, k)
+    seen = np.array([len(ids) for ids in ranking.identities], dtype=np.int64)
+    return _Folded(ranking.identities, ranking.scores, ranking.best_rows, seen, filled)
 
 
 def fold_into_identities(similarities: np.ndarray, rows: np.ndarray, identities: np.ndarray,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import faiss
 import numpy as np
 
-from .search import exact_top, fold_into_identities
+from .search import crowded_count, exact_top, fold_asking_twice
 from .types import IndexSpec
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,16 @@ def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: n
     rows = held_out(len(vectors), seed)
     queries = np.ascontiguousarray(vectors[rows])
     identities = np.asarray(identities, dtype=object)
-    max_images = int(np.unique(identities.astype(str), return_counts=True)[1].max())
-    wanted = K * max_images + 1  # +1: the query's own image, dropped from both answers
+    counts = np.unique(identities.astype(str), return_counts=True)[1]
+    sure = min(len(vectors), K * int(counts.max()))
+    first = min(sure, crowded_count(counts) + 2 * K)  # as GalleryIndex.search asks
+    wanted = sure + 1  # +1: the query's own image, dropped from both answers
 
     def answers(value: int) -> list[list[str]]:
         _set(index, spec, param, max(value, wanted) if param == "efSearch" else value)
-        scores, found = search(queries, wanted)
-        return _identities(scores, found, rows, identities)
+        return fold_asking_twice(search, queries, identities, K, first, sure, own_rows=rows).identities
 
-    exact = exact_answers(vectors, identities, rows, wanted)
+    exact = exact_answers(vectors, identities, rows, sure)
     if spec.kind != "ivfpq" or set_rerank is None:
         best = choose(spec, param, candidates(spec), answers, exact, target)
     else:
@@ -111,11 +112,13 @@ def held_out(n_vectors: int, seed: int = 0) -> np.ndarray:
 
 
 def exact_answers(vectors: np.ndarray, identities: np.ndarray, rows: np.ndarray,
-                  wanted: int) -> list[list[str]]:
+                  sure: int) -> list[list[str]]:
     """Exact search's top-``K`` identities for the gallery rows ``rows``, own image left out
-    (``wanted``: neighbours needed to see ``K`` identities besides the own image)."""
-    scores, found = exact_blocked(np.ascontiguousarray(vectors[rows]), vectors, wanted)
-    return _identities(scores, found, rows, np.asarray(identities, dtype=object))
+    (``sure``: neighbours that hold ``K`` identities besides the own image)."""
+    exact = lambda queries, n: exact_blocked(queries, vectors, n)  # noqa: E731
+    return fold_asking_twice(exact, np.ascontiguousarray(vectors[rows]),
+                             np.asarray(identities, dtype=object), K, sure, sure,
+                             own_rows=rows).identities
 
 
 def choose(spec: IndexSpec, param: str, values: Sequence[int],
@@ -163,13 +166,3 @@ def exact_blocked(queries: np.ndarray, vectors: np.ndarray, n: int, block: int =
     rows = np.concatenate([part_rows + start for (_, part_rows), start in zip(parts, starts)], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :n]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
-
-
-def _identities(scores: np.ndarray, rows: np.ndarray, own: np.ndarray,
-                identities: np.ndarray) -> list[list[str]]:
-    """Top-``K`` identities per query with the query's own image left out."""
-    rows = np.where(rows == own[:, None], -1, rows)
-    kept = np.argsort(rows < 0, axis=1, kind="stable")  # own image (now -1) to the end
-    rows = np.take_along_axis(rows, kept, axis=1)
-    scores = np.take_along_axis(scores, kept, axis=1)
-    return fold_into_identities(scores, rows, identities, K).identities

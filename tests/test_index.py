@@ -73,3 +73,66 @@ def test_dimension_mismatch_and_empty_gallery_are_refused(orl_vectors):
         index.search(np.zeros((1, 7), dtype=np.float32))
     with pytest.raises(ValueError, match="at least one"):
         GalleryIndex(np.zeros((0, 4), dtype=np.float32), [])
+
+
+def test_crowded_count_is_the_identity_size_of_the_99th_percentile_image():
+    from index.search import crowded_count
+
+    rng = np.random.default_rng(0)
+    for counts in ([1], [3, 3, 3], [1] * 500 + [40], [1, 2, 41], list(rng.integers(1, 42, 300))):
+        counts = np.array(counts)
+        per_image = np.repeat(counts, counts)  # each image's identity size
+        assert crowded_count(counts) == int(np.quantile(per_image, 0.99, method="inverted_cdf"))
+
+
+def test_queries_left_short_are_asked_again_and_answered_like_brute_force(orl_vectors):
+    """A first ask too small for crowded identities: the short queries, and only they, are asked
+    again, and every answer is the brute-force one (also with each query's own image left out)."""
+    from index.search import exact_top, fold_asking_twice
+
+    vectors, labels = orl_vectors
+    rows = (np.arange(len(labels)) % 10 < 3) | (labels == "s1")  # s1: 10 images, others 3
+    gallery, gallery_labels = vectors[rows], labels[rows].astype(object)
+    queries = vectors[np.arange(len(labels)) % 10 == 5]
+    asked = []
+
+    def top(q, n):
+        asked.append((len(q), n))
+        return exact_top(q, gallery, n)
+
+    ranking = fold_asking_twice(top, queries, gallery_labels, 5, first=5, sure=50)
+    assert asked[0] == (len(queries), 5) and asked[1][1] == 50 and 0 < asked[1][0] < len(queries)
+    for q, reference in enumerate(brute_force_identities(gallery, gallery_labels, queries, 5)):
+        assert ranking.identities[q] == [name for name, _ in reference]
+        assert np.allclose(ranking.scores[q], [score for _, score in reference], atol=1e-5)
+    own = np.arange(0, len(gallery), 7)  # gallery images asked as queries, each without itself
+    ranking = fold_asking_twice(lambda q, n: exact_top(q, gallery, n), gallery[own],
+                                gallery_labels, 5, first=5, sure=50, own_rows=own)
+    for position, row in enumerate(own):
+        rest = np.delete(np.arange(len(gallery)), row)
+        reference = brute_force_identities(gallery[rest], gallery_labels[rest], gallery[[row]], 5)[0]
+        assert ranking.identities[position] == [name for name, _ in reference]
+
+
+def test_gallery_index_asks_for_few_neighbours_and_again_where_an_identity_is_crowded():
+    from index.search import exact_top
+    from index.synthetic import clustered_vectors
+
+    gallery, labels, queries, _ = clustered_vectors(3000, 32, seed=3, max_images=2)
+    crowded = labels[0]  # gets 30 images: 15x any other, yet under 1 % of the gallery's images
+    extra = gallery[:1] + 0.01 * np.random.default_rng(0).normal(size=(29, 32))
+    gallery = np.vstack([gallery, extra / np.linalg.norm(extra, axis=1, keepdims=True)]).astype(np.float32)
+    labels = np.concatenate([labels, np.repeat(crowded, 29)])
+    queries[0] = gallery[0]  # its 30 nearest images are all the crowded identity's
+    index = GalleryIndex(gallery, labels)
+    assert index.first_ask(5) == 2 + 2 * 5 and index.sure_ask(5) == 5 * 30
+    asked = []
+    top = index._top
+    index._top = lambda q, n: (asked.append((q, n)), top(q, n))[1]
+    ranking = index.search(queries, 5)
+    (first, n_first), (again, n_again) = asked  # one ask for all, one for the short ones
+    assert (len(first), n_first, n_again) == (3000, 12, 150)
+    assert 1 <= len(again) <= 5 and np.array_equal(again[0], queries[0])  # query 0 is short
+    assert ranking.identities[0][0] == crowded and len(set(ranking.identities[0])) == 5
+    for q, reference in enumerate(brute_force_identities(gallery, labels, queries, 5)):
+        assert ranking.identities[q] == [name for name, _ in reference]
