@@ -8,7 +8,8 @@ calibrated on its own validation scores. Variants (Radenović et al., TPAMI 2018
 * ``qe<k>``: alpha-query expansion, each query replaced by the normalised sum of itself and its
   ``k`` nearest gallery images weighted by similarity^alpha (alpha = 3);
 * ``dba<k>``: database-side augmentation, each gallery image replaced by the same sum over its
-  ``k`` nearest other gallery images.
+  ``k`` nearest other gallery images;
+* ``hub<w>``: the hubness correction (``index.hubness``) at weight ``w``.
 
 They live here, not in the engine: with 1-3 gallery images per identity neither was ever better
 than the plain search on the validation carve-outs, on any of the three shared sets or any variant
@@ -22,8 +23,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 ALPHA = 3.0
-VARIANTS: dict[str, tuple[int, int]] = {"plain": (0, 0), "qe1": (1, 0), "qe2": (2, 0),
-                                        "dba1": (0, 1), "dba2": (0, 2), "qe1+dba1": (1, 1)}
+# name: (query expansion k, database-side augmentation k, hubness weight)
+VARIANTS: dict[str, tuple[int, int, float]] = {
+    "plain": (0, 0, 0.0), "qe1": (1, 0, 0.0), "qe2": (2, 0, 0.0), "dba1": (0, 1, 0.0),
+    "dba2": (0, 2, 0.0), "qe1+dba1": (1, 1, 0.0), "hub.25": (0, 0, 0.25), "hub.5": (0, 0, 0.5)}
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -48,12 +51,13 @@ def expand(gallery: np.ndarray, queries: np.ndarray, qe: int, dba: int) -> tuple
     return gallery, _neighbour_sum(queries, gallery, qe, skip_self=False)
 
 
-def _map5(gallery, gallery_ids, queries, truths, threshold: float | None) -> tuple[float, float]:
+def _map5(gallery, gallery_ids, queries, truths, threshold: float | None,
+          hubness: float = 0.0) -> tuple[float, float]:
     from index import GalleryIndex
     from retrieval.training.evaluate import score
     from retrieval.metrics import calibrate_threshold
 
-    ranking = GalleryIndex(gallery, list(gallery_ids)).search(queries, 5)
+    ranking = GalleryIndex(gallery, list(gallery_ids), hubness=hubness).search(queries, 5)
     if threshold is None:
         return calibrate_threshold(ranking.identities, ranking.scores, truths)
     return threshold, score(ranking, truths, threshold)
@@ -76,11 +80,12 @@ def scores(run: Path, samples: Sequence, seed: int, val_new_fraction: float) -> 
         embedded[name] = embed_images(model, [s.path for s in part], preprocessing, progress=False)
     ids: Callable = lambda part: [s.identity for s in part]  # noqa: E731
     result = {}
-    for variant, (qe, dba) in VARIANTS.items():
+    for variant, (qe, dba, hubness) in VARIANTS.items():
         gallery, queries = expand(embedded["val_g"], embedded["val_q"], qe, dba)
         threshold, val = _map5(gallery, ids(validation.gallery), queries, ids(validation.queries),
-                               None)
+                               None, hubness)
         gallery, queries = expand(embedded["test_g"], embedded["test_q"], qe, dba)
-        _, test = _map5(gallery, ids(split.gallery), queries, ids(split.queries), threshold)
+        _, test = _map5(gallery, ids(split.gallery), queries, ids(split.queries), threshold,
+                        hubness)
         result[variant] = {"val": round(val, 5), "test": round(test, 5)}
     return result

@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from . import types
+from .hubness import hubness_penalty
 from .types import IndexSpec
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class GalleryIndex:
     """
 
     def __init__(self, embeddings: np.ndarray, identities: Sequence[str],
-                 index_type: str | IndexSpec = "flat", rerank: bool = True):
+                 index_type: str | IndexSpec = "flat", rerank: bool = True, hubness: float = 0.0):
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or len(embeddings) != len(identities):
             raise ValueError(f"{len(identities)} identities for embeddings of shape {embeddings.shape}")
@@ -63,23 +64,28 @@ class GalleryIndex:
         spec = index_type if isinstance(index_type, IndexSpec) else \
             types.resolve(index_type, len(embeddings), embeddings.shape[1])
         self._attach(types.build(embeddings, spec), identities, spec,
-                     embeddings if rerank else None)
+                     embeddings if rerank else None, hubness_penalty(embeddings, hubness))
 
     @classmethod
     def from_faiss(cls, cpu_index: faiss.Index, identities: Sequence[str],
-                   spec: IndexSpec, raw_vectors: np.ndarray | None = None) -> "GalleryIndex":
+                   spec: IndexSpec, raw_vectors: np.ndarray | None = None,
+                   penalty: np.ndarray | None = None) -> "GalleryIndex":
         """Wrap an already filled CPU index (e.g. read from disk) without copying its vectors;
-        ``raw_vectors`` (row for row, may be memory-mapped): exact re-ranking for ivfpq."""
+        ``raw_vectors`` (row for row, may be memory-mapped): exact re-ranking for ivfpq;
+        ``penalty``: the hubness correction per row (``index.hubness``), None for none."""
         if cpu_index.ntotal != len(identities):
             raise ValueError(f"{len(identities)} identities for an index of {cpu_index.ntotal} vectors")
         if cpu_index.ntotal == 0:
             raise ValueError("an index needs at least one gallery embedding")
         self = cls.__new__(cls)
-        self._attach(cpu_index, identities, spec, raw_vectors)
+        self._attach(cpu_index, identities, spec, raw_vectors, penalty)
         return self
 
     def _attach(self, cpu_index: faiss.Index, identities: Sequence[str], spec: IndexSpec,
-                raw_vectors: np.ndarray | None = None) -> None:
+                raw_vectors: np.ndarray | None = None, penalty: np.ndarray | None = None) -> None:
+        if penalty is not None and penalty.shape != (cpu_index.ntotal,):
+            raise ValueError(f"{penalty.shape} hubness penalties for {cpu_index.ntotal} vectors")
+        self.penalty = None if penalty is None else np.asarray(penalty, dtype=np.float32)
         self.spec = spec
         self._rerank_rows = raw_vectors if spec.kind == "ivfpq" else None
         self.rerank_factor = int(spec.params.get("rerank", RERANK_FACTOR))
@@ -113,8 +119,8 @@ class GalleryIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries of shape {queries.shape} for an index of dimension {self.dim}")
-        return fold_asking_twice(self._top, queries, self.identities, k,
-                                 self.first_ask(k), self.sure_ask(k))
+        return fold_asking_again(self._top, queries, self.identities, k, self.asks(k),
+                                 penalty=self.penalty)
 
     def first_ask(self, k: int) -> int:
         """Neighbours asked first: a query's own identity's images come first (at most the
@@ -124,6 +130,14 @@ class GalleryIndex:
     def sure_ask(self, k: int) -> int:
         """Neighbours that hold ``k`` distinct identities whatever the query."""
         return min(len(self), k * self.max_images_per_identity)
+
+    def asks(self, k: int) -> list[int]:
+        """Neighbours asked, then asked again for the queries left short: with a hubness
+        penalty a row beyond the sure count can still win, so a last, wider ask follows."""
+        asks = [self.first_ask(k), self.sure_ask(k)]
+        if self.penalty is not None:
+            asks.append(min(len(self), 8 * asks[-1]))
+        return sorted(set(asks))
 
     def _top(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self._flat_rows is not None and len(queries) < FEW_QUERIES:
@@ -197,25 +211,30 @@ def crowded_count(counts: np.ndarray, share: float = 0.99) -> int:
     return int(ordered[min(len(ordered) - 1, int(np.searchsorted(covered, share)))])
 
 
-def fold_asking_twice(top, queries: np.ndarray, identities: np.ndarray, k: int, first: int,
-                      sure: int, own_rows: np.ndarray | None = None) -> IdentityRanking:
-    """``fold_into_identities`` over ``top(queries, first)`` (``top``: best-first similarities
-    and rows, -1 padded); the queries that found fewer than ``k`` identities although ``top``
-    had more to give are asked again for ``sure`` neighbours. ``own_rows``: one gallery row per
-    query left out of its answer (a gallery image asked as a query, as tuning does)."""
+def fold_asking_again(top, queries: np.ndarray, identities: np.ndarray, k: int,
+                      asks: Sequence[int], own_rows: np.ndarray | None = None,
+                      penalty: np.ndarray | None = None) -> IdentityRanking:
+    """``fold_into_identities`` over ``top(queries, asks[0])`` (``top``: best-first similarities
+    and rows, -1 padded); a query left short (fewer than ``k`` identities, or, with ``penalty``,
+    a row it was not given could still outscore its ``k``-th) although ``top`` had more to give
+    is asked again for the next of ``asks``. ``own_rows``: one gallery row per query left out of
+    its answer (a gallery image asked as a query, as tuning does). ``penalty`` (one per gallery
+    row) is subtracted from each row's similarity before the fold (``index.hubness``)."""
     extra = 0 if own_rows is None else 1
-    ranking = _fold(top(queries, first + extra), identities, k, own_rows)
-    full = ranking.filled & (ranking.seen < k)
-    short = np.flatnonzero(full) if first < sure else np.empty(0, dtype=np.int64)
-    if len(short):
-        again = _fold(top(queries[short], sure + extra), identities, k,
-                      None if own_rows is None else own_rows[short])
+    lowest = 0.0 if penalty is None else float(penalty.min())
+    ranking = _fold(top(queries, asks[0] + extra), identities, k, own_rows, penalty, lowest)
+    short = np.flatnonzero(ranking.short)
+    for ask in asks[1:]:
+        if not len(short):
+            break
+        log.debug("%d of %d queries asked again for %d neighbours", len(short), len(queries), ask)
+        again = _fold(top(queries[short], ask + extra), identities, k,
+                      None if own_rows is None else own_rows[short], penalty, lowest)
         for position, q in enumerate(short):
             ranking.identities[q] = again.identities[position]
         ranking.scores[short] = again.scores
         ranking.best_rows[short] = again.best_rows
-    log.debug("%d of %d queries asked again for %d neighbours (first ask %d)", len(short),
-              len(queries), sure, first)
+        short = short[again.short]
     return IdentityRanking(ranking.identities, ranking.scores, ranking.best_rows)
 
 
@@ -224,24 +243,33 @@ class _Folded:
     identities: list[list[str]]
     scores: np.ndarray
     best_rows: np.ndarray
-    seen: np.ndarray  # identities found per query
-    filled: np.ndarray  # the neighbour list had no padding: more could be asked
+    short: np.ndarray  # a longer neighbour list could change the answer
 
 
 def _fold(found: tuple[np.ndarray, np.ndarray], identities: np.ndarray, k: int,
-          own_rows: np.ndarray | None) -> _Folded:
+          own_rows: np.ndarray | None, penalty: np.ndarray | None, lowest: float) -> _Folded:
     similarities, rows = found
     if own_rows is not None:  # the own image out, the rest moved up, padding at the end
         rows = np.where(rows == own_rows[:, None], -1, rows)
         kept = np.argsort(rows < 0, axis=1, kind="stable")
         rows = np.take_along_axis(rows, kept, axis=1)
         similarities = np.take_along_axis(similarities, kept, axis=1)
-        filled = (rows[:, -2] >= 0) if rows.shape[1] > 1 else np.zeros(len(rows), bool)
+        last = rows.shape[1] - 2
     else:
-        filled = rows[:, -1] >= 0 if rows.shape[1] else np.zeros(len(rows), bool)
+        last = rows.shape[1] - 1
+    if last < 0:
+        filled, unseen_best = np.zeros(len(rows), bool), np.full(len(rows), -np.inf)
+    else:  # no padding: more rows could be asked, none better than this
+        filled = rows[:, last] >= 0
+        unseen_best = similarities[:, last] - lowest
+    if penalty is not None:
+        similarities = np.where(rows >= 0, similarities - penalty[np.maximum(rows, 0)], -np.inf)
+        order = np.argsort(-similarities, axis=1, kind="stable")
+        similarities = np.take_along_axis(similarities, order, axis=1)
+        rows = np.take_along_axis(rows, order, axis=1)
     ranking = fold_into_identities(similarities, rows, identities, k)
-    seen = np.array([len(ids) for ids in ranking.identities], dtype=np.int64)
-    return _Folded(ranking.identities, ranking.scores, ranking.best_rows, seen, filled)
+    short = filled & (ranking.scores[:, k - 1] < unseen_best)  # -inf when fewer than k found
+    return _Folded(ranking.identities, ranking.scores, ranking.best_rows, short)
 
 
 def fold_into_identities(similarities: np.ndarray, rows: np.ndarray, identities: np.ndarray,

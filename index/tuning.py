@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import faiss
 import numpy as np
 
-from .search import crowded_count, exact_top, fold_asking_twice
+from .search import crowded_count, exact_top, fold_asking_again
 from .types import IndexSpec
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, identities: n
 
     def answers(value: int) -> list[list[str]]:
         _set(index, spec, param, max(value, wanted) if param == "efSearch" else value)
-        return fold_asking_twice(search, queries, identities, K, first, sure, own_rows=rows).identities
+        return fold_asking_again(search, queries, identities, K, [first, sure], own_rows=rows).identities
 
     exact = exact_answers(vectors, identities, rows, sure)
     if spec.kind != "ivfpq" or set_rerank is None:
@@ -116,9 +116,8 @@ def exact_answers(vectors: np.ndarray, identities: np.ndarray, rows: np.ndarray,
     """Exact search's top-``K`` identities for the gallery rows ``rows``, own image left out
     (``sure``: neighbours that hold ``K`` identities besides the own image)."""
     exact = lambda queries, n: exact_blocked(queries, vectors, n)  # noqa: E731
-    return fold_asking_twice(exact, np.ascontiguousarray(vectors[rows]),
-                             np.asarray(identities, dtype=object), K, sure, sure,
-                             own_rows=rows).identities
+    return fold_asking_again(exact, np.ascontiguousarray(vectors[rows]),
+                             np.asarray(identities, dtype=object), K, [sure], own_rows=rows).identities
 
 
 def choose(spec: IndexSpec, param: str, values: Sequence[int],

@@ -18,8 +18,8 @@ def orl_vectors(orl_samples):
     return vectors, np.array([s.identity for s in orl_samples])
 
 
-def brute_force_identities(gallery, labels, queries, k):
-    similarity = queries @ gallery.T
+def brute_force_identities(gallery, labels, queries, k, penalty=None):
+    similarity = queries @ gallery.T - (0 if penalty is None else penalty[None, :])
     result = []
     for row in similarity:
         best: dict[str, float] = {}
@@ -88,7 +88,7 @@ def test_crowded_count_is_the_identity_size_of_the_99th_percentile_image():
 def test_queries_left_short_are_asked_again_and_answered_like_brute_force(orl_vectors):
     """A first ask too small for crowded identities: the short queries, and only they, are asked
     again, and every answer is the brute-force one (also with each query's own image left out)."""
-    from index.search import exact_top, fold_asking_twice
+    from index.search import exact_top, fold_asking_again
 
     vectors, labels = orl_vectors
     rows = (np.arange(len(labels)) % 10 < 3) | (labels == "s1")  # s1: 10 images, others 3
@@ -100,14 +100,14 @@ def test_queries_left_short_are_asked_again_and_answered_like_brute_force(orl_ve
         asked.append((len(q), n))
         return exact_top(q, gallery, n)
 
-    ranking = fold_asking_twice(top, queries, gallery_labels, 5, first=5, sure=50)
+    ranking = fold_asking_again(top, queries, gallery_labels, 5, [5, 50])
     assert asked[0] == (len(queries), 5) and asked[1][1] == 50 and 0 < asked[1][0] < len(queries)
     for q, reference in enumerate(brute_force_identities(gallery, gallery_labels, queries, 5)):
         assert ranking.identities[q] == [name for name, _ in reference]
         assert np.allclose(ranking.scores[q], [score for _, score in reference], atol=1e-5)
     own = np.arange(0, len(gallery), 7)  # gallery images asked as queries, each without itself
-    ranking = fold_asking_twice(lambda q, n: exact_top(q, gallery, n), gallery[own],
-                                gallery_labels, 5, first=5, sure=50, own_rows=own)
+    ranking = fold_asking_again(lambda q, n: exact_top(q, gallery, n), gallery[own],
+                                gallery_labels, 5, [5, 50], own_rows=own)
     for position, row in enumerate(own):
         rest = np.delete(np.arange(len(gallery)), row)
         reference = brute_force_identities(gallery[rest], gallery_labels[rest], gallery[[row]], 5)[0]
@@ -115,7 +115,6 @@ def test_queries_left_short_are_asked_again_and_answered_like_brute_force(orl_ve
 
 
 def test_gallery_index_asks_for_few_neighbours_and_again_where_an_identity_is_crowded():
-    from index.search import exact_top
     from index.synthetic import clustered_vectors
 
     gallery, labels, queries, _ = clustered_vectors(3000, 32, seed=3, max_images=2)
@@ -136,3 +135,40 @@ def test_gallery_index_asks_for_few_neighbours_and_again_where_an_identity_is_cr
     assert ranking.identities[0][0] == crowded and len(set(ranking.identities[0])) == 5
     for q, reference in enumerate(brute_force_identities(gallery, labels, queries, 5)):
         assert ranking.identities[q] == [name for name, _ in reference]
+
+
+def test_hubness_is_the_mean_similarity_to_the_k_nearest_other_gallery_images(orl_vectors):
+    from index.hubness import gallery_hubness
+
+    vectors, _ = orl_vectors
+    gallery = np.vstack([vectors[:60], vectors[:1]])  # row 60 duplicates row 0
+    similarity = gallery @ gallery.T
+    for k in (10, 3):
+        naive = [np.sort(np.delete(similarity[i], i))[-k:].mean() for i in range(len(gallery))]
+        assert np.allclose(gallery_hubness(gallery, k), naive, atol=1e-5)
+    assert np.allclose(gallery_hubness(gallery[:4], 10), [np.delete(similarity[i, :4], i).mean()
+                                                          for i in range(4)], atol=1e-5)
+    assert gallery_hubness(gallery[:1]).tolist() == [0.0]
+
+
+@pytest.mark.parametrize("batch", [40, 7])  # FAISS's search; the few-queries NumPy path
+def test_search_with_the_hubness_penalty_is_brute_force_on_penalised_similarities(orl_vectors, batch):
+    from index.hubness import gallery_hubness
+
+    vectors, labels = orl_vectors
+    rows = np.arange(len(labels)) % 10 < 3
+    gallery, gallery_labels = vectors[rows], labels[rows]
+    queries = vectors[np.arange(len(labels)) % 10 == 5]
+    index = GalleryIndex(gallery, gallery_labels, hubness=0.5)
+    penalty = 0.5 * gallery_hubness(gallery)
+    assert np.allclose(index.penalty, penalty) and np.ptp(penalty) > 0.05  # hubs differ
+    identities = [ids for i in range(0, len(queries), batch)
+                  for ids in index.search(queries[i:i + batch], k=5).identities]
+    scores = np.concatenate([index.search(queries[i:i + batch], k=5).scores
+                             for i in range(0, len(queries), batch)])
+    expected = brute_force_identities(gallery, gallery_labels, queries, 5, penalty)
+    for q, reference in enumerate(expected):
+        assert identities[q] == [name for name, _ in reference]
+        assert np.allclose(scores[q], [score for _, score in reference], atol=1e-5)
+    plain = GalleryIndex(gallery, gallery_labels).search(queries, 5).identities
+    assert plain != identities  # the penalty changed some answers
