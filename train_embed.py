@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "ImageNet weights by the share (0, 1/4, 1/2, 3/4, 1) that scores best "
                             "on the validation carve-out (WiSE-FT: one network, so embedding "
                             "costs the same); 0 ships the model as trained (default: %(default)s)")
+    train.add_argument("--hubness", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS.hubness,
+                       help="search with the hubness correction: each gallery image's similarity "
+                            "minus a weight times its mean similarity to its 10 nearest gallery "
+                            "images, so images close to everything stop crowding answers; the "
+                            "weight (0, 1/4, 1/2) that scores best on the validation carve-out is "
+                            "stored in the checkpoint and the index (0: plain cosine) "
+                            "(default: %(default)s)")
     train.add_argument("--layer-decay", type=float, default=DEFAULTS.layer_decay,
                        help="layer-wise learning-rate decay: the backbone's last block learns at "
                             "--lr, each block below at this factor times the one above, so early, "

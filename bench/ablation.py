@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postprocess", action="store_true",
                    help="also score query expansion / database-side augmentation on every run "
                         "(bench/postprocess.py)")
+    p.add_argument("--untrained", action="store_true",
+                   help="train nothing: score the post-processing variants (query expansion, "
+                        "database-side augmentation, hubness correction) on the untrained "
+                        "backbone + GeM, each with a threshold calibrated on its validation "
+                        "carve-out; --variants is ignored")
     p.add_argument("--variants", nargs="+", default=["base"],
                    help="NAME=field:value,... over TrainConfig; 'base' is the default recipe")
 
@@ -75,8 +80,43 @@ def _best_validation(run: Path) -> float:
     return float(load_checkpoint(run / "best.pt")["metrics"]["val_map5"])
 
 
+def run_untrained(args) -> dict:
+    """``--untrained``: every post-processing variant on the untrained backbone, per seed."""
+    from retrieval.config import TrainConfig
+
+    from .postprocess import VARIANTS, untrained_scores
+
+    samples = _samples(args)
+    report = Report("ablation", args, args.seeds)
+    defaults = TrainConfig()
+    per_seed = []
+    for seed in args.seeds:
+        per_seed.append({"seed": seed, **untrained_scores(
+            samples, seed, defaults.val_new_fraction, args.image_size, defaults.backbone)})
+        print(f"seed {seed}: " + ", ".join(f"{v} {per_seed[-1][v]['val']:.3f}/"
+                                           f"{per_seed[-1][v]['test']:.3f}" for v in VARIANTS),
+              flush=True)
+    table_rows = [[variant, pm(mean_std([r[variant]["val"] for r in per_seed])),
+                   pm(mean_std([r[variant]["test"] for r in per_seed])),
+                   sum(r[variant]["test"] > r["plain"]["test"] for r in per_seed)]
+                  for variant in VARIANTS]
+    title = (f"{args.data}{f' (first {args.max_identities} identities)' if args.max_identities else ''}: "
+             f"untrained backbone + GeM, whale protocol, {args.image_size}px, seeds "
+             f"{' '.join(map(str, args.seeds))}; choose by the validation column")
+    table = format_table(["variant", "val MAP@5", "test MAP@5 (threshold from val)",
+                          "seeds above plain on test"], table_rows, title)
+    print(table)
+    tag = f"_{args.max_identities}ids" if args.max_identities else ""
+    report.write(f"ablation_untrained_{Path(str(args.data)).name}{tag}_{args.image_size}px",
+                 getattr(args, "out", None), rows=per_seed, table=table)
+    return {"untrained": per_seed}
+
+
 def run(args) -> dict:
     from dataclasses import replace
+
+    if args.untrained:
+        return run_untrained(args)
 
     from retrieval.training.protocol import run_seed
 

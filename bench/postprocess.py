@@ -66,17 +66,36 @@ def _map5(gallery, gallery_ids, queries, truths, threshold: float | None,
 def scores(run: Path, samples: Sequence, seed: int, val_new_fraction: float) -> dict[str, dict]:
     """``{variant: {"val": MAP@5, "test": MAP@5}}`` for the run folder of one protocol seed."""
     from retrieval.models.checkpoint import load_model
+
+    models = {name: load_model(run / name)[:2] for name in ("best.pt", "model.pt")}
+    return _scores(samples, seed, val_new_fraction, models["best.pt"], models["model.pt"])
+
+
+def untrained_scores(samples: Sequence, seed: int, val_new_fraction: float, image_size: int,
+                     backbone: str) -> dict[str, dict]:
+    """``scores`` of the untrained backbone + GeM (no training at all: ``ablation --untrained``)."""
+    from retrieval.models.model import preprocessing_for, zero_shot_model
+
+    model = zero_shot_model(backbone)
+    pair = (model, preprocessing_for(model, image_size))
+    return _scores(samples, seed, val_new_fraction, pair, pair)
+
+
+def _scores(samples: Sequence, seed: int, val_new_fraction: float, selection_model: tuple,
+            shipped_model: tuple) -> dict[str, dict]:
+    """Every variant's validation MAP@5 (``selection_model`` embeds the carve-out, threshold
+    calibrated there) and test MAP@5 (``shipped_model`` embeds the protocol's gallery and
+    queries, that threshold applied)."""
     from retrieval.data import validation_split, whale_split
     from retrieval.models.embed import embed_images
 
     split = whale_split(samples, seed)
     validation = validation_split(split.gallery, seed=seed, new_fraction=val_new_fraction)
     embedded: dict[str, np.ndarray] = {}
-    for name, checkpoint, part in (("val_g", "best.pt", validation.gallery),
-                                   ("val_q", "best.pt", validation.queries),
-                                   ("test_g", "model.pt", split.gallery),
-                                   ("test_q", "model.pt", split.queries)):
-        model, preprocessing, _ = load_model(run / checkpoint)
+    for name, (model, preprocessing), part in (("val_g", selection_model, validation.gallery),
+                                               ("val_q", selection_model, validation.queries),
+                                               ("test_g", shipped_model, split.gallery),
+                                               ("test_q", shipped_model, split.queries)):
         embedded[name] = embed_images(model, [s.path for s in part], preprocessing, progress=False)
     ids: Callable = lambda part: [s.identity for s in part]  # noqa: E731
     result = {}

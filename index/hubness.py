@@ -12,6 +12,8 @@ on every seed (bench/README.md, "Hubness correction").
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import faiss
 import numpy as np
 
@@ -19,23 +21,39 @@ K = 10  # neighbours that measure an image's hubness
 WEIGHTS = (0.0, 0.25, 0.5)  # tried by selection, in order: the first of equals is kept
 
 
-def gallery_hubness(vectors: np.ndarray, k: int = K) -> np.ndarray:
+def gallery_hubness(vectors: np.ndarray, k: int = K,
+                    neighbours: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
+                    block: int = 8192) -> np.ndarray:
     """(N,) float32: each row's mean inner product with its ``k`` nearest *other* rows (all the
-    others where fewer; 0 for a gallery of one). Exact (FAISS flat, blocked internally)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    others where fewer; 0 for a gallery of one). ``neighbours(queries, n)``: best-first
+    similarities and rows, e.g. a built index's search (approximate for approximate types);
+    default exact (FAISS flat). Rows are asked ``block`` at a time, so a memory-mapped gallery
+    is never read whole."""
     n = len(vectors)
     if n < 2:
         return np.zeros(n, dtype=np.float32)
     wanted = min(n, k + 1)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    similarities, rows = index.search(vectors, wanted)
-    own = rows == np.arange(n)[:, None]
-    # drop each row's own entry (or, where a duplicate pushed it out, the last one)
-    drop = np.where(own.any(axis=1), own.argmax(axis=1), wanted - 1)
-    keep = np.ones_like(own)
-    keep[np.arange(n), drop] = False
-    return similarities[keep].reshape(n, wanted - 1).mean(axis=1).astype(np.float32)
+    if neighbours is None:
+        flat = faiss.IndexFlatIP(vectors.shape[1])
+        flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        neighbours = flat.search
+    parts = []
+    for start in range(0, n, block):
+        queries = np.ascontiguousarray(vectors[start:start + block], dtype=np.float32)
+        similarities, rows = neighbours(queries, wanted)
+        parts.append(_mean_of_others(similarities, rows, np.arange(start, start + len(queries))))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _mean_of_others(similarities: np.ndarray, rows: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Mean similarity per query, its own row left out (or, where a duplicate pushed it out of
+    the list, the last one), and any padding (-1) too."""
+    is_own = rows == own[:, None]
+    drop = np.where(is_own.any(axis=1), is_own.argmax(axis=1), rows.shape[1] - 1)
+    keep = rows >= 0
+    keep[np.arange(len(rows)), drop] = False
+    counts = np.maximum(keep.sum(axis=1), 1)
+    return np.where(keep, similarities, 0.0).sum(axis=1) / counts
 
 
 def hubness_penalty(vectors: np.ndarray, weight: float) -> np.ndarray | None:

@@ -9,6 +9,9 @@ Layout of an index folder::
     data-<id>/gallery.parquet  one row per vector: path, identity, vector_id (= FAISS id = row number)
     data-<id>/vectors.npy      the raw float32 embeddings, so --append / --remove-identity / a change
                                of index type rebuild exactly without re-embedding a single image
+    data-<id>/hubness.npy      each row's hubness (``index.hubness``), only where the model's
+                               manifest entry records a hubness correction; measured again on
+                               every write, so an append gives what a fresh build gives
 
 Rows are kept sorted by image path: any sequence of appends and removals then writes the same
 files as one fresh build of the same images.
@@ -54,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import types
 from .errors import (IndexCorrupt, IndexNotFound, InvalidGallery, NotAnIndex, NotReplaceable,
                      WrongBackend)
+from .hubness import gallery_hubness
 from .rows import GalleryRows, non_finite_rows, write_rows
 from .search import GalleryIndex
 from .types import IndexSpec
@@ -72,6 +76,8 @@ INDEX_FILE = "index.faiss"
 TABLE_FILE = "gallery.parquet"
 VECTORS_FILE = "vectors.npy"
 DATA_FILES = (INDEX_FILE, TABLE_FILE, VECTORS_FILE)
+# each row's hubness (index.hubness), written where the model searches with the correction
+HUBNESS_FILE = "hubness.npy"
 # files the model side may keep with an index (opaque here: listed, checksummed, carried along)
 ATTACHMENTS = ("encoder.onnx",)
 DATA_DIR_PATTERN = re.compile(r"^data-[0-9a-f]{12}$")
@@ -98,6 +104,14 @@ class ModelEntry(BaseModel):
     fingerprint: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     source: Literal["checkpoint", "pretrained"]
     checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _hubness_is_a_weight(self) -> "ModelEntry":
+        """``hubness`` (kept only where a model has one): the correction weight, 0 to 1."""
+        value = (self.model_extra or {}).get("hubness", 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"hubness must be a weight from 0 to 1, not {value!r}")
+        return self
 
 
 class IndexEntry(BaseModel):
@@ -170,9 +184,13 @@ class ManifestSchema(BaseModel):
                                  f"{FORMAT} and may list only {', '.join(ATTACHMENTS)}")
         elif self.milvus is not None:
             raise ValueError("a FAISS index names no Milvus collection")
-        elif not set(DATA_FILES) <= set(self.files) <= set(DATA_FILES + ATTACHMENTS):
+        elif not set(DATA_FILES) <= set(self.files) <= set(DATA_FILES + (HUBNESS_FILE,) + ATTACHMENTS):
             raise ValueError(f"files must list {', '.join(DATA_FILES)}, and may list "
-                             f"{', '.join(ATTACHMENTS)}")
+                             f"{', '.join((HUBNESS_FILE,) + ATTACHMENTS)}")
+        if hubness_weight(self.model.model_dump()) and (self.backend == "milvus"
+                                                        or HUBNESS_FILE not in self.files):
+            raise ValueError(f"a model with a hubness correction needs the FAISS backend and "
+                             f"its {HUBNESS_FILE}")
         if self.counts.identities > self.counts.images:
             raise ValueError("more identities than images")
         if self.format == FORMAT and not self.data_dir:
@@ -272,6 +290,11 @@ class StoredIndex:
 
 # ----------------------------------------------------------------------------- writing
 
+def hubness_weight(model: dict[str, Any]) -> float:
+    """The hubness correction weight a manifest's ``model`` entry records (0: none)."""
+    return float(model.get("hubness") or 0.0)
+
+
 def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths: Sequence[str],
                identities: Sequence[str], *, model: dict[str, Any], tta: str,
                threshold: float | None, index_type: str | IndexSpec = "flat",
@@ -317,10 +340,16 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
         stored = np.load(data_dir / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
         log.info("building a %s index of %d vectors", spec.kind, len(stored))
         faiss_index = types.build(stored, spec)
-        spec = _tuned(GalleryIndex.from_faiss(faiss_index, identities, spec, stored), stored,
-                      identities, target_recall)
+        built = GalleryIndex.from_faiss(faiss_index, identities, spec, stored)
+        spec = _tuned(built, stored, identities, target_recall)
         faiss.write_index(faiss_index, str(data_dir / INDEX_FILE))
-        del faiss_index, stored
+        names = [INDEX_FILE, TABLE_FILE, VECTORS_FILE]
+        if hubness_weight(model):
+            log.info("measuring the hubness of %d gallery images", len(stored))
+            np.save(data_dir / HUBNESS_FILE, gallery_hubness(stored, neighbours=built.neighbours))
+            _fsync(data_dir / HUBNESS_FILE)
+            names.append(HUBNESS_FILE)
+        del faiss_index, stored, built
         _fsync(data_dir / INDEX_FILE)
         _fsync(data_dir)
         values = _manifest_values(source.dim, model, tta, threshold, threshold_source, spec,
@@ -329,8 +358,7 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
     except BaseException:
         shutil.rmtree(data_dir, ignore_errors=True)
         raise
-    return _publish(target, data_dir, values, [INDEX_FILE, TABLE_FILE, VECTORS_FILE, *attachments],
-                    previous)
+    return _publish(target, data_dir, values, [*names, *attachments], previous)
 
 
 def _tuned(gallery: GalleryIndex, vectors: np.ndarray, identities: list[str],
@@ -464,7 +492,7 @@ def _remove_data_dir(folder: Path) -> None:
     if folder.is_symlink() or not folder.is_dir():
         folder.unlink(missing_ok=True)
         return
-    for name in DATA_FILES + ATTACHMENTS:
+    for name in DATA_FILES + (HUBNESS_FILE,) + ATTACHMENTS:
         (folder / name).unlink(missing_ok=True)
     try:
         folder.rmdir()
@@ -649,8 +677,26 @@ def _load_once(directory: Path, backends: Sequence[str]) -> StoredIndex:
                                                f"says {counts['identities']}")
     stored = StoredIndex(directory, manifest, paths, identities, None)
     raw = stored.vectors(mmap=True) if manifest.spec.kind == "ivfpq" else None  # re-ranking
-    stored.gallery = GalleryIndex.from_faiss(faiss_index, identities, manifest.spec, raw)
+    stored.gallery = GalleryIndex.from_faiss(faiss_index, identities, manifest.spec, raw,
+                                             _penalty(directory, manifest))
     return stored
+
+
+def _penalty(directory: Path, manifest: Manifest) -> np.ndarray | None:
+    """The hubness correction per row (weight x ``hubness.npy``), None where the model has none."""
+    weight = hubness_weight(manifest.model)
+    if not weight:
+        return None
+    path = _verified(directory, HUBNESS_FILE, manifest)
+    try:
+        hubness = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise _corrupt(path, f"{type(err).__name__}: {err}") from None
+    if hubness.shape != (manifest.counts["images"],) or hubness.dtype != np.float32 \
+            or not np.isfinite(hubness).all():
+        raise _corrupt(path, f"{hubness.shape} {hubness.dtype} values, expected "
+                             f"{manifest.counts['images']} finite float32")
+    return weight * hubness
 
 
 def _load_milvus(directory: Path, manifest: Manifest) -> StoredIndex:

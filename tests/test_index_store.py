@@ -420,3 +420,53 @@ def test_empty_gallery_is_refused(tmp_path):
     with pytest.raises(InvalidGallery, match="would be empty"):
         save_index(tmp_path / "idx", np.zeros((0, 8), np.float32), [], [], model=MODEL,
                    tta="none", threshold=None)
+
+
+def test_a_model_with_a_hubness_correction_is_searched_with_it_after_a_round_trip(gallery, tmp_path):
+    """The hubness of every row is written beside the index and applied when it is read; an
+    append measures it again, so it gives the files of a fresh build."""
+    from index.hubness import gallery_hubness
+
+    vectors, paths, labels, queries = gallery
+    model = {**MODEL, "hubness": 0.5}
+    save(tmp_path / "idx", gallery, model=model)
+    stored = load_index(tmp_path / "idx")
+    assert stored.manifest.model["hubness"] == 0.5 and "hubness.npy" in stored.manifest.files
+    direct = GalleryIndex(vectors, labels, hubness=0.5).search(queries, 5)
+    loaded = stored.gallery.search(queries, 5)
+    assert loaded.identities == direct.identities != GalleryIndex(vectors, labels).search(queries, 5).identities
+    np.testing.assert_allclose(loaded.scores, direct.scores, atol=1e-6)
+    order = np.argsort(paths, kind="stable")
+    np.testing.assert_allclose(np.load(data_file(tmp_path / "idx", "hubness.npy")),
+                               gallery_hubness(vectors[order]), atol=1e-6)
+    half = len(paths) // 2  # the same gallery in two writes
+    save_index(tmp_path / "two", vectors[:half], paths[:half], labels[:half], model=model,
+               tta="flip", threshold=0.42)
+    save_index(tmp_path / "two", np.vstack([load_index(tmp_path / "two").vectors(), vectors[half:]]),
+               sorted(paths[:half]) + paths[half:],
+               [labels[i] for i in sorted(range(half), key=lambda i: paths[i])] + labels[half:],
+               model=model, tta="flip", threshold=0.42)
+    assert data_file(tmp_path / "two", "hubness.npy").read_bytes() == \
+        data_file(tmp_path / "idx", "hubness.npy").read_bytes()
+    # no correction: no file, as before
+    save(tmp_path / "plain", gallery)
+    assert "hubness.npy" not in read_manifest(tmp_path / "plain").files
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m["model"].update(hubness=3), "hubness must be a weight"),
+    (lambda m: m["files"].pop("hubness.npy"), "needs the FAISS backend and its hubness.npy"),
+    (None, "(3,) float32 values, expected 139 finite float32"),
+])
+def test_a_damaged_hubness_correction_is_one_clear_error(gallery, tmp_path, edit, expected):
+    folder = tmp_path / "idx"
+    save(folder, gallery, model={**MODEL, "hubness": 0.25})
+    if edit is None:  # a hubness file of the wrong length, its checksum fixed
+        _rewrite_data_file(folder, "hubness.npy", lambda p: np.save(p, np.zeros(3, np.float32)))
+    else:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        edit(manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexCorrupt) as err:
+        load_index(folder)
+    assert expected in str(err.value) and "\n" not in str(err.value)

@@ -30,10 +30,10 @@ from retrieval.training.train import Trainer, train
 from .conftest import OMNIGLOT, ROOT
 from .index_helpers import make_checkpoint
 
-# one depth (the whole backbone): the tests of the mechanics train one selection, not the
-# default's two
+# one depth (the whole backbone) and plain cosine search: the tests of the mechanics train one
+# selection, not the default's two, and score it as evaluate_queries does
 TINY = dict(image_size=48, embedding_dim=64, batch_size=16, num_workers=0, warmup_epochs=1,
-            trainable_blocks=0)
+            trainable_blocks=0, hubness=False)
 
 
 def read_log(out: Path) -> list[dict]:
@@ -448,6 +448,41 @@ def test_the_refit_model_records_the_shipped_validation_score(orl_subset, tmp_pa
     assert payload["threshold"] == pytest.approx(best["threshold"])
     trained = [float(r["val_map5"]) for r in read_log(tmp_path) if r["stage"] == "select"]
     assert payload["metrics"]["val_map5_trained"] == pytest.approx(max(trained), abs=1e-5)
+
+
+def test_the_hubness_weight_chosen_on_validation_ships_through_the_refit_into_the_index(
+        orl_subset, tmp_path, monkeypatch):
+    """Selection scores the chosen model with each hubness correction weight; the weight it
+    keeps and the threshold calibrated with it reach model.pt and, through the encoder's
+    manifest entry, the index, which then searches with the correction."""
+    import index.hubness
+    from index.store import load_index, save_index
+    from retrieval.answering.encoder import EncoderSpec, load_encoder
+    from retrieval.training.evaluate import evaluate_hubness
+
+    weights = (0.5, 0.0, 1.0)  # 0.5 first: on these 8 faces it ties with plain search
+    monkeypatch.setattr(index.hubness, "WEIGHTS", weights)
+    config = TrainConfig(out=str(tmp_path), epochs=2, **{**TINY, "hubness": True})
+    payload = load_checkpoint(train(config, orl_subset))
+    model, pre, best = load_model(tmp_path / "best.pt")
+    split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
+    results = evaluate_hubness(model, pre, split.gallery, split.queries, weights, progress=False)
+    chosen = max(range(3), key=lambda i: results[i].map5)  # the first of equals
+    assert best["hubness"] == payload["hubness"] == weights[chosen] == 0.5
+    assert payload["threshold"] == pytest.approx(results[chosen].threshold)
+    assert payload["metrics"]["val_map5"] == pytest.approx(results[chosen].map5)
+    # the encoder's manifest entry carries it into the index
+    encoder = load_encoder(EncoderSpec(checkpoint=str(tmp_path / "model.pt")))
+    vectors = encoder.encode([s.path for s in orl_subset], progress=False)
+    save_index(tmp_path / "index", vectors, [str(s.path) for s in orl_subset],
+               [s.identity for s in orl_subset], model=encoder.model_info(), tta="none",
+               threshold=payload["threshold"])
+    stored = load_index(tmp_path / "index")
+    assert stored.manifest.model["hubness"] == 0.5 and stored.gallery.penalty is not None
+    # --no-hubness: plain cosine, nothing chosen
+    plain = load_checkpoint(train(TrainConfig(out=str(tmp_path / "plain"), epochs=1, **TINY),
+                                  orl_subset))
+    assert plain["hubness"] == 0.0
 
 
 def test_training_from_scratch_needs_no_pretrained_weights(orl_subset, tmp_path, monkeypatch):

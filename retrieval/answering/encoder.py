@@ -60,14 +60,17 @@ class Encoder:
     threshold: float | None  # the checkpoint's calibrated new_whale threshold
     checkpoint: str | None
     tta: str = "none"
+    hubness: float = 0.0  # the checkpoint's hubness correction weight (index.hubness)
 
     def model_info(self) -> dict[str, Any]:
-        """The manifest's ``model`` entry: enough to rebuild this encoder for queries."""
+        """The manifest's ``model`` entry: enough to rebuild this encoder for queries, and the
+        hubness correction its threshold was calibrated with (only where there is one)."""
         from ..models.model import model_spec
 
         return {"fingerprint": self.fingerprint,
                 "source": "checkpoint" if self.checkpoint else "pretrained",
-                "checkpoint": self.checkpoint, **model_spec(self.model, self.preprocessing)}
+                "checkpoint": self.checkpoint, **model_spec(self.model, self.preprocessing),
+                **({"hubness": float(self.hubness)} if self.hubness else {})}
 
     def encode(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0,
                device: "torch.device | None" = None, progress: bool = True,
@@ -125,7 +128,7 @@ def _checkpoint_encoder(spec: EncoderSpec) -> Encoder:
     path = Path(spec.checkpoint).resolve()
     model, preprocessing, payload = load_model(path)
     return Encoder(model, preprocessing, payload["fingerprint"], payload.get("threshold"),
-                   str(path), spec.tta)
+                   str(path), spec.tta, float(payload.get("hubness") or 0.0))
 
 
 def _zero_shot_encoder(spec: EncoderSpec) -> Encoder:

@@ -118,6 +118,10 @@ def _run_locked(opts: BuildOptions, ctx) -> Any:
     loaded: list[Encoder] = []
     plan = _on_main(ctx, lambda: _plan(opts, current, loaded))
     encoder = loaded[0] if loaded else load_encoder(plan.encoder)
+    if encoder.hubness and (opts.backend == "milvus" or current.milvus is not None):
+        raise UserError(f"{encoder.checkpoint} searches with a hubness correction (weight "
+                        f"{encoder.hubness}), which the Milvus backend does not apply: build with "
+                        "--backend faiss, or train with --no-hubness")
     kept, vectors = _embed_sharded(ctx, encoder, plan.new, opts)
     if not ctx.is_main:
         return None

@@ -99,6 +99,7 @@ _LAYOUT: dict[str, tuple[tuple[type, ...], bool]] = {
     "state_dict": ((dict,), True),
     "fingerprint": ((str,), True),
     "threshold": ((float, int, type(None)), False),
+    "hubness": ((float, int), False),
     "identities": ((list,), False),
     "train_config": ((dict,), False),
     "stage": ((str,), False),
@@ -119,6 +120,9 @@ def validate_payload(payload: dict[str, Any], path: str | Path) -> None:
             continue
         if not isinstance(payload[key], allowed):
             raise _damaged(path, f"'{key}' is a {type(payload[key]).__name__}")
+    hubness = payload.get("hubness", 0.0)
+    if isinstance(hubness, bool) or not 0.0 <= hubness <= 1.0:  # NaN fails too
+        raise _damaged(path, f"'hubness' is {hubness!r}, not a weight from 0 to 1")
     state = payload["state_dict"]
     if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise _damaged(path, "'state_dict' is not a mapping of names to tensors")

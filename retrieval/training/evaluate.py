@@ -32,13 +32,17 @@ def answers(ranking: IdentityRanking, threshold: float | None, k: int = 5) -> li
 
 def rank_queries(model: EmbeddingModel, preprocessing: Preprocessing, gallery: Sequence[Sample],
                  queries: Sequence[Sample], k: int = 5, device: torch.device | None = None,
-                 progress: bool = True, tta_flip: bool = False) -> IdentityRanking:
+                 progress: bool = True, tta_flip: bool = False,
+                 hubness: float = 0.0) -> IdentityRanking:
+    """The queries' ranked identities, searched as an index built from ``gallery`` searches
+    (``hubness``: the checkpoint's correction weight)."""
     embed = dict(device=device, progress=progress, tta_flip=tta_flip)
     gallery_vectors = embed_images(model, [s.path for s in gallery], preprocessing,
                                    desc="embedding gallery", **embed)
     query_vectors = embed_images(model, [s.path for s in queries], preprocessing,
                                  desc="embedding queries", **embed)
-    return GalleryIndex(gallery_vectors, [s.identity for s in gallery]).search(query_vectors, k)
+    return GalleryIndex(gallery_vectors, [s.identity for s in gallery],
+                        hubness=hubness).search(query_vectors, k)
 
 
 def score(ranking: IdentityRanking, truths: Sequence[str], threshold: float | None,
@@ -76,4 +80,24 @@ def evaluate_blends(model: EmbeddingModel, preprocessing: Preprocessing,
             np.ascontiguousarray(q), k)
         threshold, map5 = calibrate_threshold(ranking.identities, ranking.scores, truths, k)
         results.append(EvalResult(map5, score(ranking, truths, None, k), threshold, share))
+    return results
+
+
+def evaluate_hubness(model: EmbeddingModel, preprocessing: Preprocessing,
+                     gallery: Sequence[Sample], queries: Sequence[Sample],
+                     weights: Sequence[float], k: int = 5, device: torch.device | None = None,
+                     progress: bool = True) -> list[EvalResult]:
+    """``evaluate_queries`` searched with the hubness correction at each of ``weights``, one
+    result per weight, in order (validation use only). Embeds the images once."""
+    embed = dict(device=device, progress=progress)
+    gallery_vectors = embed_images(model, [s.path for s in gallery], preprocessing,
+                                   desc="embedding gallery", **embed)
+    query_vectors = embed_images(model, [s.path for s in queries], preprocessing,
+                                 desc="embedding queries", **embed)
+    identities, truths = [s.identity for s in gallery], [q.identity for q in queries]
+    results = []
+    for weight in weights:
+        ranking = GalleryIndex(gallery_vectors, identities, hubness=weight).search(query_vectors, k)
+        threshold, map5 = calibrate_threshold(ranking.identities, ranking.scores, truths, k)
+        results.append(EvalResult(map5, score(ranking, truths, None, k), threshold))
     return results

@@ -93,13 +93,15 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
     if data_root is not None:
         export_split(split, Path(data_root), Path(run_config.out))
     model, preprocessing, payload = load_model(checkpoint)
-    ranking = rank_queries(model, preprocessing, split.gallery, split.queries)
+    ranking = rank_queries(model, preprocessing, split.gallery, split.queries,
+                           hubness=payload.get("hubness", 0.0))
     truths = [q.identity for q in split.queries]
     return {
         "seed": seed, "queries": len(truths), "new_queries": truths.count(NEW_WHALE),
         "gallery_images": len(split.gallery), "threshold": payload["threshold"],
         "pretrained_share": payload["model_config"].get("pretrained_share", 0.0),
         "weight_share": payload["metrics"].get("weight_share", 0.0),
+        "hubness": payload.get("hubness", 0.0),
         "constant_new_whale": map_at_k([[NEW_WHALE]] * len(truths), truths),
         **zero_shot_scores(run_config, split.gallery, split.queries),
         "engine_no_threshold": score(ranking, truths, None),

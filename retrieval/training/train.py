@@ -55,7 +55,7 @@ from ..models.model import (
 from ..models.transforms import seed_worker_transform, train_transform
 from ..progress import bar
 from . import recipe
-from .evaluate import EvalResult, evaluate_blends, evaluate_queries
+from .evaluate import EvalResult, evaluate_blends, evaluate_hubness, evaluate_queries
 from .losses import LossSpec, create_loss
 from .recipe import Recipe
 
@@ -77,6 +77,7 @@ class Selection:
     trainable_blocks: int = 0  # the depth this selection trained (TrainConfig.trainable_blocks)
     finished: list[dict] = field(default_factory=list)  # selections of the depths tried before
     complete: bool = False  # every epoch trained and the weight share chosen: nothing to resume
+    hubness: float = 0.0  # weight of the hubness correction in search (index.hubness)
 
 
 class LossHead(nn.Module):
@@ -246,7 +247,8 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
                        metrics: dict | None = None, raw: bool = False,
-                       pretrained_share: float = 0.0, weight_share: float = 0.0) -> dict:
+                       pretrained_share: float = 0.0, weight_share: float = 0.0,
+                       hubness: float = 0.0) -> dict:
     """A checkpoint of the shipped weights (the EMA's, when on), moved towards the ImageNet
     weights by ``weight_share`` and with the untrained reference blended in at
     ``pretrained_share``; ``raw``: the weights being trained, which a resumed run continues from
@@ -259,7 +261,7 @@ def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
     state_dict = _plain_state(model)
     return {**model_spec(model, trainer.preprocessing),
             "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
-            "threshold": threshold, "identities": trainer.identities,
+            "threshold": threshold, "hubness": hubness, "identities": trainer.identities,
             "train_config": asdict(trainer.config), "stage": stage, "epoch": trainer.epoch,
             "metrics": metrics or {}}
 
@@ -360,6 +362,9 @@ def _run_selection(config: TrainConfig, samples: Sequence[Sample], ctx: distribu
         with torch.random.fork_rng(devices=[]):  # embedding draws seeds: keep the refit's stream
             _choose_weight_share(trainer.imagenet_backbone, split, selection, best_path,
                                  ctx.device)
+    if ctx.is_main and split.queries and config.hubness:
+        with torch.random.fork_rng(devices=[]):
+            _choose_hubness(split, selection, best_path, ctx.device)
     selection.complete = True
     if ctx.is_main:  # a run resumed from here goes straight on to the next depth or the refit
         last = load_checkpoint(out / "last.pt")
@@ -468,6 +473,28 @@ def _choose_weight_share(start: nn.Module, split, selection: Selection, best_pat
 BLEND_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # untrained shares selection tries (blend_pretrained)
 
 
+def _choose_hubness(split, selection: Selection, best_path: Path, device: torch.device) -> None:
+    """``hubness``: search the validation carve-out with the chosen model (as shipped) at each
+    of ``index.hubness.WEIGHTS`` and keep the weight scoring best with its re-calibrated
+    threshold, the first (0: plain cosine) among equals; rewrites ``best.pt`` where it changes.
+    Chosen last, for the model already chosen: one more choice, not a joint grid."""
+    from index.hubness import WEIGHTS
+
+    model, preprocessing, payload = load_model(best_path)
+    results = evaluate_hubness(model, preprocessing, split.gallery, split.queries, WEIGHTS,
+                               device=device, progress=False)
+    log.info("validation MAP@5 by hubness correction weight: %s",
+             {weight: round(r.map5, 5) for weight, r in zip(WEIGHTS, results)})
+    best = _best_result(results)
+    weight = WEIGHTS[results.index(best)]
+    if not weight:
+        return
+    payload = {**payload, "hubness": weight, "threshold": best.threshold,
+               "metrics": {**payload["metrics"], "val_map5": best.map5, "hubness": weight}}
+    save_checkpoint(best_path, payload)
+    selection.hubness, selection.threshold, selection.shipped_map5 = weight, best.threshold, best.map5
+
+
 def _best_result(results: Sequence[EvalResult]) -> EvalResult:
     """The best share (of a blend or of the weights) by MAP@5 with its threshold, the first
     (smallest) among equals: a share is kept only where it scores strictly better than the
@@ -552,8 +579,9 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
         save_checkpoint(out / "model.pt", checkpoint_payload(
             trainer, selection.threshold, "refit",
             {"val_map5": selection.shipped_map5, "val_map5_trained": selection.best_map5,
-             "weight_share": selection.weight_share},
-            pretrained_share=selection.pretrained_share, weight_share=selection.weight_share))
+             "weight_share": selection.weight_share, "hubness": selection.hubness},
+            pretrained_share=selection.pretrained_share, weight_share=selection.weight_share,
+            hubness=selection.hubness))
 
 
 def _restore(trainer: Trainer, resume: dict) -> None:
@@ -620,9 +648,10 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
         selection = Selection(**state["selection"])
     if ctx.is_main:
         log.info("selected epoch %d: validation MAP@5 %.4f trained alone, %.4f as shipped (share "
-                 "of the untrained features %s, of the ImageNet weights %s), new_whale threshold "
-                 "%s", selection.best_epoch, selection.best_map5, selection.shipped_map5,
-                 selection.pretrained_share, selection.weight_share, selection.threshold)
+                 "of the untrained features %s, of the ImageNet weights %s, hubness correction "
+                 "%s), new_whale threshold %s", selection.best_epoch, selection.best_map5,
+                 selection.shipped_map5, selection.pretrained_share, selection.weight_share,
+                 selection.hubness, selection.threshold)
     if config.refit:
         _run_refit(config, samples, selection, ctx, out, epoch_log, state)
     elif ctx.is_main:
