@@ -9,11 +9,13 @@ calibrated on its own validation scores. Variants (Radenović et al., TPAMI 2018
   ``k`` nearest gallery images weighted by similarity^alpha (alpha = 3);
 * ``dba<k>``: database-side augmentation, each gallery image replaced by the same sum over its
   ``k`` nearest other gallery images;
-* ``hub<w>``: the hubness correction (``index.hubness``) at weight ``w``.
+* ``hub<w>``: the hubness correction (``index.hubness``) at weight ``w``, which the engine
+  itself applies where training chose a weight (``--hubness``): here every weight is scored.
 
-They live here, not in the engine: with 1-3 gallery images per identity neither was ever better
-than the plain search on the validation carve-outs, on any of the three shared sets or any variant
-(bench/README.md, "Second screen"), so no user-facing option carries them.
+Query expansion and database-side augmentation live here, not in the engine: with 1-3 gallery
+images per identity neither was ever better than the plain search on the validation carve-outs,
+on any of the three shared sets or any variant (bench/README.md, "Second screen"), so no
+user-facing option carries them.
 """
 from __future__ import annotations
 
