@@ -132,12 +132,15 @@ class GalleryIndex:
         return min(len(self), k * self.max_images_per_identity)
 
     def asks(self, k: int) -> list[int]:
-        """Neighbours asked, then asked again for the queries left short: with a hubness
-        penalty a row beyond the sure count can still win, so a last, wider ask follows."""
-        asks = [self.first_ask(k), self.sure_ask(k)]
+        """Neighbours asked, then asked again for the queries left short. With a hubness
+        penalty a row far down the plain ranking can still win, and most queries would be asked
+        again (a second scan each): one wide ask instead, 8x the sure count. On a realistic
+        20k x 512 flat gallery that answered 311 queries/s against 421 for plain search, where
+        asking again answered 158, with the same answers; a wide ask re-ranks a long ivfpq
+        shortlist, so the penalty is slow on ivfpq galleries."""
         if self.penalty is not None:
-            asks.append(min(len(self), 8 * asks[-1]))
-        return sorted(set(asks))
+            return [min(len(self), 8 * self.sure_ask(k))]
+        return sorted({self.first_ask(k), self.sure_ask(k)})
 
     def _top(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self._flat_rows is not None and len(queries) < FEW_QUERIES:
