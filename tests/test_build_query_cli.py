@@ -157,7 +157,10 @@ def test_zero_shot_index_with_flip_tta_applies_it_to_queries(data, tmp_path, orl
     image = sorted(gallery.rglob("*.pgm"))[0]
     answer = run_query(image, tmp_path / "idx").answers[0]
     assert answer.hits[0].gallery_image == str(image)  # itself, only if flipped both ways
-    assert answer.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+    # cosine 1, less the hubness correction where the gallery chose one
+    penalty = stored.gallery.penalty
+    correction = 0.0 if penalty is None else penalty[stored.paths.index(str(image))]
+    assert answer.hits[0].similarity == pytest.approx(1.0 - correction, abs=1e-5)
 
 
 def test_zero_shot_index_calibrates_a_threshold_on_its_gallery_that_says_new(data, tmp_path, caplog):
@@ -363,3 +366,21 @@ def test_report_with_heatmaps_has_a_toggle_per_match(data, index_dir, tmp_path):
     assert page.count('src="data:image/png;base64,') == 2 * 5 * 2
     assert_one_line_error(run_cli("query.py", one, "--index", index_dir, "--heatmaps"),
                           "--heatmaps draws into the HTML report")
+
+
+def test_zero_shot_index_chooses_its_hubness_correction_on_the_gallery(data, tmp_path):
+    """With no checkpoint, the gallery's own leave-one-out queries choose the hubness correction
+    weight with the threshold; the index records both and searches with them."""
+    from index.hubness import WEIGHTS
+    from retrieval.answering.gallery_threshold import calibrate_on_gallery
+
+    build(tmp_path / "idx", data.gallery, image_size=IMAGE_SIZE)
+    stored = load_index(tmp_path / "idx")
+    expected = calibrate_on_gallery(stored.vectors(), stored.identities, weights=WEIGHTS)
+    assert stored.manifest.model.get("hubness", 0.0) == expected.hubness
+    assert stored.manifest.threshold == pytest.approx(expected.threshold, abs=1e-6)
+    assert (stored.gallery.penalty is None) == (expected.hubness == 0)
+    build(tmp_path / "idx", None, remove=["s1"])  # an edit keeps both
+    edited = read_manifest(tmp_path / "idx")
+    assert (edited.model.get("hubness", 0.0), edited.threshold) == \
+        (expected.hubness, stored.manifest.threshold)

@@ -77,3 +77,43 @@ def test_a_large_gallery_is_sampled_not_searched_whole():
     identities = [f"id{i // 2}" for i in range(300)]
     got = calibrate_on_gallery(_unit(rng, 300), identities, max_queries=50)
     assert got.known_queries == got.new_queries == 50
+
+
+def test_the_hubness_weight_is_chosen_with_the_threshold_like_a_naive_reference():
+    """Each weight's leave-one-out answers on the penalised similarities (brute force, the
+    hubness from a naive top-10 mean), calibrated; the best weight is kept, the first of equals."""
+    rng = np.random.default_rng(4)
+    centres = _unit(rng, 20)
+    identities = [f"id{i}" for i in range(20) for _ in range(1 + i % 3)]
+    vectors = centres[[int(name[2:]) for name in identities]] + 0.7 * _unit(rng, len(identities))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    sims = vectors @ vectors.T
+    hubness = np.array([np.sort(np.delete(row, i))[-10:].mean() for i, row in enumerate(sims)])
+    naive = []
+    for weight in (0.0, 0.5, 1.0):
+        penalised = vectors @ vectors.T - weight * hubness[None, :]
+        # the naive reference scores "similarities"; feed it vectors whose products are penalised
+        (threshold, map5), _ = _naive_on(penalised, identities)
+        naive.append((map5, threshold, weight))
+    got = calibrate_on_gallery(vectors, identities, weights=(0.0, 0.5, 1.0))
+    best = max(naive, key=lambda item: item[0])
+    assert (got.map5, got.hubness) == (pytest.approx(best[0]), best[2])
+    assert got.threshold == pytest.approx(best[1], abs=1e-6)
+    assert len({round(m, 6) for m, _, _ in naive}) > 1  # the weights really score differently
+
+
+def _naive_on(sims, identities, k=5):
+    """``_naive`` over a given similarity matrix (leave-one-out, single-image identities new)."""
+    labels = np.asarray(identities)
+    counts = {name: int((labels == name).sum()) for name in set(identities)}
+    ranked, scores, truths = [], [], []
+    for q in range(len(labels)):
+        best = {}
+        for row in range(len(labels)):
+            if row != q:
+                best[labels[row]] = max(best.get(labels[row], -np.inf), sims[q, row])
+        order = sorted(best, key=lambda name: -best[name])[:k]
+        ranked.append(order)
+        scores.append([best[name] for name in order] + [-np.inf] * (k - len(order)))
+        truths.append(NEW_WHALE if counts[labels[q]] == 1 else labels[q])
+    return calibrate_threshold(ranked, np.array(scores), truths, k), truths

@@ -13,7 +13,9 @@ for validation data, the way the whale competition's train.csv does:
 
 The threshold is ``metrics.calibrate_threshold`` over these answers: the one MAP@5 calibration that
 training uses. At most ``max_queries`` images are drawn (seeded), so a large gallery costs one
-batched exact search of that many queries.
+batched exact search of that many queries. Given several hubness correction ``weights``
+(``index.hubness``), the answers are scored under each and the best weight is kept with its
+threshold (the first among equals), as training's selection chooses it on validation.
 """
 from __future__ import annotations
 
@@ -37,15 +39,18 @@ class GalleryCalibration:
     map5: float  # leave-one-out MAP@5 on the gallery with that threshold
     known_queries: int
     new_queries: int
+    hubness: float = 0.0  # the hubness correction weight chosen with it (index.hubness)
 
 
 def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int = 5,
-                         max_queries: int = MAX_QUERIES, seed: int = 0) -> GalleryCalibration | None:
-    """The MAP@``k``-best ``new_whale`` threshold from leave-one-out queries over the gallery, or
-    None when the gallery cannot show what a known identity looks like (no identity has 2 images)."""
+                         max_queries: int = MAX_QUERIES, seed: int = 0,
+                         weights: Sequence[float] = (0.0,)) -> GalleryCalibration | None:
+    """The MAP@``k``-best ``new_whale`` threshold from leave-one-out queries over the gallery
+    (and the best of the hubness correction ``weights``), or None when the gallery cannot show
+    what a known identity looks like (no identity has 2 images)."""
     import faiss
 
-    from index.search import fold_into_identities
+    from index.hubness import gallery_hubness
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     labels = np.asarray(identities, dtype=object)
@@ -53,11 +58,36 @@ def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int 
     if counts.max() < 2:
         return None
     rows = _query_rows(len(labels), max_queries, seed)
-    leave_identity_out = counts.min() >= 2  # no single-image identity: make new queries by hand
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     n_neighbours = min(len(labels), (k + 1) * int(counts.max()) + 1)
+    if any(weights):  # a penalised row far down the plain ranking can still win (GalleryIndex.asks)
+        n_neighbours = min(len(labels), 8 * n_neighbours)
     similarities, neighbours = index.search(vectors[rows], n_neighbours)
+    hubness = gallery_hubness(vectors, neighbours=index.search) if any(weights) else None
+    best = None
+    for weight in weights:
+        sims = similarities
+        if weight:
+            sims = np.where(neighbours >= 0, similarities - weight * hubness[neighbours], -np.inf)
+            order = np.argsort(-sims, axis=1, kind="stable")
+            sims = np.take_along_axis(sims, order, axis=1)
+            found = np.take_along_axis(neighbours, order, axis=1)
+        else:
+            found = neighbours
+        calibration = _calibrate(sims, found, rows, labels, codes, counts, k, weight)
+        if best is None or calibration.map5 > best.map5:
+            best = calibration
+    return best
+
+
+def _calibrate(similarities: np.ndarray, neighbours: np.ndarray, rows: np.ndarray,
+               labels: np.ndarray, codes: np.ndarray, counts: np.ndarray, k: int,
+               weight: float) -> GalleryCalibration:
+    """The leave-one-out answers of ``rows`` from their (best-first) neighbours, calibrated."""
+    from index.search import fold_into_identities
+
+    leave_identity_out = counts.min() >= 2  # no single-image identity: make new queries by hand
     ranked, scores, truths = [], [], []
 
     def ask(sims: np.ndarray, found: np.ndarray, keep: np.ndarray, truth: str) -> None:
@@ -73,7 +103,7 @@ def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int 
             ask(sims, found, codes[found] != codes[query], NEW_WHALE)
     new = sum(t == NEW_WHALE for t in truths)
     threshold, map5 = calibrate_threshold(ranked, np.stack(scores), truths, k)
-    return GalleryCalibration(threshold, map5, len(truths) - new, new)
+    return GalleryCalibration(threshold, map5, len(truths) - new, new, weight)
 
 
 def _query_rows(n: int, max_queries: int, seed: int) -> np.ndarray:

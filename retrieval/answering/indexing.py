@@ -343,12 +343,14 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
             (opts.target_recall is None or opts.target_recall == manifest.index.get("target_recall")):
         log.info("nothing new to add: %s left unchanged", opts.out)
         return manifest
-    threshold, source = _threshold(opts, manifest, encoder, rows, identities)
+    threshold, source, hubness = _threshold(opts, manifest, encoder, rows, identities)
+    model = {key: value for key, value in (encoder.model_info() if encoder else manifest.model).items()
+             if key != "hubness"}
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:
         attachments = current.attachments or _export(encoder, Path(scratch))
         written = save_index(
             opts.out, rows, paths, identities,
-            model=encoder.model_info() if encoder else manifest.model,
+            model={**model, **({"hubness": hubness} if hubness else {})},
             tta=encoder.tta if encoder else manifest.tta,
             threshold=threshold, threshold_source=source,
             index_type=index_type or (manifest.index["requested"] if manifest else "flat"),
@@ -385,7 +387,8 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
                                  replace=_rebuilds(opts.out, uri, collection))
         milvus.upsert(client, collection, vectors, paths, identities, progress=opts.progress)
         spec = _tuned_milvus(client, collection, spec, vectors, paths, identities, opts.target_recall)
-        threshold, source = _threshold(opts, None, encoder, vectors, identities)
+        threshold, source, _ = _threshold(opts, None, encoder, vectors, identities,
+                                          weights=(0.0,))  # Milvus has no hubness correction
         counts = {"images": len(new), "identities": len(set(identities))}
         values = {"dim": int(vectors.shape[1]), "model": model, "tta": encoder.tta, "spec": spec,
                   "uri": uri, "collection": collection}
@@ -469,30 +472,39 @@ def _export(encoder: Encoder | None, scratch: Path) -> dict[str, Path]:
 
 
 def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
-               rows: np.ndarray | GalleryRows, identities: list[str]) -> tuple[float | None, str | None]:
-    """The new_whale threshold to record, and where it came from: ``--threshold``; else the index's
-    own (an edit keeps it); else the checkpoint's; else one calibrated on the gallery itself (the
-    zero-shot model has none: without it the index would never answer new_whale)."""
+               rows: np.ndarray | GalleryRows, identities: list[str],
+               weights: Sequence[float] | None = None) -> tuple[float | None, str | None, float]:
+    """The new_whale threshold to record, where it came from, and the hubness correction weight
+    it goes with: ``--threshold`` (with the model's own weight); else the index's own (an edit
+    keeps both); else the checkpoint's; else both calibrated on the gallery itself (the zero-shot
+    model has none: without a threshold the index would never answer new_whale), the weight
+    among ``weights`` (default ``index.hubness.WEIGHTS``)."""
+    from index.hubness import WEIGHTS
     from index.rows import GalleryRows
+    from index.store import hubness_weight
 
     from .gallery_threshold import calibrate_on_gallery
 
+    own = encoder.hubness if encoder is not None else \
+        hubness_weight(manifest.model) if manifest is not None else 0.0
     if opts.threshold is not None:
         log.info("new_whale threshold %.4f, as given by --threshold", opts.threshold)
-        return opts.threshold, "user"
+        return opts.threshold, "user", own
     if manifest is not None and manifest.threshold is not None:
-        return manifest.threshold, manifest.threshold_source
+        return manifest.threshold, manifest.threshold_source, hubness_weight(manifest.model)
     if encoder is not None and encoder.threshold is not None:
-        return encoder.threshold, "checkpoint"
-    calibration = calibrate_on_gallery(GalleryRows.of(rows).array(), identities)
+        return encoder.threshold, "checkpoint", encoder.hubness
+    calibration = calibrate_on_gallery(GalleryRows.of(rows).array(), identities,
+                                       weights=WEIGHTS if weights is None else weights)
     if calibration is None:
         log.warning("no new_whale threshold: no identity in the gallery has two images to calibrate "
                     "one on, so queries never get new_whale (pass --threshold to set one)")
-        return None, None
+        return None, None, own
     log.info("new_whale threshold %.4f calibrated on the gallery itself (%d leave-one-out queries "
-             "of known identities, %d standing in for new ones; MAP@5 %.3f); --threshold overrides",
-             calibration.threshold, calibration.known_queries, calibration.new_queries, calibration.map5)
-    return calibration.threshold, "gallery"
+             "of known identities, %d standing in for new ones; MAP@5 %.3f, hubness correction "
+             "%s); --threshold overrides", calibration.threshold, calibration.known_queries,
+             calibration.new_queries, calibration.map5, calibration.hubness)
+    return calibration.threshold, "gallery", calibration.hubness
 
 
 def _empty_message(opts: BuildOptions, current: Current) -> str:
