@@ -80,7 +80,32 @@ def untrained_scores(samples: Sequence, seed: int, val_new_fraction: float, imag
 
     model = zero_shot_model(backbone)
     pair = (model, preprocessing_for(model, image_size))
-    return _scores(samples, seed, val_new_fraction, pair, pair)
+    return {**_scores(samples, seed, val_new_fraction, pair, pair),
+            **_gallery_calibrated(samples, seed, pair)}
+
+
+def _gallery_calibrated(samples: Sequence, seed: int, pair: tuple) -> dict[str, dict]:
+    """What ``build_index.py`` does without a checkpoint: threshold (and hubness weight, for
+    ``gallery+hub``) calibrated on the protocol gallery's own leave-one-out queries; "val" is
+    that leave-one-out MAP@5, "test" the test queries' MAP@5 through that index."""
+    from index.hubness import WEIGHTS
+    from retrieval.answering.gallery_threshold import calibrate_on_gallery
+    from retrieval.data import whale_split
+    from retrieval.models.embed import embed_images
+
+    split = whale_split(samples, seed)
+    model, preprocessing = pair
+    gallery, queries = (embed_images(model, [s.path for s in part], preprocessing, progress=False)
+                        for part in (split.gallery, split.queries))
+    ids = [s.identity for s in split.gallery]
+    result = {}
+    for name, weights in (("gallery", (0.0,)), ("gallery+hub", WEIGHTS)):
+        calibration = calibrate_on_gallery(gallery, ids, weights=weights)
+        _, test = _map5(gallery, ids, queries, [s.identity for s in split.queries],
+                        calibration.threshold, calibration.hubness)
+        result[name] = {"val": round(calibration.map5, 5), "test": round(test, 5),
+                        "hubness": calibration.hubness}
+    return result
 
 
 def _scores(samples: Sequence, seed: int, val_new_fraction: float, selection_model: tuple,

@@ -59,8 +59,9 @@ class TrainConfig:
     interpolate_pretrained: bool = False
     layer_decay: float = 1.0  # backbone lr x this per block below the last one (1: off)
     # search with the hubness correction (index.hubness) at the weight (0, 1/4, 1/2) that scores
-    # best on validation, chosen for the shipped model after its epoch (0: plain cosine). On the
-    # untrained backbone at 160 px it lifted test MAP@5 on every seed of all three shared sets
+    # best on validation, chosen for the shipped model after its epoch and depth (0: plain
+    # cosine). On the untrained backbone at 160 px it lifted test MAP@5 on every seed of all
+    # three shared sets; on trained models validation mostly keeps plain cosine
     hubness: bool = True
     # after the warm-up only the backbone's last this many blocks learn (timm's fine-grained
     # groups; 0: the whole backbone): partial fine-tuning keeps the early ImageNet features.
