@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="new_whale threshold to record in the index (default: the checkpoint's; "
                             "for the zero-shot model, one calibrated on the gallery's own images by "
                             "leave-one-out MAP@5; an edited index keeps its own)")
+    model.add_argument("--hubness", action=argparse.BooleanOptionalAction, default=True,
+                       help="zero-shot model: choose, with the calibrated threshold, the weight "
+                            "(0, 1/4, 1/2) of the hubness correction (each gallery image's "
+                            "similarity minus the weight times its mean similarity to its 10 "
+                            "nearest gallery images) on the same leave-one-out queries; "
+                            "--no-hubness searches plain cosine. A checkpoint brings its own "
+                            "weight (default: %(default)s)")
     index = p.add_argument_group("index")
     index.add_argument("--out", default=DEFAULT_INDEX_DIR,
                        help="index folder to write, replaced atomically (default %(default)s)")

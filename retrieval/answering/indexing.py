@@ -61,6 +61,7 @@ class BuildOptions:
     workers: int | None = None  # None: encoder.default_workers()
     image_size: int | None = None
     threshold: float | None = None  # new_whale threshold to record instead of the model's/gallery's
+    hubness: bool = True  # zero-shot: choose the hubness correction weight with the threshold
     strict: bool = False
     allow_outside: bool = False  # CSV rows may name images outside --gallery
     device: str | None = None
@@ -494,8 +495,9 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
         return manifest.threshold, manifest.threshold_source, hubness_weight(manifest.model)
     if encoder is not None and encoder.threshold is not None:
         return encoder.threshold, "checkpoint", encoder.hubness
-    calibration = calibrate_on_gallery(GalleryRows.of(rows).array(), identities,
-                                       weights=WEIGHTS if weights is None else weights)
+    if weights is None:
+        weights = WEIGHTS if opts.hubness else (0.0,)
+    calibration = calibrate_on_gallery(GalleryRows.of(rows).array(), identities, weights=weights)
     if calibration is None:
         log.warning("no new_whale threshold: no identity in the gallery has two images to calibrate "
                     "one on, so queries never get new_whale (pass --threshold to set one)")
