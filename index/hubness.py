@@ -61,3 +61,12 @@ def hubness_penalty(vectors: np.ndarray, weight: float) -> np.ndarray | None:
     if not weight:
         return None
     return (float(weight) * gallery_hubness(vectors)).astype(np.float32)
+
+
+def penalised(similarities: np.ndarray, rows: np.ndarray,
+              penalty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best-first neighbour lists (-1 padded) with each row's ``penalty`` subtracted from its
+    similarity, sorted best-first again (padding last, at -inf)."""
+    similarities = np.where(rows >= 0, similarities - penalty[np.maximum(rows, 0)], -np.inf)
+    order = np.argsort(-similarities, axis=1, kind="stable")
+    return np.take_along_axis(similarities, order, axis=1), np.take_along_axis(rows, order, axis=1)

@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from . import types
-from .hubness import hubness_penalty
+from .hubness import hubness_penalty, penalised
 from .types import IndexSpec
 
 log = logging.getLogger(__name__)
@@ -266,10 +266,7 @@ def _fold(found: tuple[np.ndarray, np.ndarray], identities: np.ndarray, k: int,
         filled = rows[:, last] >= 0
         unseen_best = similarities[:, last] - lowest
     if penalty is not None:
-        similarities = np.where(rows >= 0, similarities - penalty[np.maximum(rows, 0)], -np.inf)
-        order = np.argsort(-similarities, axis=1, kind="stable")
-        similarities = np.take_along_axis(similarities, order, axis=1)
-        rows = np.take_along_axis(rows, order, axis=1)
+        similarities, rows = penalised(similarities, rows, penalty)
     ranking = fold_into_identities(similarities, rows, identities, k)
     short = filled & (ranking.scores[:, k - 1] < unseen_best)  # -inf when fewer than k found
     return _Folded(ranking.identities, ranking.scores, ranking.best_rows, short)

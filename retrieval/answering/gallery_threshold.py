@@ -50,7 +50,7 @@ def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int 
     what a known identity looks like (no identity has 2 images)."""
     import faiss
 
-    from index.hubness import gallery_hubness
+    from index.hubness import gallery_hubness, penalised
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     labels = np.asarray(identities, dtype=object)
@@ -67,14 +67,8 @@ def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int 
     hubness = gallery_hubness(vectors, neighbours=index.search) if any(weights) else None
     best = None
     for weight in weights:
-        sims = similarities
-        if weight:
-            sims = np.where(neighbours >= 0, similarities - weight * hubness[neighbours], -np.inf)
-            order = np.argsort(-sims, axis=1, kind="stable")
-            sims = np.take_along_axis(sims, order, axis=1)
-            found = np.take_along_axis(neighbours, order, axis=1)
-        else:
-            found = neighbours
+        sims, found = (penalised(similarities, neighbours, weight * hubness) if weight
+                       else (similarities, neighbours))
         calibration = _calibrate(sims, found, rows, labels, codes, counts, k, weight)
         if best is None or calibration.map5 > best.map5:
             best = calibration

@@ -36,13 +36,29 @@ def rank_queries(model: EmbeddingModel, preprocessing: Preprocessing, gallery: S
                  hubness: float = 0.0) -> IdentityRanking:
     """The queries' ranked identities, searched as an index built from ``gallery`` searches
     (``hubness``: the checkpoint's correction weight)."""
-    embed = dict(device=device, progress=progress, tta_flip=tta_flip)
-    gallery_vectors = embed_images(model, [s.path for s in gallery], preprocessing,
-                                   desc="embedding gallery", **embed)
-    query_vectors = embed_images(model, [s.path for s in queries], preprocessing,
-                                 desc="embedding queries", **embed)
+    gallery_vectors, query_vectors = _embed(model, preprocessing, gallery, queries,
+                                            device=device, progress=progress, tta_flip=tta_flip)
     return GalleryIndex(gallery_vectors, [s.identity for s in gallery],
                         hubness=hubness).search(query_vectors, k)
+
+
+def _embed(model: EmbeddingModel, preprocessing: Preprocessing, gallery: Sequence[Sample],
+           queries: Sequence[Sample], **embed) -> tuple[np.ndarray, np.ndarray]:
+    """The gallery's and the queries' vectors (``embed``: ``embed_images`` options)."""
+    return (embed_images(model, [s.path for s in gallery], preprocessing,
+                         desc="embedding gallery", **embed),
+            embed_images(model, [s.path for s in queries], preprocessing,
+                         desc="embedding queries", **embed))
+
+
+def _calibrated(gallery_vectors: np.ndarray, identities: Sequence[str], query_vectors: np.ndarray,
+                truths: Sequence[str], k: int, hubness: float = 0.0,
+                share: float = 0.0) -> EvalResult:
+    """Search, then MAP@k with the threshold calibrated on these queries and without one."""
+    ranking = GalleryIndex(np.ascontiguousarray(gallery_vectors), identities,
+                           hubness=hubness).search(np.ascontiguousarray(query_vectors), k)
+    threshold, map5 = calibrate_threshold(ranking.identities, ranking.scores, truths, k)
+    return EvalResult(map5, score(ranking, truths, None, k), threshold, share)
 
 
 def score(ranking: IdentityRanking, truths: Sequence[str], threshold: float | None,
@@ -65,21 +81,15 @@ def evaluate_blends(model: EmbeddingModel, preprocessing: Preprocessing,
     """``evaluate_queries`` for ``model`` blended (``model.blend``) with the untrained
     reference's vectors of ``gallery`` and ``queries`` at each of ``shares``: one result per
     share, in order (only share 0 without ``reference``). Embeds the images once."""
-    embed = dict(device=device, progress=progress)
-    gallery_vectors = embed_images(model, [s.path for s in gallery], preprocessing,
-                                   desc="embedding gallery", **embed)
-    query_vectors = embed_images(model, [s.path for s in queries], preprocessing,
-                                 desc="embedding queries", **embed)
+    gallery_vectors, query_vectors = _embed(model, preprocessing, gallery, queries,
+                                            device=device, progress=progress)
     identities, truths = [s.identity for s in gallery], [q.identity for q in queries]
     results = []
     for share in (shares if reference is not None else (0.0,)):
         g, q = gallery_vectors, query_vectors
         if share > 0:
             g, q = blend(g, reference[0], share), blend(q, reference[1], share)
-        ranking = GalleryIndex(np.ascontiguousarray(g), identities).search(
-            np.ascontiguousarray(q), k)
-        threshold, map5 = calibrate_threshold(ranking.identities, ranking.scores, truths, k)
-        results.append(EvalResult(map5, score(ranking, truths, None, k), threshold, share))
+        results.append(_calibrated(g, identities, q, truths, k, share=share))
     return results
 
 
@@ -89,15 +99,8 @@ def evaluate_hubness(model: EmbeddingModel, preprocessing: Preprocessing,
                      progress: bool = True) -> list[EvalResult]:
     """``evaluate_queries`` searched with the hubness correction at each of ``weights``, one
     result per weight, in order (validation use only). Embeds the images once."""
-    embed = dict(device=device, progress=progress)
-    gallery_vectors = embed_images(model, [s.path for s in gallery], preprocessing,
-                                   desc="embedding gallery", **embed)
-    query_vectors = embed_images(model, [s.path for s in queries], preprocessing,
-                                 desc="embedding queries", **embed)
+    gallery_vectors, query_vectors = _embed(model, preprocessing, gallery, queries,
+                                            device=device, progress=progress)
     identities, truths = [s.identity for s in gallery], [q.identity for q in queries]
-    results = []
-    for weight in weights:
-        ranking = GalleryIndex(gallery_vectors, identities, hubness=weight).search(query_vectors, k)
-        threshold, map5 = calibrate_threshold(ranking.identities, ranking.scores, truths, k)
-        results.append(EvalResult(map5, score(ranking, truths, None, k), threshold))
-    return results
+    return [_calibrated(gallery_vectors, identities, query_vectors, truths, k, hubness=weight)
+            for weight in weights]
