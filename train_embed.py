@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "the share of the similarity (0, 1/4, 1/2, 3/4, 1) that scores best "
                             "on the validation carve-out; 0 ships the trained model alone "
                             "(default: %(default)s)")
+    train.add_argument("--whiten-pretrained", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS.whiten_pretrained,
+                       help="with --blend-pretrained: pass the untrained features through a "
+                            "whitening fitted in closed form on the training images' identities "
+                            "(it damps the directions in which photos of one identity differ; "
+                            "stored in the checkpoint, nothing to tune) (default: %(default)s)")
     train.add_argument("--interpolate-pretrained", action=argparse.BooleanOptionalAction,
                        default=DEFAULTS.interpolate_pretrained,
                        help="after training, move the backbone's weights back towards its "

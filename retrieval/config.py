@@ -54,6 +54,11 @@ class TrainConfig:
     # On: better on the validation carve-outs of all three shared sets (bench/README.md, "Second
     # screen"); costs a second, frozen backbone at embedding time where a share is chosen
     blend_pretrained: bool = True
+    # pass the blended-in untrained features through a within-identity whitening fitted in closed
+    # form on the selection's training images (models.whitening: damps the directions in which
+    # photos of one identity differ). On the untrained backbone at 160 px it was better on the
+    # validation carve-outs of all three shared sets (bench/README.md, "Within-identity whitening")
+    whiten_pretrained: bool = True
     # after training, move the backbone's weights back towards the ImageNet ones by the share
     # (0, 1/4, 1/2, 3/4 or 1) that selection finds best on validation (WiSE-FT; one network)
     interpolate_pretrained: bool = False

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import DEFAULT_BACKBONE
 from ..errors import UserError
 from .pretrained import load_offline_weights
+from .whitening import Whitening
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,15 @@ class ModelConfig:
     the trained one: the model's vector is both unit vectors concatenated, scaled so that a cosine
     similarity is ``(1 - share) * trained + share * untrained``. Training chooses the share on
     its validation carve-out (``TrainConfig.blend_pretrained``): the two see different things,
-    and on colour photos the blend beat either alone."""
+    and on colour photos the blend beat either alone. ``pretrained_whitening``: the untrained
+    features pass through a within-identity whitening fitted on the training gallery
+    (``whitening.Whitening``) before they are blended in."""
 
     backbone: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_BACKBONE
     embedding_dim: Annotated[int, Field(ge=0, le=MAX_EMBEDDING_DIM)] = 512
     gem_p: Annotated[float, Field(gt=0, le=100)] = 3.0
     pretrained_share: Annotated[float, Field(ge=0, le=1)] = 0.0
+    pretrained_whitening: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,14 @@ class GeM(nn.Module):
 
 
 class PretrainedReference(nn.Module):
-    """The untrained ImageNet backbone + GeM (p=3), frozen: never trained, always in eval mode."""
+    """The untrained ImageNet backbone + GeM (p=3), frozen: never trained, always in eval mode;
+    with ``whitening``, its features pass through that fitted map (``whitening.Whitening``)."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, whitening: Whitening | None = None):
         super().__init__()
         self.backbone = backbone
         self.pool = GeM(3.0)
+        self.whitening = whitening
         self.requires_grad_(False)
         self.train(False)
 
@@ -82,7 +88,8 @@ class PretrainedReference(nn.Module):
         return super().train(False)  # its BatchNorm statistics are ImageNet's, whatever the parent does
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.pool(self.backbone(images)), dim=1)
+        features = F.normalize(self.pool(self.backbone(images)), dim=1)
+        return features if self.whitening is None else self.whitening(features)
 
 
 def blend(trained: torch.Tensor, untrained: torch.Tensor, share: float) -> torch.Tensor:
@@ -115,7 +122,10 @@ class EmbeddingModel(nn.Module):
         else:
             self.neck = nn.Identity()
         self.head_dim = config.embedding_dim or features
-        self.reference = PretrainedReference(reference) if config.pretrained_share > 0 else None
+        self.reference = None
+        if config.pretrained_share > 0:
+            whitening = Whitening(reference.num_features) if config.pretrained_whitening else None
+            self.reference = PretrainedReference(reference, whitening)
         self.embedding_dim = self.head_dim + (reference.num_features if self.reference else 0)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -159,14 +169,18 @@ def create_model(config: ModelConfig = ModelConfig(), pretrained: bool = True) -
 
 
 def with_pretrained_share(model: EmbeddingModel, share: float,
-                          imagenet_backbone: nn.Module | None = None) -> EmbeddingModel:
+                          imagenet_backbone: nn.Module | None = None,
+                          whitening: Whitening | None = None) -> EmbeddingModel:
     """``model``'s trained modules (shared, not copied) with an untrained ImageNet reference
-    blended in at ``share`` (0: the model as it is). The reference is ``model``'s own if it has
-    one, else ``imagenet_backbone`` (the untouched pretrained backbone, shared, never trained),
-    else one built here."""
-    if share == model.config.pretrained_share:
+    blended in at ``share`` (0: the model as it is), its features passed through ``whitening``
+    where given. The reference is ``model``'s own if it has one, else ``imagenet_backbone`` (the
+    untouched pretrained backbone, shared, never trained), else one built here."""
+    own = model.reference.whitening if model.reference is not None else None
+    whitening = whitening if whitening is not None else own
+    if share == model.config.pretrained_share and whitening is own:
         return model
-    config = replace(model.config, pretrained_share=share)
+    config = replace(model.config, pretrained_share=share,
+                     pretrained_whitening=share > 0 and whitening is not None)
     reference = None
     if share > 0:
         reference = (model.reference.backbone if model.reference is not None
@@ -176,6 +190,8 @@ def with_pretrained_share(model: EmbeddingModel, share: float,
     blended.pool, blended.neck = model.pool, model.neck
     if blended.reference is not None and model.reference is not None:
         blended.reference.pool = model.reference.pool
+    if blended.reference is not None and whitening is not None:
+        blended.reference.whitening = whitening
     return blended.to(next(model.parameters()).device)
 
 

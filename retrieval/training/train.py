@@ -53,6 +53,7 @@ from ..models.model import (
     with_pretrained_share,
 )
 from ..models.transforms import seed_worker_transform, train_transform
+from ..models.whitening import Whitening, fit_within_identity, whiten
 from ..progress import bar
 from . import recipe
 from .evaluate import EvalResult, evaluate_blends, evaluate_hubness, evaluate_queries
@@ -121,6 +122,9 @@ class Trainer:
                                                  self.recipe)
         self.scaler = torch.amp.GradScaler(enabled=ctx.device.type == "cuda")
         self.ema = _create_ema(self.model, config.ema_decay)
+        # the within-identity whitening of the blended-in untrained features, once fitted
+        # (``_reference_vectors``): every checkpoint with a blend carries it
+        self.reference_whitening: Whitening | None = None
         self.epoch = 0
         self._wrapped: nn.Module | None = None
         self._wrapped_frozen: tuple[bool, int] | None = None
@@ -257,7 +261,8 @@ def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
     if not raw and weight_share:  # the ImageNet backbone is built only where it is needed
         model = interpolate_towards(model, trainer.imagenet_backbone, weight_share)
     if not raw and pretrained_share:
-        model = with_pretrained_share(model, pretrained_share, trainer.imagenet_backbone)
+        model = with_pretrained_share(model, pretrained_share, trainer.imagenet_backbone,
+                                      trainer.reference_whitening)
     state_dict = _plain_state(model)
     return {**model_spec(model, trainer.preprocessing),
             "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
@@ -525,16 +530,24 @@ def _best_result(results: Sequence[EvalResult]) -> EvalResult:
 def _reference_vectors(trainer: Trainer, split) -> tuple:
     """The untrained reference's vectors of the validation gallery and queries: computed once,
     since that model never changes, by the trainer's one ImageNet backbone + GeM (the reference
-    a chosen blend ships). Outside the run's random stream, so blending or not trains the very
-    same model."""
+    a chosen blend ships). With ``whiten_pretrained`` the whitening is fitted here on the
+    gallery's (the selection's training images) and set on ``trainer``, and both vector sets
+    are whitened: what is validated is what ships. Outside the run's random stream, so blending
+    or not trains the very same model."""
     from ..models.embed import embed_images
 
     reference = EmbeddingModel(ModelConfig(trainer.config.backbone, embedding_dim=0),
                                trainer.imagenet_backbone)
     with torch.random.fork_rng(devices=[]):  # embedding draws DataLoader seeds
-        return tuple(embed_images(reference, [s.path for s in part], trainer.preprocessing,
-                                  device=trainer.ctx.device, progress=False)
-                     for part in (split.gallery, split.queries))
+        gallery, queries = (embed_images(reference, [s.path for s in part], trainer.preprocessing,
+                                         device=trainer.ctx.device, progress=False)
+                            for part in (split.gallery, split.queries))
+    fitted = (fit_within_identity(gallery, [s.identity for s in split.gallery])
+              if trainer.config.whiten_pretrained else None)
+    if fitted is None:
+        return gallery, queries
+    trainer.reference_whitening = Whitening.from_fit(*fitted).to(trainer.ctx.device)
+    return whiten(gallery, *fitted), whiten(queries, *fitted)
 
 
 def _save_best(trainer: Trainer, path: Path, threshold: float | None, metrics: dict,
@@ -589,6 +602,9 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
                                               "selection": asdict(selection)})
         distributed.barrier(ctx)
     if ctx.is_main:
+        if selection.pretrained_share and config.whiten_pretrained:  # the map selection validated
+            _reference_vectors(trainer, validation_split(samples, seed=config.seed,
+                                                         new_fraction=config.val_new_fraction))
         save_checkpoint(out / "model.pt", checkpoint_payload(
             trainer, selection.threshold, "refit",
             {"val_map5": selection.shipped_map5, "val_map5_trained": selection.best_map5,
