@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(bench/postprocess.py)")
     p.add_argument("--untrained", action="store_true",
                    help="train nothing: score the post-processing variants (query expansion, "
-                        "database-side augmentation, hubness correction) on the untrained "
+                        "database-side augmentation, hubness correction, within-identity "
+                        "whitening) on the untrained "
                         "backbone + GeM, each with a threshold calibrated on its validation "
                         "carve-out; --variants is ignored")
     p.add_argument("--variants", nargs="+", default=["base"],
@@ -84,7 +85,7 @@ def run_untrained(args) -> dict:
     """``--untrained``: every post-processing variant on the untrained backbone, per seed."""
     from retrieval.config import TrainConfig
 
-    from .postprocess import VARIANTS, untrained_scores
+    from .postprocess import VARIANTS, WHITENED, untrained_scores
 
     samples = _samples(args)
     report = Report("ablation", args, args.seeds)
@@ -102,7 +103,7 @@ def run_untrained(args) -> dict:
                    pm(mean_std([r[variant]["test"] for r in per_seed])),
                    sum(r[variant]["test"] > r["gallery" if variant == "gallery+hub" else "plain"]["test"]
                        for r in per_seed)]
-                  for variant in [*VARIANTS, "gallery", "gallery+hub"]]
+                  for variant in [*VARIANTS, *WHITENED, "gallery", "gallery+hub"]]
     title = (f"{args.data}{f' (first {args.max_identities} identities)' if args.max_identities else ''}: "
              f"untrained backbone + GeM, whale protocol, {args.image_size}px, seeds "
              f"{' '.join(map(str, args.seeds))}; choose by the validation column")

@@ -10,7 +10,11 @@ calibrated on its own validation scores. Variants (Radenović et al., TPAMI 2018
 * ``dba<k>``: database-side augmentation, each gallery image replaced by the same sum over its
   ``k`` nearest other gallery images;
 * ``hub<w>``: the hubness correction (``index.hubness``) at weight ``w``, which the engine
-  itself applies where training chose a weight (``--hubness``): here every weight is scored.
+  itself applies where training chose a weight (``--hubness``): here every weight is scored;
+* ``white``: the within-identity whitening (``retrieval.models.whitening``) fitted on the
+  labelled gallery being searched (the validation gallery for "val", the protocol's gallery for
+  "test"), applied to it and to the queries; ``white+hub.5`` with the correction on top. On
+  the untrained backbone this is what a blend of share 1 with ``--whiten-pretrained`` ships.
 
 Query expansion and database-side augmentation live here, not in the engine: with 1-3 gallery
 images per identity neither was ever better than the plain search on the validation carve-outs,
@@ -29,6 +33,7 @@ ALPHA = 3.0
 VARIANTS: dict[str, tuple[int, int, float]] = {
     "plain": (0, 0, 0.0), "qe1": (1, 0, 0.0), "qe2": (2, 0, 0.0), "dba1": (0, 1, 0.0),
     "dba2": (0, 2, 0.0), "qe1+dba1": (1, 1, 0.0), "hub.25": (0, 0, 0.25), "hub.5": (0, 0, 0.5)}
+WHITENED: dict[str, float] = {"white": 0.0, "white+hub.5": 0.5}  # name: hubness weight
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -134,4 +139,21 @@ def _scores(samples: Sequence, seed: int, val_new_fraction: float, selection_mod
         _, test = _map5(gallery, ids(split.gallery), queries, ids(split.queries), threshold,
                         hubness)
         result[variant] = {"val": round(val, 5), "test": round(test, 5)}
+    for variant, hubness in WHITENED.items():
+        threshold, val = _map5(*_whitened(embedded["val_g"], ids(validation.gallery),
+                                          embedded["val_q"]), ids(validation.queries), None,
+                               hubness)
+        _, test = _map5(*_whitened(embedded["test_g"], ids(split.gallery), embedded["test_q"]),
+                        ids(split.queries), threshold, hubness)
+        result[variant] = {"val": round(val, 5), "test": round(test, 5)}
     return result
+
+
+def _whitened(gallery: np.ndarray, gallery_ids: list, queries: np.ndarray) -> tuple:
+    """(gallery, its ids, queries) after the whitening fitted on the labelled gallery."""
+    from retrieval.models.whitening import fit_within_identity, whiten
+
+    fitted = fit_within_identity(gallery, gallery_ids)
+    if fitted is None:
+        return gallery, gallery_ids, queries
+    return whiten(gallery, *fitted), gallery_ids, whiten(queries, *fitted)

@@ -67,9 +67,10 @@ def copy_gallery(samples, folder: Path, identities: Sequence[str], per_identity:
 
 
 def make_checkpoint(path: Path, seed: int = 0, threshold: float | None = 0.5,
-                    embedding_dim: int = 32) -> Path:
+                    embedding_dim: int = 32, pretrained_share: float = 0.0) -> Path:
     """A checkpoint shaped like ``retrieval.training.train.checkpoint_payload``: pretrained backbone,
-    random neck (``seed`` makes different models), preprocessing at 64 px."""
+    random neck (``seed`` makes different models), preprocessing at 64 px; ``pretrained_share``
+    > 0 blends in the untrained features, whitened by a map fitted on random labelled vectors."""
     import torch
 
     from retrieval.models.checkpoint import save_checkpoint, state_fingerprint
@@ -82,6 +83,15 @@ def make_checkpoint(path: Path, seed: int = 0, threshold: float | None = 0.5,
 
     torch.manual_seed(seed)
     model = create_model(ModelConfig(embedding_dim=embedding_dim), pretrained=True).eval()
+    if pretrained_share:
+        import numpy as np
+
+        from retrieval.models.model import with_pretrained_share
+        from retrieval.models.whitening import Whitening, fit_within_identity
+
+        vectors = np.random.default_rng(seed).normal(size=(40, 1280)).astype(np.float32)
+        whitening = Whitening.from_fit(*fit_within_identity(vectors, [str(i // 2) for i in range(40)]))
+        model = with_pretrained_share(model, pretrained_share, whitening=whitening).eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint(path, {**model_spec(model, preprocessing_for(model, IMAGE_SIZE)),
                            "state_dict": state, "fingerprint": state_fingerprint(state),

@@ -56,7 +56,9 @@ def test_preprocessing_equals_the_albumentations_pipeline(size):
 
 @pytest.fixture(scope="module")
 def indexes(tmp_path_factory, orl_samples):
-    """A checkpoint index (with flip TTA) and a zero-shot one, both built as users build them."""
+    """A checkpoint index (with flip TTA), one of a checkpoint that blends in the whitened
+    untrained features (what training ships by default), and a zero-shot one, all built as
+    users build them."""
     from retrieval.answering.indexing import BuildOptions, run
 
     root = tmp_path_factory.mktemp("onnx")
@@ -64,11 +66,13 @@ def indexes(tmp_path_factory, orl_samples):
     ckpt = make_checkpoint(root / "model.pt", seed=0, threshold=0.5)
     common = dict(gallery=str(gallery), workers=0, batch_size=16, progress=False)
     run(BuildOptions(out=str(root / "trained"), model=str(ckpt), tta="flip", **common))
+    blended = make_checkpoint(root / "blended.pt", seed=1, threshold=0.5, pretrained_share=0.5)
+    run(BuildOptions(out=str(root / "blended"), model=str(blended), **common))
     run(BuildOptions(out=str(root / "zero"), image_size=IMAGE_SIZE, **common))
     return root
 
 
-@pytest.mark.parametrize("name", ["trained", "zero"])
+@pytest.mark.parametrize("name", ["trained", "blended", "zero"])
 def test_the_exported_encoder_gives_the_eager_models_vectors(indexes, name):
     stored = load_index(indexes / name)
     assert ENCODER_FILE in stored.manifest.files

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import numpy as np
 import torch
 
 from retrieval import distributed
@@ -339,11 +340,33 @@ def test_a_blended_model_reproduces_its_validation_score(orl_subset, tmp_path, m
     model, pre, payload = load_model(train(config, orl_subset))
     assert payload["model_config"]["pretrained_share"] == 0.5
     assert model.embedding_dim == 64 + 1280
+    # the untrained half is whitened (whiten_pretrained, on by default): a fitted map, stored
+    assert payload["model_config"]["pretrained_whitening"]
+    assert not torch.allclose(payload["state_dict"]["reference.whitening.matrix"], torch.eye(1280))
     split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
     result = evaluate_queries(model, pre, split.gallery, split.queries, progress=False)
     assert result.map5 == pytest.approx(payload["metrics"]["val_map5"])
     assert result.threshold == pytest.approx(payload["threshold"])
     assert [r["pretrained_share"] for r in read_log(tmp_path)] == ["0.5", "0.5"]
+
+
+def test_without_whitening_the_blend_ships_the_plain_untrained_features(orl_subset, tmp_path,
+                                                                      monkeypatch):
+    """--no-whiten-pretrained: the blended-in half is the untrained GeM vector itself."""
+    import retrieval.training.train as train_module
+
+    monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))
+    config = TrainConfig(out=str(tmp_path), epochs=1, refit=False, whiten_pretrained=False, **TINY)
+    model, pre, payload = load_model(train(config, orl_subset))
+    assert not payload["model_config"]["pretrained_whitening"]
+    assert not any("whitening" in key for key in payload["state_dict"])
+    from retrieval.models.embed import embed_images
+    from retrieval.models.model import zero_shot_model
+
+    paths = [s.path for s in orl_subset[:4]]
+    untrained = embed_images(zero_shot_model(), paths, pre, progress=False)
+    shipped = embed_images(model, paths, pre, progress=False)
+    assert np.allclose(shipped[:, 64:], np.sqrt(0.5) * untrained, atol=1e-5)
 
 
 def test_a_blend_is_kept_only_where_it_scores_better():
@@ -446,6 +469,8 @@ def test_the_refit_model_records_the_shipped_validation_score(orl_subset, tmp_pa
     assert payload["model_config"]["pretrained_share"] == 0.5
     assert payload["metrics"]["val_map5"] == pytest.approx(best["metrics"]["val_map5"])
     assert payload["threshold"] == pytest.approx(best["threshold"])
+    for buffer in ("reference.whitening.mean", "reference.whitening.matrix"):  # the map validated
+        assert torch.equal(payload["state_dict"][buffer], best["state_dict"][buffer]), buffer
     trained = [float(r["val_map5"]) for r in read_log(tmp_path) if r["stage"] == "select"]
     assert payload["metrics"]["val_map5_trained"] == pytest.approx(max(trained), abs=1e-5)
 
