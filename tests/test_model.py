@@ -131,6 +131,21 @@ def test_a_blended_model_embeds_with_the_untrained_backbone_beside_the_trained_o
     assert with_pretrained_share(trained, 0.0) is trained
 
 
+def test_a_blend_of_share_one_never_runs_the_trained_backbone(monkeypatch):
+    """Share 1 (validation chose the untrained features alone): the trained half weighs 0, so the
+    vector is [zeros | untrained GeM] and the trained backbone is not run at all (half the cost)."""
+    from retrieval.models.model import with_pretrained_share, zero_shot_model
+
+    trained = create_model(ModelConfig(embedding_dim=16), pretrained=True).eval()
+    blended = with_pretrained_share(trained, 1.0).eval()
+    monkeypatch.setattr(trained.backbone, "forward", lambda *_: pytest.fail("trained backbone ran"))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = blended(images)
+        assert torch.equal(out[:, :16], torch.zeros(2, 16))
+        assert torch.allclose(out[:, 16:], zero_shot_model().eval()(images), atol=1e-5)
+
+
 def test_interpolating_towards_the_start_gives_the_weighted_weights():
     """Naive reference, weight by weight: (1 - s) * trained + s * start for every float tensor
     of the backbone (BatchNorm statistics included), GeM's exponent towards its initial value,

@@ -400,6 +400,26 @@ def test_blending_leaves_the_trained_weights_as_they_were(orl_subset, tmp_path, 
         assert torch.equal(value, blended[key]), key
 
 
+def test_the_refit_trains_the_same_weights_whichever_blend_selection_saved(orl_subset, tmp_path,
+                                                                         monkeypatch):
+    """Saving a blended best.pt builds a blended model; that must not draw from the run's random
+    stream, which the refit continues: the refit's trained part is the same, weight for weight,
+    whether every selection epoch saved a blend or none did. (It was not: two runs that chose the
+    same epoch, share and threshold shipped different models.)"""
+    import retrieval.training.train as train_module
+
+    def refit_trained_part(name: str, shares: tuple) -> dict:
+        monkeypatch.setattr(train_module, "BLEND_SHARES", shares)
+        config = TrainConfig(out=str(tmp_path / name), epochs=2, **TINY)
+        state = load_checkpoint(train(config, orl_subset))["state_dict"]
+        return {k: v for k, v in state.items() if not k.startswith("reference.")}
+
+    plain, blended = refit_trained_part("plain", (0.0,)), refit_trained_part("blended", (0.5,))
+    assert plain.keys() == blended.keys()
+    for key, value in plain.items():
+        assert torch.equal(value, blended[key]), key
+
+
 def test_a_weight_interpolated_model_reproduces_its_validation_score(orl_subset, tmp_path,
                                                                      monkeypatch):
     """--interpolate-pretrained: the share of the ImageNet weights selection picks on

@@ -135,10 +135,13 @@ class EmbeddingModel(nn.Module):
         return F.normalize(self.neck(self.pool(features)), dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        trained = self.forward_head(self.forward_features(images))
         if self.reference is None:
-            return trained
-        return blend(trained, self.reference(images), self.config.pretrained_share)
+            return self.forward_head(self.forward_features(images))
+        untrained = self.reference(images)
+        if self.config.pretrained_share >= 1.0:  # the trained half weighs 0: not computed at all
+            return blend(untrained.new_zeros(len(untrained), self.head_dim), untrained, 1.0)
+        return blend(self.forward_head(self.forward_features(images)), untrained,
+                     self.config.pretrained_share)
 
 
 def _create_backbone(name: str, pretrained: bool) -> nn.Module:
@@ -181,12 +184,15 @@ def with_pretrained_share(model: EmbeddingModel, share: float,
         return model
     config = replace(model.config, pretrained_share=share,
                      pretrained_whitening=share > 0 and whitening is not None)
-    reference = None
-    if share > 0:
-        reference = (model.reference.backbone if model.reference is not None
-                     else imagenet_backbone if imagenet_backbone is not None
-                     else pretrained_backbone(config.backbone))
-    blended = EmbeddingModel(config, model.backbone, reference)
+    # the modules built here are replaced or frozen at once: drawing their random initial
+    # weights from the global stream would shift what a training run draws next
+    with torch.random.fork_rng(devices=[]):
+        reference = None
+        if share > 0:
+            reference = (model.reference.backbone if model.reference is not None
+                         else imagenet_backbone if imagenet_backbone is not None
+                         else pretrained_backbone(config.backbone))
+        blended = EmbeddingModel(config, model.backbone, reference)
     blended.pool, blended.neck = model.pool, model.neck
     if blended.reference is not None and model.reference is not None:
         blended.reference.pool = model.reference.pool
