@@ -531,9 +531,10 @@ def _reference_vectors(trainer: Trainer, split) -> tuple:
     """The untrained reference's vectors of the validation gallery and queries: computed once,
     since that model never changes, by the trainer's one ImageNet backbone + GeM (the reference
     a chosen blend ships). With ``whiten_pretrained`` the whitening is fitted here on the
-    gallery's (the selection's training images) and set on ``trainer``, and both vector sets
-    are whitened: what is validated is what ships. Outside the run's random stream, so blending
-    or not trains the very same model."""
+    validation gallery's vectors (the selection's training images: never a validation query)
+    and set on ``trainer``, and both vector sets are whitened; the refit fits it again on the
+    same images, so what is validated is what ships. Outside the run's random stream, so
+    blending or not trains the very same model."""
     from ..models.embed import embed_images
 
     reference = EmbeddingModel(ModelConfig(trainer.config.backbone, embedding_dim=0),
