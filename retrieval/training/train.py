@@ -530,25 +530,39 @@ def _best_result(results: Sequence[EvalResult]) -> EvalResult:
 def _reference_vectors(trainer: Trainer, split) -> tuple:
     """The untrained reference's vectors of the validation gallery and queries: computed once,
     since that model never changes, by the trainer's one ImageNet backbone + GeM (the reference
-    a chosen blend ships). With ``whiten_pretrained`` the whitening is fitted here on the
-    validation gallery's vectors (the selection's training images: never a validation query)
-    and set on ``trainer``, and both vector sets are whitened; the refit fits it again on the
-    same images, so what is validated is what ships. Outside the run's random stream, so
-    blending or not trains the very same model."""
+    a chosen blend ships). With ``whiten_pretrained`` both are whitened by the map
+    ``_fit_whitening`` fits on the gallery: what is validated is what ships."""
+    gallery, queries = _untrained_vectors(trainer, (split.gallery, split.queries))
+    fitted = _fit_whitening(trainer, gallery, split.gallery)
+    if fitted is None:
+        return gallery, queries
+    return whiten(gallery, *fitted), whiten(queries, *fitted)
+
+
+def _untrained_vectors(trainer: Trainer, parts: Sequence[Sequence[Sample]]) -> list[np.ndarray]:
+    """Each part embedded by the trainer's ImageNet backbone + GeM. Outside the run's random
+    stream (embedding draws DataLoader seeds), so blending or not trains the very same model."""
     from ..models.embed import embed_images
 
     reference = EmbeddingModel(ModelConfig(trainer.config.backbone, embedding_dim=0),
                                trainer.imagenet_backbone)
-    with torch.random.fork_rng(devices=[]):  # embedding draws DataLoader seeds
-        gallery, queries = (embed_images(reference, [s.path for s in part], trainer.preprocessing,
-                                         device=trainer.ctx.device, progress=False)
-                            for part in (split.gallery, split.queries))
-    fitted = (fit_within_identity(gallery, [s.identity for s in split.gallery])
-              if trainer.config.whiten_pretrained else None)
-    if fitted is None:
-        return gallery, queries
-    trainer.reference_whitening = Whitening.from_fit(*fitted).to(trainer.ctx.device)
-    return whiten(gallery, *fitted), whiten(queries, *fitted)
+    with torch.random.fork_rng(devices=[]):
+        return [embed_images(reference, [s.path for s in part], trainer.preprocessing,
+                             device=trainer.ctx.device, progress=False) for part in parts]
+
+
+def _fit_whitening(trainer: Trainer, vectors: np.ndarray,
+                   samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray] | None:
+    """With ``whiten_pretrained``: the within-identity whitening fitted on the untrained vectors
+    of the validation gallery (the selection's training images, never a validation query), set
+    on ``trainer`` for its checkpoints; the refit fits it on the same images, so it ships the
+    map selection validated. None (nothing set) when off or nothing can be fitted."""
+    if not trainer.config.whiten_pretrained:
+        return None
+    fitted = fit_within_identity(vectors, [s.identity for s in samples])
+    if fitted is not None:
+        trainer.reference_whitening = Whitening.from_fit(*fitted).to(trainer.ctx.device)
+    return fitted
 
 
 def _save_best(trainer: Trainer, path: Path, threshold: float | None, metrics: dict,
@@ -604,8 +618,9 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
         distributed.barrier(ctx)
     if ctx.is_main:
         if selection.pretrained_share and config.whiten_pretrained:  # the map selection validated
-            _reference_vectors(trainer, validation_split(samples, seed=config.seed,
-                                                         new_fraction=config.val_new_fraction))
+            gallery = validation_split(samples, seed=config.seed,
+                                       new_fraction=config.val_new_fraction).gallery
+            _fit_whitening(trainer, *_untrained_vectors(trainer, (gallery,)), gallery)
         save_checkpoint(out / "model.pt", checkpoint_payload(
             trainer, selection.threshold, "refit",
             {"val_map5": selection.shipped_map5, "val_map5_trained": selection.best_map5,
