@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --blend-pretrained: pass the untrained features through a "
                             "whitening fitted in closed form on the training images' identities "
                             "(it damps the directions in which photos of one identity differ; "
-                            "stored in the checkpoint, nothing to tune) (default: %(default)s)")
+                            "stored in the checkpoint, nothing to tune); off by default: it "
+                            "helped faces and lost on characters and dog photos once trained "
+                            "(bench/README.md) (default: %(default)s)")
     train.add_argument("--interpolate-pretrained", action=argparse.BooleanOptionalAction,
                        default=DEFAULTS.interpolate_pretrained,
                        help="after training, move the backbone's weights back towards its "

@@ -336,11 +336,12 @@ def test_a_blended_model_reproduces_its_validation_score(orl_subset, tmp_path, m
     import retrieval.training.train as train_module
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))  # force a blend to be shipped
-    config = TrainConfig(out=str(tmp_path), epochs=2, refit=False, blend_pretrained=True, **TINY)
+    config = TrainConfig(out=str(tmp_path), epochs=2, refit=False, blend_pretrained=True,
+                         whiten_pretrained=True, **TINY)
     model, pre, payload = load_model(train(config, orl_subset))
     assert payload["model_config"]["pretrained_share"] == 0.5
     assert model.embedding_dim == 64 + 1280
-    # the untrained half is whitened (whiten_pretrained, on by default): a fitted map, stored
+    # the untrained half is whitened (--whiten-pretrained): a fitted map, stored
     assert payload["model_config"]["pretrained_whitening"]
     assert not torch.allclose(payload["state_dict"]["reference.whitening.matrix"], torch.eye(1280))
     split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
@@ -478,12 +479,13 @@ def test_the_refit_ships_the_weight_share_selection_chose(orl_subset, tmp_path, 
 
 
 def test_the_refit_model_records_the_shipped_validation_score(orl_subset, tmp_path, monkeypatch):
-    """model.pt carries the validation MAP@5 of the model as shipped (here blended), the one its
-    threshold was calibrated with, beside that of the trained embedding alone."""
+    """model.pt carries the validation MAP@5 of the model as shipped (here blended and whitened),
+    the one its threshold was calibrated with, beside that of the trained embedding alone, and
+    the whitening selection validated."""
     import retrieval.training.train as train_module
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))  # force a blend to be shipped
-    config = TrainConfig(out=str(tmp_path), epochs=2, **TINY)
+    config = TrainConfig(out=str(tmp_path), epochs=2, whiten_pretrained=True, **TINY)
     payload = load_checkpoint(train(config, orl_subset))
     best = load_checkpoint(tmp_path / "best.pt")
     assert payload["model_config"]["pretrained_share"] == 0.5
