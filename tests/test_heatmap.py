@@ -56,3 +56,25 @@ def test_identical_images_light_up_alike(model):
 def decode_data_uri(uri: str) -> Image.Image:
     assert uri.startswith("data:image/png;base64,")
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+def test_a_blend_of_share_one_is_explained_by_the_untrained_features(model):
+    """A model that ships the untrained features alone (share 1) matches by them, not by its
+    trained backbone: its heat-maps are the untrained model's."""
+    from retrieval.models.model import ModelConfig, create_model, with_pretrained_share
+
+    import torch
+
+    trained = create_model(ModelConfig(embedding_dim=16), pretrained=True)
+    with torch.no_grad():
+        for weight in trained.backbone.parameters():  # a backbone unlike the ImageNet one
+            weight.mul_(0.5)
+    blended = with_pretrained_share(trained, 1.0)
+    dogs = sorted((SHARED_DATA / "dogfacenet").rglob("*.jpg"))
+    pair = load_image(dogs[0]), load_image(dogs[1])
+    expected = explain_pair(*model, *pair)
+    got = explain_pair(blended, model[1], *pair)
+    assert np.allclose(got.query, expected.query, atol=1e-5)
+    assert np.allclose(got.gallery, expected.gallery, atol=1e-5)
+    own = explain_pair(trained, model[1], *pair)
+    assert not np.allclose(own.query, expected.query, atol=1e-3)

@@ -4,7 +4,8 @@ The embedding is a pooled summary of the backbone's feature map (one C-dimension
 spatial cell, before GeM). For a query and a gallery image, each cell of one map is scored by its
 best cosine similarity to any cell of the other map: the regions that found a counterpart light
 up, the rest stays dark. It explains the match with the network's own features, needs no
-gradients, and works for every model here (for a blended model, the trained backbone's map).
+gradients, and works for every model here (for a blended model, the trained backbone's map;
+where the blend gives the untrained features the whole similarity, share 1, the untrained one's).
 
 ``explain_pair`` returns both maps; ``overlay_png`` paints a map over the image as the model saw
 it (resized and padded to the square input), as PNG bytes for a report or the server's page.
@@ -37,7 +38,7 @@ def explain_pair(model, preprocessing, query: np.ndarray, gallery: np.ndarray) -
     batch = torch.stack([transform(image=query)["image"], transform(image=gallery)["image"]])
     device = next(model.parameters()).device
     with torch.no_grad():
-        features = model.eval().forward_features(batch.to(device)).float()  # (2, C, h, w)
+        features = _matching_backbone(model.eval())(batch.to(device)).float()  # (2, C, h, w)
     cells = F.normalize(features.flatten(2), dim=1)  # (2, C, h*w), unit vector per cell
     similarity = torch.einsum("ci,cj->ij", cells[0], cells[1])  # query cells x gallery cells
     height, width = features.shape[-2:]
@@ -46,6 +47,14 @@ def explain_pair(model, preprocessing, query: np.ndarray, gallery: np.ndarray) -
     query_map, gallery_map = (_upsampled(m.reshape(height, width), size) for m in maps)
     return PairExplanation(query_map, gallery_map, _as_seen(batch[0], preprocessing),
                            _as_seen(batch[1], preprocessing))
+
+
+def _matching_backbone(model):
+    """The backbone whose features the similarity is made of: the untrained reference's where
+    a blend gives it the whole similarity (share 1: the trained half is zeros), else the model's."""
+    if getattr(model, "reference", None) is not None and model.config.pretrained_share >= 1.0:
+        return model.reference.backbone
+    return model.forward_features
 
 
 def _upsampled(cells, size: int) -> np.ndarray:
