@@ -56,9 +56,9 @@ def test_preprocessing_equals_the_albumentations_pipeline(size):
 
 @pytest.fixture(scope="module")
 def indexes(tmp_path_factory, orl_samples):
-    """A checkpoint index (with flip TTA), one of a checkpoint that blends in the whitened
-    untrained features (what training ships by default), and a zero-shot one, all built as
-    users build them."""
+    """A checkpoint index (with flip TTA), two of checkpoints that blend in the whitened
+    untrained features (half the similarity; all of it, where the trained backbone is skipped),
+    and a zero-shot one, all built as users build them."""
     from retrieval.answering.indexing import BuildOptions, run
 
     root = tmp_path_factory.mktemp("onnx")
@@ -66,13 +66,14 @@ def indexes(tmp_path_factory, orl_samples):
     ckpt = make_checkpoint(root / "model.pt", seed=0, threshold=0.5)
     common = dict(gallery=str(gallery), workers=0, batch_size=16, progress=False)
     run(BuildOptions(out=str(root / "trained"), model=str(ckpt), tta="flip", **common))
-    blended = make_checkpoint(root / "blended.pt", seed=1, threshold=0.5, pretrained_share=0.5)
-    run(BuildOptions(out=str(root / "blended"), model=str(blended), **common))
+    for name, share in (("blended", 0.5), ("untrained_half_only", 1.0)):
+        blended = make_checkpoint(root / f"{name}.pt", seed=1, threshold=0.5, pretrained_share=share)
+        run(BuildOptions(out=str(root / name), model=str(blended), **common))
     run(BuildOptions(out=str(root / "zero"), image_size=IMAGE_SIZE, **common))
     return root
 
 
-@pytest.mark.parametrize("name", ["trained", "blended", "zero"])
+@pytest.mark.parametrize("name", ["trained", "blended", "untrained_half_only", "zero"])
 def test_the_exported_encoder_gives_the_eager_models_vectors(indexes, name):
     stored = load_index(indexes / name)
     assert ENCODER_FILE in stored.manifest.files

@@ -139,7 +139,9 @@ class EmbeddingModel(nn.Module):
             return self.forward_head(self.forward_features(images))
         untrained = self.reference(images)
         if self.config.pretrained_share >= 1.0:  # the trained half weighs 0: not computed at all
-            return blend(untrained.new_zeros(len(untrained), self.head_dim), untrained, 1.0)
+            # zeros built from the batch itself, so an exported (ONNX) graph keeps a free batch size
+            zeros = torch.zeros_like(untrained[:, :1]).repeat(1, self.head_dim)
+            return blend(zeros, untrained, 1.0)
         return blend(self.forward_head(self.forward_features(images)), untrained,
                      self.config.pretrained_share)
 
