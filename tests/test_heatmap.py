@@ -61,9 +61,9 @@ def decode_data_uri(uri: str) -> Image.Image:
 def test_a_blend_of_share_one_is_explained_by_the_untrained_features(model):
     """A model that ships the untrained features alone (share 1) matches by them, not by its
     trained backbone: its heat-maps are the untrained model's."""
-    from retrieval.models.model import ModelConfig, create_model, with_pretrained_share
-
     import torch
+
+    from retrieval.models.model import ModelConfig, create_model, with_pretrained_share
 
     trained = create_model(ModelConfig(embedding_dim=16), pretrained=True)
     with torch.no_grad():

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-import numpy as np
 import torch
 
 from retrieval import distributed

@@ -37,8 +37,10 @@ def explain_pair(model, preprocessing, query: np.ndarray, gallery: np.ndarray) -
     transform = eval_transform(preprocessing)
     batch = torch.stack([transform(image=query)["image"], transform(image=gallery)["image"]])
     device = next(model.parameters()).device
+    model.eval()
     with torch.no_grad():
-        features = _matching_backbone(model.eval())(batch.to(device)).float()  # (2, C, h, w)
+        backbone = model.reference.backbone if model.untrained_only else model.forward_features
+        features = backbone(batch.to(device)).float()  # (2, C, h, w)
     cells = F.normalize(features.flatten(2), dim=1)  # (2, C, h*w), unit vector per cell
     similarity = torch.einsum("ci,cj->ij", cells[0], cells[1])  # query cells x gallery cells
     height, width = features.shape[-2:]
@@ -47,14 +49,6 @@ def explain_pair(model, preprocessing, query: np.ndarray, gallery: np.ndarray) -
     query_map, gallery_map = (_upsampled(m.reshape(height, width), size) for m in maps)
     return PairExplanation(query_map, gallery_map, _as_seen(batch[0], preprocessing),
                            _as_seen(batch[1], preprocessing))
-
-
-def _matching_backbone(model):
-    """The backbone whose features the similarity is made of: the untrained reference's where
-    a blend gives it the whole similarity (share 1: the trained half is zeros), else the model's."""
-    if getattr(model, "reference", None) is not None and model.config.pretrained_share >= 1.0:
-        return model.reference.backbone
-    return model.forward_features
 
 
 def _upsampled(cells, size: int) -> np.ndarray:

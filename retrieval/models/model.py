@@ -134,11 +134,17 @@ class EmbeddingModel(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.neck(self.pool(features)), dim=1)
 
+    @property
+    def untrained_only(self) -> bool:
+        """A blend of share 1: the untrained reference makes the whole similarity, the trained
+        half weighs 0 (``forward`` does not compute it; heat-maps explain by the reference)."""
+        return self.reference is not None and self.config.pretrained_share >= 1.0
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.reference is None:
             return self.forward_head(self.forward_features(images))
         untrained = self.reference(images)
-        if self.config.pretrained_share >= 1.0:  # the trained half weighs 0: not computed at all
+        if self.untrained_only:  # the trained half weighs 0: not computed at all
             # zeros built from the batch itself, so an exported (ONNX) graph keeps a free batch size
             zeros = torch.zeros_like(untrained[:, :1]).repeat(1, self.head_dim)
             return blend(zeros, untrained, 1.0)
