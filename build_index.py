@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--index-type", choices=INDEX_TYPES,
                        help="flat: exact (default); hnsw / ivf: faster approximate search for big "
                             "galleries; ivfpq: compressed codes shortlist, the raw vectors re-score "
-                            "exactly (FAISS only); auto: exact below 100k vectors, ivf above "
-                            "(with --append: the index's own unless given)")
+                            "exactly (FAISS only); auto: exact below 100k vectors, ivfpq above (ivf "
+                            "with GPUs), tuned to --target-recall, and exact instead where tuning "
+                            "cannot reach it (with --append: the index's own unless given)")
     index.add_argument("--target-recall", type=float, metavar="R",
                        help="approximate types (ivf, hnsw, ivfpq, and auto when it picks one): "
                             "after building, tune nprobe / efSearch to the smallest value whose "

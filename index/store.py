@@ -342,6 +342,9 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
         faiss_index = types.build(stored, spec)
         built = GalleryIndex.from_faiss(faiss_index, identities, spec, stored)
         spec = _tuned(built, stored, identities, target_recall)
+        if _auto_missed_its_target(spec, len(stored), source.dim):
+            faiss_index = types.build(stored, spec := _exact_instead(spec))
+            built = GalleryIndex.from_faiss(faiss_index, identities, spec, stored)
         faiss.write_index(faiss_index, str(data_dir / INDEX_FILE))
         names = [INDEX_FILE, TABLE_FILE, VECTORS_FILE]
         if hubness_weight(model):
@@ -373,6 +376,25 @@ def _tuned(gallery: GalleryIndex, vectors: np.ndarray, identities: list[str],
                         target, search=gallery.neighbours,
                         set_rerank=lambda factor: setattr(gallery, "rerank_factor", factor))
     return tuning.tuned_spec(spec, found, target, len(vectors))
+
+
+def _auto_missed_its_target(spec: IndexSpec, n_vectors: int, dim: int) -> bool:
+    """``auto`` picked an approximate type and tuning could not bring it to its target recall:
+    the exact index replaces it where it fits in memory (``types.exact_fits_in_memory``)."""
+    if spec.requested != "auto" or spec.recall is None or spec.recall >= spec.target_recall:
+        return False
+    if not types.exact_fits_in_memory(n_vectors, dim):
+        log.warning("auto keeps its %s index below the target recall (%.3f < %.2f): an exact "
+                    "index of %d x %d vectors would not fit in half this machine's memory",
+                    spec.kind, spec.recall, spec.target_recall, n_vectors, dim)
+        return False
+    return True
+
+
+def _exact_instead(spec: IndexSpec) -> IndexSpec:
+    log.warning("auto: the %s index reached recall %.3f < the target %.2f after tuning; indexing "
+                "the gallery exactly (flat) instead", spec.kind, spec.recall, spec.target_recall)
+    return IndexSpec("flat", {}, "auto", spec.target_recall, 1.0)
 
 
 def save_milvus_manifest(directory: str | Path, *, dim: int, model: dict[str, Any], tta: str,

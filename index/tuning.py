@@ -98,6 +98,9 @@ def tuned_spec(spec: IndexSpec, found: Tuning | None, target: float, n_vectors: 
                  "images (target %.2f; whole top-%d agreement %.3f)", kind, found.param,
                  found.value, "".join(f", {k}={v}" for k, v in found.extra.items()), K,
                  found.recall, min(SAMPLE, n_vectors), target, K, found.top_k_agreement)
+    elif spec.requested == "auto":  # store.save_index indexes exactly instead where it can
+        log.info("%s %s=%d: recall@%d %.3f, below the target %.2f", kind, found.param,
+                 found.value, K, found.recall, target)
     else:
         log.warning("a %s index cannot reach the target recall %.2f on this gallery: the best "
                     "measured is %.3f at %s=%d; use --index-type flat (exact) or ivf, or a lower "

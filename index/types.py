@@ -13,12 +13,16 @@ were taken, are in bench/README.md):
   only shortlist: ``GalleryIndex`` re-scores ``rerank`` (tuned; default ``search.RERANK_FACTOR``)
   times the neighbours it needs exactly from the raw vectors, memory-mapped from ``vectors.npy``
   (only the candidates' rows are read), so similarities and the ``new_whale`` threshold stay exact.
-* ``auto``: flat below ``FLAT_MAX`` vectors (``FLAT_MAX_GPU`` with GPUs), then ivf up to
-  ``GRAPH_MAX``, ivfpq above. What was measured (bench/README.md, "Index cost growth", 1M x 512
-  synthetic vectors, one CPU thread): exact flat answers one query in 86 ms; hnsw with its fixed
-  parameters took 32 min to build and found the true identity for only 0.667 of the queries,
-  while ivf built in 2.6 min and reached 0.94 at nprobe 256 (8.4 ms a query). So ``auto`` never
-  picks hnsw; it stays available by name.
+* ``auto``: exact ``flat`` below ``FLAT_MAX`` vectors (``FLAT_MAX_GPU`` with GPUs); above it
+  ``ivfpq`` on a CPU, ``ivf`` on GPUs (FAISS has no GPU fast-scan). What was measured
+  (bench/README.md, realistic galleries, one CPU thread, each type tuned to recall 0.95): at 200k
+  vectors flat 60 queries/s, ivf 243, ivfpq 1,014; at 1M flat 9.3, ivf 50, ivfpq 318 (before the
+  rotation; "A random rotation before the codes" has the figures with it). hnsw
+  with its fixed parameters took 32 min to build 1M isotropic vectors and found the true identity
+  for only 0.667 of the queries, so ``auto`` never picks it; it stays available by name. When the
+  type ``auto`` picked cannot reach the target recall even after tuning, the gallery is indexed
+  exactly (flat) instead, where its raw vectors fit in half the machine's memory
+  (``store.save_index``): ``auto`` never ships an index below its target without saying so.
 
 After building, an approximate index's search parameter (``nprobe``, ``efSearch``) is tuned to a
 target recall on the gallery's own vectors (``index.tuning``, ``--target-recall``). The resolved
@@ -47,7 +51,6 @@ REQUIRED_PARAMS = {"flat": (), "hnsw": ("M", "efConstruction", "efSearch"), "ivf
 
 FLAT_MAX = 100_000  # exact search below this on a CPU: ~10 ms per query at 512-d, no recall loss
 FLAT_MAX_GPU = 1_000_000
-GRAPH_MAX = 2_000_000  # above this, raw vectors (+ HNSW links) stop fitting comfortably in RAM
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
@@ -100,7 +103,19 @@ def resolve(requested: str, n_vectors: int, dim: int, gpus: int | None = None) -
 def _auto_kind(n_vectors: int, gpus: int) -> str:
     if n_vectors < (FLAT_MAX_GPU if gpus else FLAT_MAX):
         return "flat"
-    return "ivf" if n_vectors < GRAPH_MAX else "ivfpq"
+    return "ivf" if gpus else "ivfpq"
+
+
+def exact_fits_in_memory(n_vectors: int, dim: int) -> bool:
+    """Whether an exact (flat) index of these vectors fits in half the machine's memory: the
+    fallback of ``auto`` when its approximate choice misses the target recall."""
+    import os
+
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return n_vectors * dim * 4 <= memory // 2
 
 
 def _n_cells(n_vectors: int) -> int:

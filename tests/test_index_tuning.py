@@ -117,3 +117,55 @@ def test_ivfpq_lengthens_its_shortlist_where_codes_shortlist_poorly(tmp_path):
     assert entry["params"]["rerank"] in tuning.RERANK_FACTORS[1:]
     assert entry["recall"] >= tuning.DEFAULT_TARGET
     assert load_index(tmp_path / "pq").gallery.rerank_factor == entry["params"]["rerank"]
+
+
+def test_auto_ships_its_approximate_choice_at_the_target_recall(gallery, tmp_path, monkeypatch):
+    """Above ``FLAT_MAX`` (lowered here so a small gallery crosses it) ``auto`` picks ivfpq and
+    tunes it: the manifest records the target and a measured recall that meets it, and a naive
+    re-measurement on the loaded index agrees."""
+    vectors, labels = gallery
+    monkeypatch.setattr(types, "FLAT_MAX", 1000)
+    paths = [f"/g/{i:05d}.png" for i in range(len(vectors))]
+    save_index(tmp_path / "auto", vectors, paths, labels, model=MODEL, tta="none",
+               threshold=None, index_type="auto")
+    entry = read_manifest(tmp_path / "auto").index
+    assert (entry["kind"], entry["requested"]) == ("ivfpq", "auto")
+    assert entry["recall"] >= entry["target_recall"] == tuning.DEFAULT_TARGET
+    loaded = load_index(tmp_path / "auto").gallery
+
+    class Searched:  # the loaded index's own search, re-ranking included, under FAISS's signature
+        search = staticmethod(loaded.neighbours)
+
+    rows = tuning.held_out(len(vectors))
+    assert naive_recall(Searched, vectors, np.asarray(labels), rows) >= tuning.DEFAULT_TARGET
+
+
+def test_auto_indexes_exactly_where_its_choice_cannot_reach_the_target(gallery, tmp_path, caplog,
+                                                                      monkeypatch):
+    """Codes that shortlist no more than the answer cannot reach recall 1.0: ``auto`` then writes
+    an exact index, recorded as such, unless the raw vectors would not fit in memory (then it
+    keeps the approximate one and says so)."""
+    vectors, labels = gallery
+    monkeypatch.setattr(types, "FLAT_MAX", 1000)
+    monkeypatch.setattr(tuning, "RERANK_FACTORS", (1,))
+    paths = [f"/g/{i:05d}.png" for i in range(len(vectors))]
+    with caplog.at_level(logging.WARNING):
+        save_index(tmp_path / "auto", vectors, paths, labels, model=MODEL, tta="none",
+                   threshold=None, index_type="auto", target_recall=1.0)
+    entry = read_manifest(tmp_path / "auto").index
+    assert (entry["kind"], entry["requested"], entry["recall"]) == ("flat", "auto", 1.0)
+    assert "indexing the gallery exactly (flat) instead" in caplog.text
+    assert "use --index-type flat" not in caplog.text  # no advice to do what auto did
+    loaded = load_index(tmp_path / "auto").gallery
+    assert isinstance(loaded.cpu_index, faiss.IndexFlatIP)
+    rows = tuning.held_out(len(vectors))
+    assert naive_recall(loaded.cpu_index, vectors, np.asarray(labels), rows) == 1.0
+
+    monkeypatch.setattr(types, "exact_fits_in_memory", lambda n, dim: False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        save_index(tmp_path / "big", vectors, paths, labels, model=MODEL, tta="none",
+                   threshold=None, index_type="auto", target_recall=1.0)
+    entry = read_manifest(tmp_path / "big").index
+    assert entry["kind"] == "ivfpq" and entry["recall"] < 1.0
+    assert "auto keeps its ivfpq index below the target recall" in caplog.text
