@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "recall@5 against exact search reaches R on 500 of the gallery's own "
                             "images held out as queries; the value and the measured recall go into "
                             "the manifest (default 0.95, or the index's own with --append)")
+    index.add_argument("--gpu-float16", action=argparse.BooleanOptionalAction, default=None,
+                       help="where the index is searched on GPUs, store flat / ivf vectors there in "
+                            "float16: half the GPU memory, similarities off by ~1e-3 (recorded in "
+                            "the manifest; no effect on a CPU; default: off, or the index's own "
+                            "with --append)")
     index.add_argument("--append", action="store_true",
                        help="add the gallery's images that the index does not hold yet, embedded "
                             "with the index's own model; nothing already there is re-embedded")

@@ -300,7 +300,7 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
                threshold: float | None, index_type: str | IndexSpec = "flat",
                created: str | None = None, threshold_source: str | None = None,
                attachments: dict[str, Path] | None = None,
-               target_recall: float | None = None) -> Manifest:
+               target_recall: float | None = None, gpu_float16: bool = False) -> Manifest:
     """Build the FAISS index over ``vectors`` and write it into ``directory`` atomically.
 
     ``vectors`` may be memory-mapped, or a ``GalleryRows`` over several parts (what stays of a
@@ -310,6 +310,8 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
     ``index_type`` is a name (``auto`` resolves by gallery size) or an already resolved spec.
     An approximate type's search parameter is tuned to ``target_recall`` (default
     ``index.tuning.DEFAULT_TARGET``; or the spec's own) on the gallery's own vectors.
+    ``gpu_float16``: flat / ivf vectors are stored in float16 where the index is searched on
+    GPUs (a search-time parameter, ``float16`` in the manifest; ``types.to_devices``).
     ``attachments`` ({name in ATTACHMENTS: file}) are copied into the new data folder with it.
     A caller editing an existing index (read, change, write) holds ``writer_lock`` around it.
     """
@@ -328,7 +330,7 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
     requested = index_type.requested if isinstance(index_type, IndexSpec) else index_type
     if target_recall is None and isinstance(index_type, IndexSpec):
         target_recall = index_type.target_recall
-    spec = types.resolve(requested, len(source), source.dim)
+    spec = types.resolve(requested, len(source), source.dim, float16=gpu_float16)
     target = real_path(directory)
     previous = check_replaceable(target)
     attachments = dict(attachments or {})
@@ -394,7 +396,8 @@ def _auto_missed_its_target(spec: IndexSpec, n_vectors: int, dim: int) -> bool:
 def _exact_instead(spec: IndexSpec) -> IndexSpec:
     log.warning("auto: the %s index reached recall %.3f < the target %.2f after tuning; indexing "
                 "the gallery exactly (flat) instead", spec.kind, spec.recall, spec.target_recall)
-    return IndexSpec("flat", {}, "auto", spec.target_recall, 1.0)
+    kept = {"float16": 1} if spec.params.get("float16") else {}
+    return IndexSpec("flat", kept, "auto", spec.target_recall, 1.0)
 
 
 def save_milvus_manifest(directory: str | Path, *, dim: int, model: dict[str, Any], tta: str,

@@ -88,8 +88,10 @@ class IndexSpec:
                    values.get("target_recall"), values.get("recall"))
 
 
-def resolve(requested: str, n_vectors: int, dim: int, gpus: int | None = None) -> IndexSpec:
-    """The concrete type for ``requested`` (``auto`` chooses by size) and parameters for ``n_vectors``."""
+def resolve(requested: str, n_vectors: int, dim: int, gpus: int | None = None,
+            float16: bool = False) -> IndexSpec:
+    """The concrete type for ``requested`` (``auto`` chooses by size) and parameters for
+    ``n_vectors``; ``float16``: store flat / ivf vectors in float16 on GPUs (``to_devices``)."""
     if requested not in CHOICES:
         raise ValueError(f"unknown index type {requested!r}; choose one of {', '.join(CHOICES)}")
     gpus = faiss.get_num_gpus() if gpus is None else gpus
@@ -97,7 +99,24 @@ def resolve(requested: str, n_vectors: int, dim: int, gpus: int | None = None) -
     if kind == "ivfpq" and n_vectors < PQ_MIN_VECTORS:
         raise InvalidGallery(f"an ivfpq index compresses big galleries and needs at least "
                              f"{PQ_MIN_VECTORS} vectors to train, this one has {n_vectors}: use a flat index")
-    return IndexSpec(kind, _params(kind, n_vectors, dim), requested)
+    return IndexSpec(kind, {**_params(kind, n_vectors, dim), **({"float16": 1} if float16 else {})},
+                     requested)
+
+
+def gpu_float16(index_entry: dict[str, Any]) -> bool:
+    """Whether a manifest's ``index`` entry asks for float16 vectors on GPUs."""
+    return bool(index_entry.get("params", {}).get("float16"))
+
+
+def gpu_options(spec: IndexSpec) -> "faiss.GpuMultipleClonerOptions":
+    """How ``to_devices`` copies an index to the GPUs: sharded across them (each holds a share
+    of the vectors, so a gallery larger than one GPU's memory fits), float16 lookup tables for
+    ivfpq (more sub-quantisers fit), float16 vector storage for flat / ivf where the manifest
+    asks for it (``float16``: half the GPU memory)."""
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    options.useFloat16 = spec.kind == "ivfpq" or bool(spec.params.get("float16"))
+    return options
 
 
 def _auto_kind(n_vectors: int, gpus: int) -> str:
@@ -255,11 +274,8 @@ def to_devices(index: faiss.Index, spec: IndexSpec) -> faiss.Index:
     gpus = faiss.get_num_gpus()
     if gpus == 0 or spec.kind == "hnsw" or not hasattr(faiss, "index_cpu_to_all_gpus"):
         return index
-    options = faiss.GpuMultipleClonerOptions()
-    options.shard = True
-    options.useFloat16 = spec.kind == "ivfpq"  # float16 lookup tables: more sub-quantisers fit
     try:
-        moved = faiss.index_cpu_to_all_gpus(index, co=options)
+        moved = faiss.index_cpu_to_all_gpus(index, co=gpu_options(spec))
     except RuntimeError as err:
         log.warning("%s index stays on the CPU: FAISS cannot put it on the GPU (%s)", spec.kind, err)
         return index

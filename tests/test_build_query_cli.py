@@ -118,6 +118,27 @@ def test_append_and_remove_equal_a_fresh_build(data, tmp_path, orl_samples):
     assert load_index(tmp_path / "edited").manifest.counts == {"images": 27, "identities": 9}
 
 
+def test_gpu_float16_and_the_target_recall_survive_appends_and_removals(data, tmp_path, orl_samples):
+    """Both are the index's own settings (the manifest's), like its type: an edit that does not
+    name them keeps them; naming them changes them."""
+    gallery = copy_gallery(orl_samples, tmp_path / "gallery", KNOWN, per_identity=3)
+    build(tmp_path / "idx", gallery, model=str(data.ckpt), index_type="ivf", target_recall=0.9,
+          gpu_float16=True)
+
+    def settings():
+        entry = read_manifest(tmp_path / "idx").index
+        return entry["kind"], entry["target_recall"], entry["params"].get("float16")
+
+    assert settings() == ("ivf", 0.9, 1)
+    copy_gallery(orl_samples, gallery, LATER, per_identity=3)
+    build(tmp_path / "idx", gallery, append=True)
+    assert settings() == ("ivf", 0.9, 1)
+    build(tmp_path / "idx", None, remove=["s3"])
+    assert settings() == ("ivf", 0.9, 1)
+    build(tmp_path / "idx", gallery, append=True, gpu_float16=False)  # nothing new, a setting
+    assert settings() == ("ivf", 0.9, None)
+
+
 def assert_same_index(a_dir, b_dir, queries):
     a, b = load_index(a_dir), load_index(b_dir)
     assert a.paths == b.paths and a.identities == b.identities

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pytest
 
@@ -10,7 +11,7 @@ from index import GalleryIndex
 from index.errors import InvalidGallery
 from index.store import load_index, save_index
 from index.synthetic import clustered_vectors
-from index.types import FLAT_MAX, FLAT_MAX_GPU, resolve
+from index.types import FLAT_MAX, FLAT_MAX_GPU, gpu_options, resolve
 
 from .index_helpers import single_threaded
 
@@ -143,6 +144,35 @@ def test_ivfpq_rotates_before_coding_so_few_axes_of_variance_still_shortlist_wel
         rows = GalleryIndex(gallery, labels, spec, rerank=False).neighbours(queries, 20)[1]
         found[rotation] = np.mean([n in r for n, r in zip(nearest, rows)])
     assert found[1] >= 0.7 and found[0] <= found[1] - 0.3, found
+
+
+def test_gpu_copies_shard_and_store_float16_only_where_asked():
+    """How an index is copied to GPUs, checked on any machine (the options need no GPU):
+    sharded; float16 lookup tables for ivfpq; float16 vectors for flat / ivf only when the
+    manifest says ``float16``."""
+    for kind, float16, expected in (("flat", False, False), ("flat", True, True),
+                                    ("ivf", False, False), ("ivf", True, True), ("ivfpq", False, True)):
+        spec = resolve(kind, 5000, 64, gpus=0, float16=float16)
+        assert ("float16" in spec.params) == float16
+        options = gpu_options(spec)
+        assert options.shard and options.useFloat16 == expected, (kind, float16)
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="needs a GPU that faiss sees")
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+def test_an_index_on_the_gpus_answers_as_on_the_cpu(synthetic, exact, kind):
+    """Run where a GPU is lent: the GPU copy (sharded over every GPU) answers the same
+    identities as exact CPU search, within the approximate types' usual recall; float16 flat
+    storage moves similarities by at most ~1e-3."""
+    gallery, labels, queries, truth = synthetic
+    index = GalleryIndex(gallery, labels, resolve(kind, len(gallery), gallery.shape[1]))
+    assert kind == "ivfpq" or index.faiss_index is not index.cpu_index  # ivfpq fast-scan: CPU
+    ranking = index.search(queries, 5)
+    assert recall_at_5(ranking, truth) >= 0.95 * recall_at_5(exact, truth)
+    if kind == "flat":
+        assert [a[0] for a in ranking.identities] == [a[0] for a in exact.identities]
+        half = GalleryIndex(gallery, labels, resolve("flat", len(gallery), gallery.shape[1], float16=True))
+        np.testing.assert_allclose(half.search(queries, 5).scores, exact.scores, atol=2e-3)
 
 
 def test_search_parameters_come_from_the_manifest(synthetic, tmp_path):

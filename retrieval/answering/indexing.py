@@ -55,6 +55,7 @@ class BuildOptions:
     tta: str | None = None
     index_type: str | None = None
     target_recall: float | None = None  # approximate types: tuned to this (None: the index's own / 0.95)
+    gpu_float16: bool | None = None  # float16 vectors on GPUs (None: the index's own / off)
     append: bool = False
     remove: list[str] = field(default_factory=list)
     batch_size: int = 64
@@ -327,6 +328,7 @@ def _gather_on_main(ctx, obj: Any) -> list[Any] | None:
 def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: list[Sample],
            vectors: np.ndarray | None, index_type: str | None = None) -> Any:
     """Rank 0: merge what stays with what is new and write the folder (atomically)."""
+    from index import types
     from index.rows import GalleryRows
     from index.store import save_index
 
@@ -341,7 +343,8 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
     if opts.append and not new and not opts.remove and manifest is not None and \
             (index_type or manifest.index["requested"]) == manifest.index["requested"] and \
             (opts.threshold is None or opts.threshold == manifest.threshold) and \
-            (opts.target_recall is None or opts.target_recall == manifest.index.get("target_recall")):
+            (opts.target_recall is None or opts.target_recall == manifest.index.get("target_recall")) and \
+            (opts.gpu_float16 is None or opts.gpu_float16 == types.gpu_float16(manifest.index)):
         log.info("nothing new to add: %s left unchanged", opts.out)
         return manifest
     threshold, source, hubness = _threshold(opts, manifest, encoder, rows, identities)
@@ -357,7 +360,9 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
             index_type=index_type or (manifest.index["requested"] if manifest else "flat"),
             created=manifest.created if manifest else None, attachments=attachments,
             target_recall=opts.target_recall or (manifest.index.get("target_recall")
-                                                 if manifest else None))
+                                                 if manifest else None),
+            gpu_float16=opts.gpu_float16 if opts.gpu_float16 is not None else
+            bool(manifest and types.gpu_float16(manifest.index)))
     log.info("index %s: %d images of %d identities (%s); %d new", opts.out,
              written.counts["images"], written.counts["identities"], written.index["kind"], len(new))
     return written

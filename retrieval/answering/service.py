@@ -347,13 +347,15 @@ class GalleryService:
         return snapshot.stored, snapshot.vectors
 
     def _commit(self, stored, vectors: np.ndarray, paths: list[str], identities: list[str]) -> None:
+        from index import types
         from index.store import save_index
 
         manifest = stored.manifest
         save_index(self.index_dir, vectors, paths, identities, model=manifest.model,
                    tta=manifest.tta, threshold=manifest.threshold,
                    threshold_source=manifest.threshold_source, index_type=manifest.index["requested"],
-                   created=manifest.created,
+                   target_recall=manifest.index.get("target_recall"),
+                   gpu_float16=types.gpu_float16(manifest.index), created=manifest.created,
                    attachments={name: stored.attachment(name) for name in manifest.attachments})
         self._reload()
 
