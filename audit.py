@@ -38,7 +38,7 @@ def main() -> int:
     from retrieval.answering.audit import audit_gallery, write_audit
 
     stored = load_index(args.index, backends=("faiss",))
-    findings = audit_gallery(stored.vectors(), stored.paths, stored.identities,
+    findings = audit_gallery(stored.embeddings(), stored.paths, stored.identities,
                              args.duplicate_correlation, args.outlier_mads)
     csv_path, page = write_audit(args.out, findings, str(args.index))
     counts = {kind: sum(f.kind == kind for f in findings) for kind in ("duplicate", "mislabel", "outlier")}

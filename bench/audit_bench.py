@@ -107,7 +107,7 @@ def _audited(index_dir: Path, folder: Path, csv: Path, model: str | None, image_
                      model=model, image_size=None if model else image_size, workers=0,
                      progress=False))
     stored = load_index(index_dir)
-    vectors = stored.vectors()
+    vectors = stored.embeddings()  # the model's own, whitening (where chosen) undone
     findings = audit_gallery(vectors, stored.paths, stored.identities)
     ranked = duplicate_pairs(vectors, stored.paths, stored.identities, threshold=-1.0,
                              candidate_similarity=-1.0)

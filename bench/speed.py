@@ -664,7 +664,7 @@ def run(args) -> dict:
     if "write" in args.parts:
         from .write_speed import bench_write
 
-        results["write"] = bench_write(args)
+        results["write"] = bench_write(args, realistic_model)
         for size, block in results["write"].items():
             tables.append(format_table(
                 ["write part: index type", "write s", "peak anon MiB", "÷ raw vectors",

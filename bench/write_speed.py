@@ -64,12 +64,10 @@ class PeakMemory:
         self.peak = max(self.peak, rss_anon_bytes() - self.start)
 
 
-def _generate(args, n: int, target: np.ndarray):
+def _generate(args, n: int, target: np.ndarray, realistic_model):
     """Fill the memory map ``target`` with ``n`` gallery vectors; (labels, queries, truth)."""
     if getattr(args, "write_gallery", "isotropic") == "realistic":
         from index.synthetic import sample_gallery
-
-        from .speed import realistic_model
 
         model, _ = realistic_model(args)
         _, labels, queries, truth = sample_gallery(model, n, args.write_queries, out=target)
@@ -80,7 +78,9 @@ def _generate(args, n: int, target: np.ndarray):
     return labels, queries, truth
 
 
-def bench_write(args) -> dict:
+def bench_write(args, realistic_model=None) -> dict:
+    """``realistic_model``: ``bench.speed.realistic_model`` (passed in: speed imports this
+    module), for ``--write-gallery realistic``."""
     from index import tuning
     from index.store import load_index, save_index
 
@@ -91,7 +91,7 @@ def bench_write(args) -> dict:
             target = np.lib.format.open_memmap(folder / "gallery.npy", mode="w+", dtype=np.float32,
                                                shape=(n, args.dim))
             started = time.perf_counter()
-            labels, queries, truth = _generate(args, n, target)
+            labels, queries, truth = _generate(args, n, target, realistic_model)
             generate_s = time.perf_counter() - started
             target.flush()
             del target

@@ -9,6 +9,9 @@ Layout of an index folder::
     data-<id>/gallery.parquet  one row per vector: path, identity, vector_id (= FAISS id = row number)
     data-<id>/vectors.npy      the raw float32 embeddings, so --append / --remove-identity / a change
                                of index type rebuild exactly without re-embedding a single image
+    data-<id>/whitening.npz    the within-identity whitening map (mean, matrix) the stored vectors
+                               went through and every query goes through, only where the model
+                               entry records ``whitening`` (zero-shot indexes that chose it)
     data-<id>/hubness.npy      each row's hubness (``index.hubness``), only where the model's
                                manifest entry records a hubness correction; measured again on
                                every write, so an append gives what a fresh build gives
@@ -78,8 +81,12 @@ VECTORS_FILE = "vectors.npy"
 DATA_FILES = (INDEX_FILE, TABLE_FILE, VECTORS_FILE)
 # each row's hubness (index.hubness), written where the model searches with the correction
 HUBNESS_FILE = "hubness.npy"
+# the within-identity whitening the gallery vectors went through (index.whitening), where the
+# model entry records ``whitening``: queries go through it too (``StoredIndex.to_gallery_space``)
+WHITENING_FILE = "whitening.npz"
 # files the model side may keep with an index (opaque here: listed, checksummed, carried along)
 ATTACHMENTS = ("encoder.onnx",)
+OPTIONAL_FILES = (HUBNESS_FILE, WHITENING_FILE)
 DATA_DIR_PATTERN = re.compile(r"^data-[0-9a-f]{12}$")
 MANIFEST_TEMP_PATTERN = re.compile(r"^\.manifest\.json\.[0-9a-f]{12}\.tmp$")
 MAX_DIM = 65_536
@@ -111,6 +118,8 @@ class ModelEntry(BaseModel):
         value = (self.model_extra or {}).get("hubness", 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"hubness must be a weight from 0 to 1, not {value!r}")
+        if not isinstance((self.model_extra or {}).get("whitening", False), bool):
+            raise ValueError("whitening must be true or false")
         return self
 
 
@@ -184,9 +193,12 @@ class ManifestSchema(BaseModel):
                                  f"{FORMAT} and may list only {', '.join(ATTACHMENTS)}")
         elif self.milvus is not None:
             raise ValueError("a FAISS index names no Milvus collection")
-        elif not set(DATA_FILES) <= set(self.files) <= set(DATA_FILES + (HUBNESS_FILE,) + ATTACHMENTS):
+        elif not set(DATA_FILES) <= set(self.files) <= set(DATA_FILES + OPTIONAL_FILES + ATTACHMENTS):
             raise ValueError(f"files must list {', '.join(DATA_FILES)}, and may list "
-                             f"{', '.join((HUBNESS_FILE,) + ATTACHMENTS)}")
+                             f"{', '.join(OPTIONAL_FILES + ATTACHMENTS)}")
+        if self.model.model_dump().get("whitening") and (self.backend == "milvus"
+                                                         or WHITENING_FILE not in self.files):
+            raise ValueError(f"a whitened gallery needs the FAISS backend and its {WHITENING_FILE}")
         if hubness_weight(self.model.model_dump()) and (self.backend == "milvus"
                                                         or HUBNESS_FILE not in self.files):
             raise ValueError(f"a model with a hubness correction needs the FAISS backend and "
@@ -255,6 +267,28 @@ class StoredIndex:
     paths: list[str]
     identities: list[str]
     gallery: GalleryIndex | MilvusGallery  # what ``search`` goes through
+    # (mean, matrix) of the within-identity whitening the gallery went through (None: none)
+    whitening: tuple[np.ndarray, np.ndarray] | None = None
+
+    def embeddings(self) -> np.ndarray:
+        """The model's own embeddings of the gallery: ``vectors()`` with the gallery's whitening
+        undone (``index.whitening.unwhiten``). What the gallery audit judges labels on: a map
+        fitted on the gallery's labels absorbs part of a wrong label's deviation."""
+        vectors = self.vectors()
+        if self.whitening is None:
+            return vectors
+        from .whitening import unwhiten
+
+        return unwhiten(vectors, *self.whitening)
+
+    def to_gallery_space(self, vectors: np.ndarray) -> np.ndarray:
+        """Query embeddings as the gallery vectors were stored: whitened where the gallery was
+        (``index.whitening``), else as they are. Every search of this index goes through it."""
+        if self.whitening is None:
+            return vectors
+        from .whitening import whiten
+
+        return whiten(vectors, *self.whitening)
 
     def attachment(self, name: str) -> Path | None:
         """The path of an attached file (checked against the manifest), or None if it has none."""
@@ -300,7 +334,8 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
                threshold: float | None, index_type: str | IndexSpec = "flat",
                created: str | None = None, threshold_source: str | None = None,
                attachments: dict[str, Path] | None = None,
-               target_recall: float | None = None, gpu_float16: bool = False) -> Manifest:
+               target_recall: float | None = None, gpu_float16: bool = False,
+               whitening: tuple[np.ndarray, np.ndarray] | None = None) -> Manifest:
     """Build the FAISS index over ``vectors`` and write it into ``directory`` atomically.
 
     ``vectors`` may be memory-mapped, or a ``GalleryRows`` over several parts (what stays of a
@@ -312,6 +347,8 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
     ``index.tuning.DEFAULT_TARGET``; or the spec's own) on the gallery's own vectors.
     ``gpu_float16``: flat / ivf vectors are stored in float16 where the index is searched on
     GPUs (a search-time parameter, ``float16`` in the manifest; ``types.to_devices``).
+    ``whitening``: the (mean, matrix) the ``vectors`` already went through, stored for the queries
+    (``StoredIndex.to_gallery_space``) and recorded in the model entry.
     ``attachments`` ({name in ATTACHMENTS: file}) are copied into the new data folder with it.
     A caller editing an existing index (read, change, write) holds ``writer_lock`` around it.
     """
@@ -349,6 +386,11 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
             built = GalleryIndex.from_faiss(faiss_index, identities, spec, stored)
         faiss.write_index(faiss_index, str(data_dir / INDEX_FILE))
         names = [INDEX_FILE, TABLE_FILE, VECTORS_FILE]
+        model = {key: value for key, value in model.items() if key != "whitening"}
+        if whitening is not None:
+            _write_whitening(data_dir / WHITENING_FILE, whitening, source.dim)
+            names.append(WHITENING_FILE)
+            model["whitening"] = True
         if hubness_weight(model):
             log.info("measuring the hubness of %d gallery images", len(stored))
             np.save(data_dir / HUBNESS_FILE, gallery_hubness(stored, neighbours=built.neighbours))
@@ -378,6 +420,15 @@ def _tuned(gallery: GalleryIndex, vectors: np.ndarray, identities: list[str],
                         target, search=gallery.neighbours,
                         set_rerank=lambda factor: setattr(gallery, "rerank_factor", factor))
     return tuning.tuned_spec(spec, found, target, len(vectors))
+
+
+def _write_whitening(path: Path, whitening: tuple[np.ndarray, np.ndarray], dim: int) -> None:
+    mean, matrix = (np.asarray(part, dtype=np.float32) for part in whitening)
+    if mean.shape != (dim,) or matrix.shape != (dim, dim):
+        raise ValueError(f"a whitening of shapes {mean.shape}, {matrix.shape} for {dim}-d vectors")
+    with open(path, "wb") as handle:
+        np.savez(handle, mean=mean, matrix=matrix)
+    _fsync(path)
 
 
 def _auto_missed_its_target(spec: IndexSpec, n_vectors: int, dim: int) -> bool:
@@ -517,7 +568,7 @@ def _remove_data_dir(folder: Path) -> None:
     if folder.is_symlink() or not folder.is_dir():
         folder.unlink(missing_ok=True)
         return
-    for name in DATA_FILES + (HUBNESS_FILE,) + ATTACHMENTS:
+    for name in DATA_FILES + OPTIONAL_FILES + ATTACHMENTS:
         (folder / name).unlink(missing_ok=True)
     try:
         folder.rmdir()
@@ -704,7 +755,26 @@ def _load_once(directory: Path, backends: Sequence[str]) -> StoredIndex:
     raw = stored.vectors(mmap=True) if manifest.spec.kind == "ivfpq" else None  # re-ranking
     stored.gallery = GalleryIndex.from_faiss(faiss_index, identities, manifest.spec, raw,
                                              _penalty(directory, manifest))
+    stored.whitening = _whitening(directory, manifest)
     return stored
+
+
+def _whitening(directory: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (mean, matrix) the gallery went through, None where the model entry records none."""
+    if not manifest.model.get("whitening"):
+        return None
+    path = _verified(directory, WHITENING_FILE, manifest)
+    dim = manifest.dim
+    try:
+        with np.load(path, allow_pickle=False) as parts:
+            mean, matrix = parts["mean"], parts["matrix"]
+    except (OSError, ValueError, KeyError) as err:
+        raise _corrupt(path, f"{type(err).__name__}: {err}") from None
+    if mean.shape != (dim,) or matrix.shape != (dim, dim) or mean.dtype != np.float32 \
+            or matrix.dtype != np.float32 or not (np.isfinite(mean).all() and np.isfinite(matrix).all()):
+        raise _corrupt(path, f"a mean {mean.shape} {mean.dtype} and matrix {matrix.shape} "
+                             f"{matrix.dtype}, expected finite float32 ({dim},) and ({dim}, {dim})")
+    return mean, matrix
 
 
 def _penalty(directory: Path, manifest: Manifest) -> np.ndarray | None:

@@ -47,7 +47,7 @@ def flawed(tmp_path_factory):
 
 def test_the_audit_finds_the_planted_duplicates_and_the_wrong_label(flawed):
     stored = load_index(flawed / "index")
-    findings = audit_gallery(stored.vectors(), stored.paths, stored.identities)
+    findings = audit_gallery(stored.embeddings(), stored.paths, stored.identities)
     # which image of a pair comes first depends on how the paths sort, so compare unordered pairs
     duplicates = {frozenset(((f.image, f.identity), (f.other_image, f.other_identity or f.identity)))
                   for f in findings if f.kind == "duplicate"}

@@ -391,11 +391,12 @@ def test_report_with_heatmaps_has_a_toggle_per_match(data, index_dir, tmp_path):
 
 def test_zero_shot_index_chooses_its_hubness_correction_on_the_gallery(data, tmp_path):
     """With no checkpoint, the gallery's own leave-one-out queries choose the hubness correction
-    weight with the threshold; the index records both and searches with them."""
+    weight with the threshold; the index records both and searches with them (plain cosine
+    here: the whitening choice has its own test)."""
     from index.hubness import WEIGHTS
     from retrieval.answering.gallery_threshold import calibrate_on_gallery
 
-    build(tmp_path / "idx", data.gallery, image_size=IMAGE_SIZE)
+    build(tmp_path / "idx", data.gallery, image_size=IMAGE_SIZE, whiten=False)
     stored = load_index(tmp_path / "idx")
     expected = calibrate_on_gallery(stored.vectors(), stored.identities, weights=WEIGHTS)
     assert stored.manifest.model.get("hubness", 0.0) == expected.hubness
@@ -405,3 +406,46 @@ def test_zero_shot_index_chooses_its_hubness_correction_on_the_gallery(data, tmp
     edited = read_manifest(tmp_path / "idx")
     assert (edited.model.get("hubness", 0.0), edited.threshold) == \
         (expected.hubness, stored.manifest.threshold)
+
+
+def test_zero_shot_index_whitens_its_gallery_and_every_query_where_the_gallery_says_so(
+        data, tmp_path, orl_samples):
+    """The choice is the gallery's (honest leave-one-out, ``choose_gallery_space``); a whitened
+    index stores whitened vectors and its map, whitens each query (a gallery photo asked again
+    finds itself at cosine 1), and an append sends new photos through the same map."""
+    from index.hubness import WEIGHTS
+    from index.whitening import whiten
+    from retrieval.answering.encoder import EncoderSpec, load_encoder
+    from retrieval.answering.gallery_threshold import choose_gallery_space
+
+    gallery = copy_gallery(orl_samples, tmp_path / "gallery", KNOWN, per_identity=3)
+    build(tmp_path / "idx", gallery, image_size=IMAGE_SIZE)
+    stored = load_index(tmp_path / "idx")
+    encoder = load_encoder(EncoderSpec.of_index(stored.manifest))
+    raw = encoder.encode(stored.paths, progress=False)
+    calibration, whitening = choose_gallery_space(raw, stored.identities, weights=WEIGHTS)
+    assert whitening is not None  # these faces calibrate better whitened (the premise)
+    assert stored.manifest.model["whitening"] is True
+    assert stored.manifest.threshold == pytest.approx(calibration.threshold, abs=1e-5)
+    np.testing.assert_allclose(stored.whitening[1], whitening[1], atol=1e-5)
+    np.testing.assert_allclose(stored.vectors(), whiten(raw, *whitening), atol=1e-5)
+
+    image = stored.paths[4]
+    hit = run_query(image, tmp_path / "idx").answers[0].hits[0]
+    penalty = stored.gallery.penalty
+    assert hit.gallery_image == image
+    assert hit.similarity == pytest.approx(1.0 - (0.0 if penalty is None else penalty[4]), abs=1e-5)
+
+    copy_gallery(orl_samples, gallery, LATER, per_identity=3)
+    build(tmp_path / "idx", gallery, append=True)
+    edited = load_index(tmp_path / "idx")
+    np.testing.assert_array_equal(edited.whitening[1], stored.whitening[1])  # the same map
+    new = [i for i, path in enumerate(edited.paths) if path not in stored.paths]
+    np.testing.assert_allclose(edited.vectors()[new],
+                               whiten(encoder.encode([edited.paths[i] for i in new], progress=False),
+                                      *stored.whitening), atol=1e-5)
+
+    build(tmp_path / "plain", gallery, image_size=IMAGE_SIZE, whiten=False)
+    plain = load_index(tmp_path / "plain")
+    assert plain.whitening is None and "whitening" not in plain.manifest.model
+    assert "whitening.npz" not in plain.manifest.files

@@ -117,3 +117,68 @@ def _naive_on(sims, identities, k=5):
         scores.append([best[name] for name in order] + [-np.inf] * (k - len(order)))
         truths.append(NEW_WHALE if counts[labels[q]] == 1 else labels[q])
     return calibrate_threshold(ranked, np.array(scores), truths, k), truths
+
+
+# ----------------------------------------------------------------------------- whitened gallery
+
+def _nuisance_gallery(seed: int, n_identities: int = 30, d: int = 24):
+    """Identities whose photos differ mostly along a few directions shared by all identities
+    (pose / light, say): within-identity whitening has something to remove."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng, n_identities, d)
+    nuisance = np.linalg.qr(rng.normal(size=(d, 3)))[0].T  # 3 shared directions
+    identities = [f"id{i}" for i in range(n_identities) for _ in range(1 + i % 3)]
+    rows = [int(name[2:]) for name in identities]
+    vectors = centres[rows] + 1.2 * rng.normal(size=(len(rows), 3)) @ nuisance \
+        + 0.15 * _unit(rng, len(rows), d)
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), identities
+
+
+def test_whitened_calibration_answers_each_query_with_a_map_fitted_without_it(monkeypatch):
+    """With one fold per image, the whitened calibration equals a naive loop: for each image,
+    fit the map on all the others, whiten everything, rank the others by cosine."""
+    from index.whitening import fit_within_identity, whiten
+    from retrieval.answering import gallery_threshold
+
+    vectors, identities = _nuisance_gallery(0, n_identities=12)
+    monkeypatch.setattr(gallery_threshold, "WHITENING_FOLDS", len(vectors))
+    labels = np.asarray(identities)
+    sims = np.empty((len(vectors), len(vectors)))
+    for q in range(len(vectors)):
+        others = np.arange(len(vectors)) != q
+        space = whiten(vectors, *fit_within_identity(vectors[others], labels[others]))
+        sims[q] = space @ space[q]
+    (threshold, map5), _ = _naive_on(sims, identities)
+    got = calibrate_on_gallery(vectors, identities, whitened=True)
+    assert got.map5 == pytest.approx(map5, abs=1e-9)
+    assert got.threshold == pytest.approx(threshold, abs=1e-5)
+
+
+def test_the_whitened_calibration_is_not_flattered_by_its_own_queries():
+    """Fitting the map on every image (queries included) makes the leave-one-out look better
+    than it is (near 1.0 here); the folds do not, and here whitening does not even beat plain
+    cosine. 40 dimensions, 2-3 images an identity: plenty to overfit."""
+    from index.whitening import fit_within_identity, whiten
+
+    rng = np.random.default_rng(0)
+    centres = _unit(rng, 25, 40)
+    identities = [f"id{i}" for i in range(25) for _ in range(2 + i % 2)]
+    vectors = centres[[int(name[2:]) for name in identities]] + 1.2 * _unit(rng, len(identities), 40)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    leaky = calibrate_on_gallery(whiten(vectors, *fit_within_identity(vectors, identities)), identities)
+    honest = calibrate_on_gallery(vectors, identities, whitened=True)
+    assert honest.map5 < leaky.map5 - 0.1, (honest.map5, leaky.map5)
+    assert honest.map5 < calibrate_on_gallery(vectors, identities).map5
+
+
+def test_the_gallery_is_whitened_only_where_it_calibrates_better():
+    from index.whitening import fit_within_identity
+    from retrieval.answering.gallery_threshold import choose_gallery_space
+
+    vectors, identities = _nuisance_gallery(2)
+    plain = calibrate_on_gallery(vectors, identities)
+    calibration, whitening = choose_gallery_space(vectors, identities)
+    assert whitening is not None and calibration.map5 > plain.map5 + 0.05
+    expected = fit_within_identity(vectors, identities)  # fitted on the whole gallery
+    np.testing.assert_allclose(whitening[1], expected[1], atol=1e-6)
+    assert choose_gallery_space(vectors, identities, whiten=False) == (plain, None)

@@ -197,7 +197,8 @@ def test_photos_arriving_together_share_a_forward_pass_and_get_their_own_vectors
 
     service._batcher._encode = recording
     images = [decode_upload(photo(f"s{p}", 1)) for p in range(10, 22)]
-    alone = np.concatenate([service.encoder.encode_arrays([image]) for image in images])
+    alone = service.current().stored.to_gallery_space(  # as the index's vectors are kept
+        np.concatenate([service.encoder.encode_arrays([image]) for image in images]))
     with ThreadPoolExecutor(max_workers=12) as pool:
         together = np.concatenate(list(pool.map(service.embed, images)))
     np.testing.assert_allclose(together, alone, atol=1e-5)
@@ -218,3 +219,20 @@ def test_explain_returns_both_heat_maps_for_a_match(client):
     missing = client.post("/explain", files={"image": ("q.pgm", data)},
                           data={"gallery_image": "0" * 20})
     assert missing.status_code == 404
+
+
+def test_a_photo_added_to_a_whitened_index_goes_through_its_map(client, index_dir):
+    """The served zero-shot index chose within-identity whitening on its gallery (the premise);
+    a photo added through the service is stored in the whitened space its queries are asked
+    in: asked again, it finds itself at cosine 1 (less its hubness correction)."""
+    before = load_index(index_dir)
+    assert before.whitening is not None
+    response = post_add(client, photo("s3", 9), "s3", name="s3_9.pgm")
+    assert response.status_code == 200, response.text
+    after = load_index(index_dir)
+    np.testing.assert_array_equal(after.whitening[1], before.whitening[1])
+    added = next(i for i, path in enumerate(after.paths) if path not in before.paths)
+    first = post_query(client, photo("s3", 9), k=1).json()["candidates"][0]
+    penalty = after.gallery.penalty
+    correction = 0.0 if penalty is None else penalty[added]
+    assert first["identity"] == "s3" and first["similarity"] == pytest.approx(1.0 - correction, abs=1e-4)

@@ -99,3 +99,18 @@ def test_on_faces_it_helps_photos_it_was_not_fitted_on(orl_samples):
     plain = accuracy(gallery_vectors, query_vectors)
     whitened = accuracy(whiten(gallery_vectors, *fitted), whiten(query_vectors, *fitted))
     assert whitened > plain + 0.05, (plain, whitened)
+
+
+def test_unwhitening_gives_back_the_unit_vectors_that_were_whitened():
+    """A whitened index keeps only whitened vectors; the audit needs the model's own back."""
+    from index.whitening import unwhiten
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(10, 32))
+    identities = [f"id{i}" for i in range(10) for _ in range(3)]
+    vectors = centres[np.repeat(np.arange(10), 3)] + rng.normal(size=(30, 32)) * np.linspace(2, 0.1, 32)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    mean, matrix = fit_within_identity(vectors, identities)
+    whitened = whiten(vectors, mean, matrix)
+    assert np.abs(whitened - vectors).max() > 0.1  # the map really moved them
+    np.testing.assert_allclose(unwhiten(whitened, mean, matrix), vectors, atol=1e-5)

@@ -63,6 +63,7 @@ class BuildOptions:
     image_size: int | None = None
     threshold: float | None = None  # new_whale threshold to record instead of the model's/gallery's
     hubness: bool = True  # zero-shot: choose the hubness correction weight with the threshold
+    whiten: bool = True  # zero-shot: whiten gallery and queries where the gallery calibrates better
     strict: bool = False
     allow_outside: bool = False  # CSV rows may name images outside --gallery
     device: str | None = None
@@ -91,6 +92,7 @@ class Current:
     # the stored vectors (memory-mapped) and which of their rows stay
     vectors: tuple[np.ndarray, np.ndarray] | None = None
     attachments: dict[str, Path] = field(default_factory=dict)  # the exported encoder, if any
+    whitening: tuple[np.ndarray, np.ndarray] | None = None  # what the stored vectors went through
     milvus: Any = None  # a Milvus-backed index: the client (paths, identities, vectors stay there)
 
 
@@ -199,7 +201,8 @@ def _read_current(opts: BuildOptions) -> Current:
     log.info("removing %d image(s) of %d identit(y/ies)", int((~keep).sum()), len(opts.remove))
     return Current(stored.manifest, [p for p, k in zip(stored.paths, keep) if k],
                    [i for i, k in zip(stored.identities, keep) if k], (vectors, np.flatnonzero(keep)),
-                   {name: stored.attachment(name) for name in stored.manifest.attachments})
+                   {name: stored.attachment(name) for name in stored.manifest.attachments},
+                   stored.whitening)
 
 
 def _read_current_milvus(opts: BuildOptions, stored) -> Current:
@@ -331,11 +334,15 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
     from index import types
     from index.rows import GalleryRows
     from index.store import save_index
+    from index.whitening import whiten
 
     if opts.backend == "milvus" or (current.manifest is not None and current.milvus is not None):
         return _write_milvus(opts, current, encoder, new, vectors, index_type)
     paths = current.paths + [str(s.path) for s in new]
     identities = current.identities + [s.identity for s in new]
+    whitening = current.whitening  # an edit keeps the index's map: new images go through it
+    if whitening is not None and vectors is not None:
+        vectors = whiten(vectors, *whitening)
     rows = GalleryRows([v for v in (current.vectors, vectors) if v is not None])
     if not paths:
         raise UserError(_empty_message(opts, current))
@@ -347,7 +354,9 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
             (opts.gpu_float16 is None or opts.gpu_float16 == types.gpu_float16(manifest.index)):
         log.info("nothing new to add: %s left unchanged", opts.out)
         return manifest
-    threshold, source, hubness = _threshold(opts, manifest, encoder, rows, identities)
+    threshold, source, hubness, fitted = _threshold(opts, manifest, encoder, rows, identities)
+    if fitted is not None:  # a fresh zero-shot gallery that calibrates better whitened
+        rows, whitening = GalleryRows.of(whiten(rows.array(), *fitted)), fitted
     model = {key: value for key, value in (encoder.model_info() if encoder else manifest.model).items()
              if key != "hubness"}
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:
@@ -362,7 +371,7 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
             target_recall=opts.target_recall or (manifest.index.get("target_recall")
                                                  if manifest else None),
             gpu_float16=opts.gpu_float16 if opts.gpu_float16 is not None else
-            bool(manifest and types.gpu_float16(manifest.index)))
+            bool(manifest and types.gpu_float16(manifest.index)), whitening=whitening)
     log.info("index %s: %d images of %d identities (%s); %d new", opts.out,
              written.counts["images"], written.counts["identities"], written.index["kind"], len(new))
     return written
@@ -393,7 +402,7 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
                                  replace=_rebuilds(opts.out, uri, collection))
         milvus.upsert(client, collection, vectors, paths, identities, progress=opts.progress)
         spec = _tuned_milvus(client, collection, spec, vectors, paths, identities, opts.target_recall)
-        threshold, source, _ = _threshold(opts, None, encoder, vectors, identities,
+        threshold, source, _, _ = _threshold(opts, None, encoder, vectors, identities,
                                           weights=(0.0,))  # Milvus has no hubness correction
         counts = {"images": len(new), "identities": len(set(identities))}
         values = {"dim": int(vectors.shape[1]), "model": model, "tta": encoder.tta, "spec": spec,
@@ -479,39 +488,47 @@ def _export(encoder: Encoder | None, scratch: Path) -> dict[str, Path]:
 
 def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
                rows: np.ndarray | GalleryRows, identities: list[str],
-               weights: Sequence[float] | None = None) -> tuple[float | None, str | None, float]:
-    """The new_whale threshold to record, where it came from, and the hubness correction weight
-    it goes with: ``--threshold`` (with the model's own weight); else the index's own (an edit
-    keeps both); else the checkpoint's; else both calibrated on the gallery itself (the zero-shot
-    model has none: without a threshold the index would never answer new_whale), the weight
-    among ``weights`` (default ``index.hubness.WEIGHTS``)."""
+               weights: Sequence[float] | None = None
+               ) -> tuple[float | None, str | None, float, tuple[np.ndarray, np.ndarray] | None]:
+    """The new_whale threshold to record, where it came from, the hubness correction weight
+    it goes with, and a within-identity whitening for the gallery (or None): ``--threshold``
+    (with the model's own weight); else the index's own (an edit keeps all three); else the
+    checkpoint's; else all calibrated on the gallery itself (the zero-shot model has none:
+    without a threshold the index would never answer new_whale), the weight among ``weights``
+    (default ``index.hubness.WEIGHTS``), the whitening where it calibrates better (``--whiten``;
+    ``gallery_threshold.choose_gallery_space``)."""
     from index.hubness import WEIGHTS
     from index.rows import GalleryRows
     from index.store import hubness_weight
 
-    from .gallery_threshold import calibrate_on_gallery
+    from .gallery_threshold import choose_gallery_space
 
     own = encoder.hubness if encoder is not None else \
         hubness_weight(manifest.model) if manifest is not None else 0.0
     if opts.threshold is not None:
         log.info("new_whale threshold %.4f, as given by --threshold", opts.threshold)
-        return opts.threshold, "user", own
+        return opts.threshold, "user", own, None
     if manifest is not None and manifest.threshold is not None:
-        return manifest.threshold, manifest.threshold_source, hubness_weight(manifest.model)
+        return manifest.threshold, manifest.threshold_source, hubness_weight(manifest.model), None
     if encoder is not None and encoder.threshold is not None:
-        return encoder.threshold, "checkpoint", encoder.hubness
+        return encoder.threshold, "checkpoint", encoder.hubness, None
     if weights is None:
         weights = WEIGHTS if opts.hubness else (0.0,)
-    calibration = calibrate_on_gallery(GalleryRows.of(rows).array(), identities, weights=weights)
+    calibration, whitening = choose_gallery_space(
+        GalleryRows.of(rows).array(), identities, weights=weights,
+        whiten=opts.whiten and opts.backend != "milvus" and manifest is None)
     if calibration is None:
         log.warning("no new_whale threshold: no identity in the gallery has two images to calibrate "
                     "one on, so queries never get new_whale (pass --threshold to set one)")
-        return None, None, own
+        return None, None, own, None
     log.info("new_whale threshold %.4f calibrated on the gallery itself (%d leave-one-out queries "
              "of known identities, %d standing in for new ones; MAP@5 %.3f, hubness correction "
              "%s); --threshold overrides", calibration.threshold, calibration.known_queries,
              calibration.new_queries, calibration.map5, calibration.hubness)
-    return calibration.threshold, "gallery", calibration.hubness
+    if whitening is not None:
+        log.info("the gallery and every query are whitened within identities (a map fitted on "
+                 "the gallery, stored with the index; --no-whiten searches plain cosine)")
+    return calibration.threshold, "gallery", calibration.hubness, whitening
 
 
 def _empty_message(opts: BuildOptions, current: Current) -> str:

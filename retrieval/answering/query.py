@@ -170,7 +170,7 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     vectors = encoder.encode(images, batch_size=batch_size, num_workers=workers,
                              device=_device(device), progress=progress and len(images) > batch_size,
                              desc="embedding queries")
-    ranking = stored.gallery.search(vectors, k)
+    ranking = stored.gallery.search(stored.to_gallery_space(vectors), k)
     if threshold is None:
         threshold = stored.manifest.threshold
     answers = [QueryAnswer(str(image), hits_for(ids, scores, best, threshold, k))

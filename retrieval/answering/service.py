@@ -221,10 +221,13 @@ class GalleryService:
         return Answer(candidates, threshold)
 
     def embed(self, image: np.ndarray) -> np.ndarray:
-        """(1, D): through the batcher (photos that arrive together share one forward pass)."""
+        """(1, D) in the index's gallery space (``StoredIndex.to_gallery_space``), through the
+        batcher (photos that arrive together share one forward pass)."""
         if self._batcher is not None:
-            return self._batcher.submit(image)[None]
-        return self._encode_many([image])
+            vector = self._batcher.submit(image)[None]
+        else:
+            vector = self._encode_many([image])
+        return self.current().stored.to_gallery_space(vector)
 
     def _encode_many(self, images: list[np.ndarray]) -> np.ndarray:
         with self._model_lock:
@@ -356,6 +359,7 @@ class GalleryService:
                    threshold_source=manifest.threshold_source, index_type=manifest.index["requested"],
                    target_recall=manifest.index.get("target_recall"),
                    gpu_float16=types.gpu_float16(manifest.index), created=manifest.created,
+                   whitening=stored.whitening,
                    attachments={name: stored.attachment(name) for name in manifest.attachments})
         self._reload()
 
