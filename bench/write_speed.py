@@ -11,7 +11,9 @@ are numbered backwards) and writes them, and builds the index from its own file.
 process's anonymous resident memory (``RssAnon``: what cannot be dropped, unlike the page cache of
 the mapped files), sampled every 20 ms, above what it held before the write. Recall@5 of the true
 identity and top-5 agreement with exact search come from 1,000 queries through the loaded index,
-with the batch rate and one query's latency (the mean of 20). The loaded index's memory is its
+with the batch rate (the first pass from a cold page cache, the second warm: the rate reported)
+and one query's latency (the mean of 20). The source gallery file is deleted before the last
+type is loaded, so the index's raw vectors have the page cache to themselves, as deployed. The loaded index's memory is its
 anonymous resident memory after loading (the codes; raw vectors stay memory-mapped).
 """
 from __future__ import annotations
@@ -101,28 +103,36 @@ def bench_write(args, realistic_model=None) -> dict:
             _, exact_rows = tuning.exact_blocked(queries, gallery, 5 * largest)
             exact = [list(dict.fromkeys(labels[r]))[:5] for r in exact_rows]
             rows = {}
-            for kind in args.write_types:
+            raw_bytes = gallery.nbytes
+            for number, kind in enumerate(args.write_types):
                 started = time.perf_counter()
                 with PeakMemory() as peak:
                     manifest = save_index(folder / kind, gallery, paths, list(labels), model=MODEL,
                                           tta="none", threshold=None, index_type=kind)
                 write_s = time.perf_counter() - started
+                if number == len(args.write_types) - 1:
+                    # the source copy is done with: a deployed index has the page cache to itself
+                    del gallery
+                    (folder / "gallery.npy").unlink()
                 before = rss_anon_bytes()
                 stored = load_index(folder / kind)
                 loaded_mib = (rss_anon_bytes() - before) / 2 ** 20
                 stored.gallery.search(queries[:10], 5)  # warm-up
-                started = time.perf_counter()
-                ranked = stored.gallery.search(queries, 5).identities
-                batch_s = time.perf_counter() - started
+                batch_s = []
+                for _ in range(2):  # first from a cold page cache of the raw vectors, then warm
+                    started = time.perf_counter()
+                    ranked = stored.gallery.search(queries, 5).identities
+                    batch_s.append(time.perf_counter() - started)
                 started = time.perf_counter()
                 for query in queries[:20]:
                     stored.gallery.search(query[None], 5)
                 single_ms = (time.perf_counter() - started) / 20 * 1000
                 rows[kind] = {
                     "write_s": round(write_s, 1), "peak_anon_mib": round(peak.peak / 2 ** 20),
-                    "peak_share_of_raw": round(peak.peak / gallery.nbytes, 3),
+                    "peak_share_of_raw": round(peak.peak / raw_bytes, 3),
                     "loaded_anon_mib": round(loaded_mib),
-                    "batch_queries_per_s": round(len(queries) / batch_s, 1),
+                    "cold_batch_queries_per_s": round(len(queries) / batch_s[0], 1),
+                    "batch_queries_per_s": round(len(queries) / batch_s[1], 1),
                     "single_query_ms": round(single_ms, 2),
                     "recall_at_5": round(float(np.mean([t in a for a, t in zip(ranked, truth)])), 4),
                     "top5_overlap_with_exact": round(float(np.mean(
@@ -131,7 +141,7 @@ def bench_write(args, realistic_model=None) -> dict:
                 del stored
                 shutil.rmtree(folder / kind)
             exact_recall = float(np.mean([t in e for e, t in zip(exact, truth)]))
-            results[str(n)] = {"gallery": len(labels), "dim": args.dim, "raw_mib": round(gallery.nbytes / 2 ** 20),
+            results[str(n)] = {"gallery": len(labels), "dim": args.dim, "raw_mib": round(raw_bytes / 2 ** 20),
                                "gallery_kind": getattr(args, "write_gallery", "isotropic"),
                                "generate_s": round(generate_s, 1),
                                "exact_recall_at_5": round(exact_recall, 4),
