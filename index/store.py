@@ -7,8 +7,10 @@ Layout of an index folder::
                           the current files, with the size + sha256 of each
     data-<id>/index.faiss      the FAISS index (CPU form; moved to GPUs when loaded on a machine with some)
     data-<id>/gallery.parquet  one row per vector: path, identity, vector_id (= FAISS id = row number)
-    data-<id>/vectors.npy      the raw float32 embeddings, so --append / --remove-identity / a change
-                               of index type rebuild exactly without re-embedding a single image
+    data-<id>/vectors.npy      the float32 gallery vectors as searched (the model's embeddings,
+                               whitened where whitening.npz says so), so --append /
+                               --remove-identity / a change of index type rebuild exactly without
+                               re-embedding a single image
     data-<id>/whitening.npz    the within-identity whitening map (mean, matrix) the stored vectors
                                went through and every query goes through, only where the model
                                entry records ``whitening`` (zero-shot indexes that chose it)
@@ -304,7 +306,8 @@ class StoredIndex:
                 for ids, rows in zip(ranking.identities, ranking.best_rows)]
 
     def vectors(self, mmap: bool = False) -> np.ndarray:
-        """The raw embeddings (checked against the manifest), row for row with ``paths``;
+        """The gallery vectors as searched (checked against the manifest), row for row with
+        ``paths``: the model's embeddings, whitened where the index is (``embeddings``);
         ``mmap``: memory-mapped read-only instead of read into memory (a long-running reader that
         already holds FAISS's copy)."""
         if self.manifest.backend != "faiss":
