@@ -73,15 +73,17 @@ def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int 
     n_neighbours = min(len(labels), (k + 1) * int(counts.max()) + 1)
     if any(weights):  # a penalised row far down the plain ranking can still win (GalleryIndex.asks)
         n_neighbours = min(len(labels), 8 * n_neighbours)
-    spaces = list(_folds(vectors, labels, rows, seed)) if whitened else [(vectors, rows)]
-    parts = [_answers(space, fold_rows, n_neighbours, any(weights)) for space, fold_rows in spaces]
-    order = np.argsort(np.concatenate([fold_rows for _, fold_rows in spaces]), kind="stable")
+    from index.hubness import penalised
+
+    spaces = _folds(vectors, labels, rows, seed) if whitened else [(vectors, rows)]
+    # one whitened copy of the gallery at a time: only each fold's answers are kept
+    parts = [(fold_rows, *_answers(space, fold_rows, n_neighbours, any(weights)))
+             for space, fold_rows in spaces]
+    order = np.argsort(np.concatenate([fold_rows for fold_rows, *_ in parts]), kind="stable")
     best = None
     for weight in weights:
-        from index.hubness import penalised
-
         answered = [penalised(sims, found, weight * hubness) if weight else (sims, found)
-                    for sims, found, hubness in parts]
+                    for _, sims, found, hubness in parts]
         similarities = np.concatenate([sims for sims, _ in answered])[order]
         neighbours = np.concatenate([found for _, found in answered])[order]
         calibration = _calibrate(similarities, neighbours, np.sort(rows), labels, codes, counts,
