@@ -6,6 +6,8 @@ best cosine similarity to any cell of the other map: the regions that found a co
 up, the rest stays dark. It explains the match with the network's own features, needs no
 gradients, and works for every model here (for a blended model, the trained backbone's map;
 where the blend gives the untrained features the whole similarity, share 1, the untrained one's).
+A whitened zero-shot index (``index.whitening``) ranks by whitened pooled vectors; the maps
+still show the backbone's own cells, which the whitening does not change.
 
 ``explain_pair`` returns both maps; ``overlay_png`` paints a map over the image as the model saw
 it (resized and padded to the square input), as PNG bytes for a report or the server's page.
