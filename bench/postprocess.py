@@ -124,7 +124,9 @@ def gallery_rows(gallery: np.ndarray, gallery_ids: list, queries: np.ndarray,
                         calibration.hubness)
         result[name] = {"val": round(calibration.map5, 5), "test": round(test, 5),
                         "hubness": calibration.hubness}
-    calibration, whitening = choose_gallery_space(gallery, gallery_ids, weights=WEIGHTS)
+    # the gallery+hub calibration just made is the plain side of the choice
+    calibration, whitening = choose_gallery_space(gallery, gallery_ids, weights=WEIGHTS,
+                                                  plain=calibration)
     searched = (gallery, queries) if whitening is None else (whiten(gallery, *whitening),
                                                              whiten(queries, *whitening))
     _, test = _map5(searched[0], gallery_ids, searched[1], query_ids, calibration.threshold,

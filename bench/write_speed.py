@@ -5,16 +5,17 @@
   python -m bench speed --parts write --write-sizes 10000000 --write-types auto \
       --write-gallery realistic --write-dir /big/disk     # 10M: 20 GB of vectors, twice on disk
 
-The scale part's isotropic (or, with ``--write-gallery realistic``, realistic) galleries are written into a ``.npy`` file and re-opened memory-mapped,
-as ``--append`` reads a stored index. ``save_index`` then checks, sorts (every row moves: the paths
+The scale part's isotropic (or, with ``--write-gallery realistic``, realistic) galleries are
+written into a ``.npy`` file and re-opened memory-mapped, as ``--append`` reads a stored index. ``save_index`` then checks, sorts (every row moves: the paths
 are numbered backwards) and writes them, and builds the index from its own file. Peak memory is the
 process's anonymous resident memory (``RssAnon``: what cannot be dropped, unlike the page cache of
 the mapped files), sampled every 20 ms, above what it held before the write. Recall@5 of the true
 identity and top-5 agreement with exact search come from 1,000 queries through the loaded index,
 with the batch rate (the first pass from a cold page cache, the second warm: the rate reported)
 and one query's latency (the mean of 20). The source gallery file is deleted before the last
-type is loaded, so the index's raw vectors have the page cache to themselves, as deployed. The loaded index's memory is its
-anonymous resident memory after loading (the codes; raw vectors stay memory-mapped).
+type is loaded, so the index's raw vectors have the page cache to themselves, as deployed. The
+loaded index's memory is its anonymous resident memory after loading (the codes; raw vectors
+stay memory-mapped).
 """
 from __future__ import annotations
 

@@ -94,15 +94,19 @@ def calibrate_on_gallery(vectors: np.ndarray, identities: Sequence[str], k: int 
 
 
 def choose_gallery_space(vectors: np.ndarray, identities: Sequence[str],
-                         weights: Sequence[float] = (0.0,), whiten: bool = True
+                         weights: Sequence[float] = (0.0,), whiten: bool = True,
+                         plain: GalleryCalibration | None = None
                          ) -> tuple[GalleryCalibration | None, tuple[np.ndarray, np.ndarray] | None]:
     """The gallery calibration, and the within-identity whitening (mean, matrix) to apply to the
     gallery and every query, or None where the plain gallery calibrates as well or better (or
     ``whiten`` is off, or the gallery is too small to fit a map or larger than
-    ``WHITENING_MAX_IMAGES``). Whitened and plain are compared on honest leave-one-out MAP@5."""
+    ``WHITENING_MAX_IMAGES``). Whitened and plain are compared on honest leave-one-out MAP@5.
+    ``plain``: ``calibrate_on_gallery`` of the same vectors and weights, where the caller has it
+    already (it is not computed again)."""
     from index.whitening import fit_within_identity
 
-    plain = calibrate_on_gallery(vectors, identities, weights=weights)
+    if plain is None:
+        plain = calibrate_on_gallery(vectors, identities, weights=weights)
     if plain is None or not whiten:
         return plain, None
     if len(vectors) > WHITENING_MAX_IMAGES:
