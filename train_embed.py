@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "minus a weight times its mean similarity to its 10 nearest gallery "
                             "images, so images close to everything stop crowding answers; the "
                             "weight (0, 1/4, 1/2) that scores best on the validation carve-out is "
-                            "stored in the checkpoint and the index (0: plain cosine) "
+                            "stored in the checkpoint and the index (0: plain cosine; where "
+                            "validation ties, 1/4) "
                             "(default: %(default)s)")
     train.add_argument("--layer-decay", type=float, default=DEFAULTS.layer_decay,
                        help="layer-wise learning-rate decay: the backbone's last block learns at "

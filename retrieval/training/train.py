@@ -494,7 +494,8 @@ BLEND_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # untrained shares selection tries (
 def _choose_hubness(split, selection: Selection, best_path: Path, device: torch.device) -> None:
     """``hubness``: search the validation carve-out with the chosen model (as shipped) at each
     of ``index.hubness.WEIGHTS`` and keep the weight scoring best with its re-calibrated
-    threshold, the first (0: plain cosine) among equals; rewrites ``best.pt`` where it changes.
+    threshold, the first among equals in ``WEIGHTS``' order (ties go to 0.25, not to plain
+    cosine: ``index.hubness``); rewrites ``best.pt`` where it changes.
     Chosen last, for the model already chosen: one more choice, not a joint grid."""
     from index.hubness import WEIGHTS
 
