@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "photos of one identity differ), where leave-one-out MAP@5 on the "
                             "gallery says it beats plain cosine, each query answered by a map "
                             "fitted without it; the map is stored with the index and appends go "
-                            "through it (up to 20,000 images; FAISS backend; default: %(default)s)")
+                            "through it (up to 20,000 images; FAISS backend). With --model: the "
+                            "checkpoint's own choice, made on its validation carve-out "
+                            "(train_embed.py --whiten-output); --no-whiten searches its index "
+                            "plain (default: %(default)s)")
     index = p.add_argument_group("index")
     index.add_argument("--out", default=DEFAULT_INDEX_DIR,
                        help="index folder to write, replaced atomically (default %(default)s)")

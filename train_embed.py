@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "stored in the checkpoint and the index (0: plain cosine; where "
                             "validation ties, 1/4) "
                             "(default: %(default)s)")
+    train.add_argument("--whiten-output", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS.whiten_output,
+                       help="let validation decide whether an index of the model whitens its "
+                            "gallery and queries within identities (a map fitted on the index's "
+                            "own labelled gallery damps how photos of one identity differ); kept "
+                            "only where the validation queries score strictly better whitened, "
+                            "each answered through a map fitted without it; stored in the "
+                            "checkpoint (default: %(default)s)")
     train.add_argument("--layer-decay", type=float, default=DEFAULTS.layer_decay,
                        help="layer-wise learning-rate decay: the backbone's last block learns at "
                             "--lr, each block below at this factor times the one above, so early, "

@@ -45,7 +45,6 @@ VARIANTS: dict[str, tuple[int, int, float]] = {
 WHITENED: dict[str, float] = {"white": 0.0, "white+hub.5": 0.5}  # name: hubness weight
 # the same whitening, its validation measured with maps fitted as the test's is (``_fold_whitened``)
 FOLD_WHITENED: dict[str, float] = {"whitef": 0.0, "whitef+hub.25": 0.25, "whitef+hub.5": 0.5}
-WHITENING_FOLDS = 5
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -195,28 +194,20 @@ def _fold_whitened(embedded: dict[str, np.ndarray], validation, protocol_gallery
                    hubness: float, seed: int) -> tuple[float, float]:
     """(threshold, validation MAP@5) of the validation queries, each fold answered in the
     validation gallery whitened by a map fitted on the protocol gallery (``embedded["fit"]``,
-    true identities) without that fold's query images and its pseudo-new identities."""
+    true identities) without that fold's query images and its pseudo-new identities: what
+    training's ``whiten_output`` choice scores (``evaluate.whitened_folds``)."""
     from index import GalleryIndex
-    from retrieval import NEW_WHALE
     from retrieval.metrics import calibrate_threshold
-    from retrieval.models.whitening import fit_within_identity, whiten
+    from retrieval.training.evaluate import whitened_folds
 
-    identity_of = {s.path: s.identity for s in protocol_gallery}
-    fit_ids = np.asarray([s.identity for s in protocol_gallery], dtype=object)
-    fit_paths = np.asarray([s.path for s in protocol_gallery], dtype=object)
-    gallery_ids = [s.identity for s in validation.gallery]
     queries = validation.queries
-    fold_of = np.random.default_rng(seed).permutation(len(queries)) % WHITENING_FOLDS
+    spaces = whitened_folds(embedded["val_g"], embedded["val_q"], [q.path for q in queries],
+                            [q.identity for q in queries], embedded["fit"],
+                            [s.path for s in protocol_gallery],
+                            [s.identity for s in protocol_gallery], seed)
+    gallery_ids = [s.identity for s in validation.gallery]
     ranked, scores, truths = [], [], []
-    for fold in range(WHITENING_FOLDS):
-        rows = np.flatnonzero(fold_of == fold)
-        held = {queries[r].path for r in rows}
-        gone = {identity_of[queries[r].path] for r in rows if queries[r].identity == NEW_WHALE}
-        keep = np.asarray([p not in held and i not in gone for p, i in zip(fit_paths, fit_ids)])
-        fitted = fit_within_identity(embedded["fit"][keep], list(fit_ids[keep]))
-        gallery, fold_queries = embedded["val_g"], embedded["val_q"][rows]
-        if fitted is not None:
-            gallery, fold_queries = whiten(gallery, *fitted), whiten(fold_queries, *fitted)
+    for rows, gallery, fold_queries in spaces:
         ranking = GalleryIndex(gallery, gallery_ids, hubness=hubness).search(fold_queries, 5)
         ranked.extend(ranking.identities)
         scores.append(ranking.scores)

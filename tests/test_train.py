@@ -34,7 +34,7 @@ from .index_helpers import make_checkpoint
 # one depth (the whole backbone) and plain cosine search: the tests of the mechanics train one
 # selection, not the default's two, and score it as evaluate_queries does
 TINY = dict(image_size=48, embedding_dim=64, batch_size=16, num_workers=0, warmup_epochs=1,
-            trainable_blocks=0, hubness=False)
+            trainable_blocks=0, hubness=False, whiten_output=False)
 
 
 def read_log(out: Path) -> list[dict]:
@@ -608,3 +608,72 @@ def test_a_depth_choice_resumes_in_its_second_depth(orl_subset, tmp_path, monkey
     depth = model["train_config"]["trainable_blocks"]
     assert model["fingerprint"] == \
         load_checkpoint(tmp_path / f"best_blocks{depth}.pt")["fingerprint"]
+
+
+def test_whitened_folds_equal_a_naive_map_per_query():
+    """With one query per fold, each query is answered through a map fitted on every labelled
+    image but its own (and, for a new_whale query, but its identity's): the naive loop."""
+    from index.whitening import fit_within_identity, whiten
+    from retrieval import NEW_WHALE
+    from retrieval.training.evaluate import whitened_folds
+
+    rng = np.random.default_rng(0)
+    fit_ids = [f"id{i // 3}" for i in range(30)]
+    fit = rng.normal(size=(30, 16)).astype(np.float32)
+    fit /= np.linalg.norm(fit, axis=1, keepdims=True)
+    paths = [f"img{i}" for i in range(30)]
+    query_rows = [0, 4, 9, 13]  # img9 stands in for a pseudo-new identity (id3)
+    truths = [fit_ids[0], fit_ids[4], NEW_WHALE, fit_ids[13]]
+    gallery_rows = [i for i in range(30) if i not in query_rows and fit_ids[i] != "id3"]
+    gallery, queries = fit[gallery_rows], fit[query_rows]
+    folds = list(whitened_folds(gallery, queries, [paths[r] for r in query_rows], truths, fit,
+                                paths, fit_ids, seed=0, folds=len(query_rows)))
+    assert sorted(int(rows[0]) for rows, _, _ in folds) == [0, 1, 2, 3]
+    for rows, whitened_gallery, whitened_query in folds:
+        (q,) = rows
+        keep = [i for i in range(30) if i != query_rows[q]
+                and not (truths[q] == NEW_WHALE and fit_ids[i] == "id3")]
+        fitted = fit_within_identity(fit[keep], [fit_ids[i] for i in keep])
+        np.testing.assert_allclose(whitened_gallery, whiten(gallery, *fitted), atol=1e-5)
+        np.testing.assert_allclose(whitened_query, whiten(queries[[q]], *fitted), atol=1e-5)
+
+
+def test_output_whitening_is_kept_only_where_validation_scores_it_better_and_ships(
+        orl_subset, tmp_path):
+    """``whiten_output``: best.pt whitens exactly where its honest whitened validation score
+    beats the plain one, and model.pt carries that choice with its threshold; an index built
+    from a model that whitens searches through a map fitted on its own gallery."""
+    from index.store import load_index
+    from index.whitening import fit_within_identity, whiten
+    from retrieval.answering.indexing import BuildOptions, run
+    from retrieval.models.embed import embed_images
+    from retrieval.training.evaluate import evaluate_queries, evaluate_whitened
+
+    config = TrainConfig(out=str(tmp_path), epochs=2, **{**TINY, "whiten_output": True})
+    payload = load_checkpoint(train(config, orl_subset))
+    model, pre, best = load_model(tmp_path / "best.pt")
+    split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
+    plain = evaluate_queries(model, pre, split.gallery, split.queries, progress=False)
+    (white,) = evaluate_whitened(model, pre, split.gallery, split.queries, orl_subset, (0.0,),
+                                 seed=config.seed, progress=False)
+    assert best.get("whiten", False) == payload["whiten"] == (white.map5 > plain.map5)
+    chosen = white if payload["whiten"] else plain
+    assert payload["threshold"] == pytest.approx(chosen.threshold)
+    assert payload["metrics"]["val_map5"] == pytest.approx(chosen.map5)
+
+    # an index of a model that whitens: the map is fitted on the index's own gallery
+    forced = tmp_path / "forced.pt"
+    save_checkpoint(forced, {**payload, "whiten": True})
+    gallery = tmp_path / "gallery"
+    for sample in orl_subset[:40]:
+        (gallery / sample.identity).mkdir(parents=True, exist_ok=True)
+        (gallery / sample.identity / sample.path.name).write_bytes(sample.path.read_bytes())
+    run(BuildOptions(out=str(tmp_path / "index"), gallery=str(gallery), model=str(forced),
+                     workers=0, progress=False))
+    stored = load_index(tmp_path / "index")
+    shipped, shipped_pre, _ = load_model(forced)
+    raw = embed_images(shipped, stored.paths, shipped_pre, progress=False)
+    fitted = fit_within_identity(raw, stored.identities)
+    assert stored.manifest.model["whitening"] is True
+    assert stored.manifest.threshold == pytest.approx(payload["threshold"])
+    np.testing.assert_allclose(stored.vectors(), whiten(raw, *fitted), atol=1e-5)

@@ -61,6 +61,7 @@ class Encoder:
     checkpoint: str | None
     tta: str = "none"
     hubness: float = 0.0  # the checkpoint's hubness correction weight (index.hubness)
+    whiten: bool = False  # the checkpoint's threshold was calibrated whitened (index.whitening)
 
     def model_info(self) -> dict[str, Any]:
         """The manifest's ``model`` entry: enough to rebuild this encoder for queries, and the
@@ -128,7 +129,8 @@ def _checkpoint_encoder(spec: EncoderSpec) -> Encoder:
     path = Path(spec.checkpoint).resolve()
     model, preprocessing, payload = load_model(path)
     return Encoder(model, preprocessing, payload["fingerprint"], payload.get("threshold"),
-                   str(path), spec.tta, float(payload.get("hubness") or 0.0))
+                   str(path), spec.tta, float(payload.get("hubness") or 0.0),
+                   bool(payload.get("whiten", False)))
 
 
 def _zero_shot_encoder(spec: EncoderSpec) -> Encoder:

@@ -126,6 +126,10 @@ def _run_locked(opts: BuildOptions, ctx) -> Any:
         raise UserError(f"{encoder.checkpoint} searches with a hubness correction (weight "
                         f"{encoder.hubness}), which the Milvus backend does not apply: build with "
                         "--backend faiss, or train with --no-hubness")
+    if encoder.whiten and opts.whiten and (opts.backend == "milvus" or current.milvus is not None):
+        raise UserError(f"{encoder.checkpoint} searches whitened within identities (chosen on "
+                        "validation), which the Milvus backend does not do: build with "
+                        "--backend faiss, or pass --no-whiten")
     kept, vectors = _embed_sharded(ctx, encoder, plan.new, opts)
     if not ctx.is_main:
         return None
@@ -507,11 +511,13 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
         hubness_weight(manifest.model) if manifest is not None else 0.0
     if opts.threshold is not None:
         log.info("new_whale threshold %.4f, as given by --threshold", opts.threshold)
-        return opts.threshold, "user", own, None
+        return opts.threshold, "user", own, _checkpoint_whitening(opts, manifest, encoder, rows,
+                                                                  identities)
     if manifest is not None and manifest.threshold is not None:
         return manifest.threshold, manifest.threshold_source, hubness_weight(manifest.model), None
     if encoder is not None and encoder.threshold is not None:
-        return encoder.threshold, "checkpoint", encoder.hubness, None
+        return encoder.threshold, "checkpoint", encoder.hubness, \
+            _checkpoint_whitening(opts, manifest, encoder, rows, identities)
     if weights is None:
         weights = WEIGHTS if opts.hubness else (0.0,)
     calibration, whitening = choose_gallery_space(
@@ -529,6 +535,31 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
         log.info("the gallery and every query are whitened within identities (a map fitted on "
                  "the gallery, stored with the index; --no-whiten searches plain cosine)")
     return calibration.threshold, "gallery", calibration.hubness, whitening
+
+
+def _checkpoint_whitening(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
+                          rows: np.ndarray | GalleryRows, identities: list[str]
+                          ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The within-identity whitening a checkpoint's index searches in, fitted on this gallery,
+    where training chose it on validation (``whiten_output``) and the index is a fresh FAISS
+    one (an edit keeps its map); None otherwise."""
+    from index.rows import GalleryRows
+    from index.whitening import fit_within_identity
+
+    if encoder is None or not encoder.whiten or manifest is not None or opts.backend == "milvus":
+        return None  # a Milvus build of such a model is refused before embedding
+    if not opts.whiten:
+        log.warning("--no-whiten: searching plain cosine, though the model's threshold was "
+                    "calibrated whitened within identities (its validation chose that)")
+        return None
+    fitted = fit_within_identity(GalleryRows.of(rows).array(), identities)
+    if fitted is None:
+        log.warning("the model searches whitened within identities, but no two identities of "
+                    "this gallery have two images to fit the map on: searching plain cosine")
+        return None
+    log.info("the gallery and every query are whitened within identities, as the model's "
+             "validation chose (a map fitted on this gallery, stored with the index)")
+    return fitted
 
 
 def _empty_message(opts: BuildOptions, current: Current) -> str:

@@ -100,6 +100,7 @@ _LAYOUT: dict[str, tuple[tuple[type, ...], bool]] = {
     "fingerprint": ((str,), True),
     "threshold": ((float, int, type(None)), False),
     "hubness": ((float, int), False),
+    "whiten": ((bool,), False),
     "identities": ((list,), False),
     "train_config": ((dict,), False),
     "stage": ((str,), False),

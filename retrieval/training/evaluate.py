@@ -33,11 +33,19 @@ def answers(ranking: IdentityRanking, threshold: float | None, k: int = 5) -> li
 def rank_queries(model: EmbeddingModel, preprocessing: Preprocessing, gallery: Sequence[Sample],
                  queries: Sequence[Sample], k: int = 5, device: torch.device | None = None,
                  progress: bool = True, tta_flip: bool = False,
-                 hubness: float = 0.0) -> IdentityRanking:
+                 hubness: float = 0.0, whiten: bool = False) -> IdentityRanking:
     """The queries' ranked identities, searched as an index built from ``gallery`` searches
-    (``hubness``: the checkpoint's correction weight)."""
+    (``hubness``: the checkpoint's correction weight; ``whiten``: its choice to whiten within
+    identities, a map fitted on ``gallery``)."""
     gallery_vectors, query_vectors = _embed(model, preprocessing, gallery, queries,
                                             device=device, progress=progress, tta_flip=tta_flip)
+    if whiten:
+        from index.whitening import fit_within_identity, whiten as apply
+
+        fitted = fit_within_identity(gallery_vectors, [s.identity for s in gallery])
+        if fitted is not None:
+            gallery_vectors, query_vectors = (apply(gallery_vectors, *fitted),
+                                              apply(query_vectors, *fitted))
     return GalleryIndex(gallery_vectors, [s.identity for s in gallery],
                         hubness=hubness).search(query_vectors, k)
 
@@ -104,3 +112,71 @@ def evaluate_hubness(model: EmbeddingModel, preprocessing: Preprocessing,
     identities, truths = [s.identity for s in gallery], [q.identity for q in queries]
     return [_calibrated(gallery_vectors, identities, query_vectors, truths, k, hubness=weight)
             for weight in weights]
+
+
+WHITENING_FOLDS = 5
+
+
+def evaluate_whitened(model: EmbeddingModel, preprocessing: Preprocessing,
+                      gallery: Sequence[Sample], queries: Sequence[Sample],
+                      fitted_on: Sequence[Sample], weights: Sequence[float], k: int = 5,
+                      seed: int = 0, device: torch.device | None = None,
+                      progress: bool = True) -> list[EvalResult]:
+    """``evaluate_hubness`` with gallery and queries whitened within identities
+    (``index.whitening``), one result per weight (validation use only).
+
+    The map an index of this model fits is fitted on its whole labelled gallery; here that is
+    ``fitted_on`` (the training images, true identities), and each of ``WHITENING_FOLDS`` folds
+    of the queries is answered through a map fitted without the fold's query images and
+    without every image of the fold's pseudo-new identities, so no query shaped the map that
+    answers it (a leaky map flatters whitening; ``gallery_threshold`` does the same for a
+    zero-shot gallery). Embeds the images once."""
+    gallery_vectors, query_vectors = _embed(model, preprocessing, gallery, queries,
+                                            device=device, progress=progress)
+    fit_vectors = embed_images(model, [s.path for s in fitted_on], preprocessing,
+                               desc="embedding the whitening's images", device=device,
+                               progress=progress)
+    spaces = list(whitened_folds(gallery_vectors, query_vectors, [q.path for q in queries],
+                                 [q.identity for q in queries], fit_vectors, [s.path for s in fitted_on],
+                                 [s.identity for s in fitted_on], seed))
+    identities = [s.identity for s in gallery]
+    truths = [queries[r].identity for rows, _, _ in spaces for r in rows]
+    results = []
+    for weight in weights:
+        rankings = [GalleryIndex(g, identities, hubness=weight).search(q, k) for _, g, q in spaces]
+        ranked = [ids for ranking in rankings for ids in ranking.identities]
+        scores = np.concatenate([ranking.scores for ranking in rankings])
+        threshold, map5 = calibrate_threshold(ranked, scores, truths, k)
+        unthresholded = map_at_k([insert_new_whale(ids, s, None, k) for ids, s in zip(ranked, scores)],
+                                 truths, k)
+        results.append(EvalResult(map5, unthresholded, threshold))
+    return results
+
+
+def whitened_folds(gallery: np.ndarray, queries: np.ndarray, query_paths: Sequence,
+                   query_truths: Sequence[str], fit: np.ndarray, fit_paths: Sequence, fit_identities: Sequence[str],
+                   seed: int = 0, folds: int = WHITENING_FOLDS):
+    """Per fold of the query rows: (its rows, the gallery and the fold's queries whitened by a
+    map fitted on ``fit`` without the fold's query images (matched by path) and without every
+    image of the identity of a ``new_whale`` query in the fold: a pseudo-new query's identity is
+    gone from the map as it is from the gallery). Unwhitened where no map fits."""
+    from .. import NEW_WHALE
+    from index.whitening import fit_within_identity, whiten
+
+    fit_paths = [str(p) for p in fit_paths]
+    fit_identities = np.asarray(fit_identities, dtype=object)
+    identity_of = dict(zip(fit_paths, fit_identities))
+    fold_of = np.random.default_rng(seed).permutation(len(queries)) % folds
+    for fold in range(folds):
+        rows = np.flatnonzero(fold_of == fold)
+        if not len(rows):
+            continue
+        held = {str(query_paths[r]) for r in rows}
+        gone = {identity_of.get(str(query_paths[r])) for r in rows
+                if query_truths[r] == NEW_WHALE} - {None}
+        keep = np.asarray([p not in held and i not in gone for p, i in zip(fit_paths, fit_identities)])
+        fitted = fit_within_identity(fit[keep], list(fit_identities[keep]))
+        if fitted is None:
+            yield rows, gallery, queries[rows]
+        else:
+            yield rows, whiten(gallery, *fitted), whiten(queries[rows], *fitted)

@@ -94,7 +94,8 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
         export_split(split, Path(data_root), Path(run_config.out))
     model, preprocessing, payload = load_model(checkpoint)
     ranking = rank_queries(model, preprocessing, split.gallery, split.queries,
-                           hubness=payload.get("hubness", 0.0))
+                           hubness=payload.get("hubness", 0.0),
+                           whiten=payload.get("whiten", False))
     truths = [q.identity for q in split.queries]
     return {
         "seed": seed, "queries": len(truths), "new_queries": truths.count(NEW_WHALE),
@@ -103,6 +104,7 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
         "pretrained_whitening": payload["model_config"].get("pretrained_whitening", False),
         "weight_share": payload["metrics"].get("weight_share", 0.0),
         "hubness": payload.get("hubness", 0.0),
+        "whitened": payload.get("whiten", False),
         "constant_new_whale": map_at_k([[NEW_WHALE]] * len(truths), truths),
         **zero_shot_scores(run_config, split.gallery, split.queries),
         "engine_no_threshold": score(ranking, truths, None),
