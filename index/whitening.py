@@ -27,13 +27,17 @@ MIN_IDENTITIES = 2  # identities with 2+ images needed to measure a within-ident
 
 
 def within_identity_deviations(vectors: np.ndarray, identities: Sequence[str]) -> np.ndarray:
-    """Each image of an identity with 2+ images minus its identity's mean; (0, D) when none."""
-    identities = np.asarray(identities)
-    parts = [vectors[identities == name] for name in np.unique(identities)]
-    parts = [part - part.mean(axis=0) for part in parts if len(part) > 1]
-    if not parts:
-        return np.zeros((0, vectors.shape[1]), dtype=vectors.dtype)
-    return np.concatenate(parts)
+    """Each image of an identity with 2+ images minus its identity's mean (rows in the gallery's
+    order); (0, D) when none. One pass over the rows, not one per identity."""
+    vectors = np.asarray(vectors)
+    _, codes, counts = np.unique(np.asarray(identities, dtype=object), return_inverse=True,
+                                 return_counts=True)
+    codes = codes.reshape(-1)
+    sums = np.zeros((len(counts), vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, codes, vectors)
+    means = (sums / counts[:, None]).astype(vectors.dtype)
+    kept = counts[codes] > 1
+    return vectors[kept] - means[codes[kept]]
 
 
 def fit_within_identity(vectors: np.ndarray, identities: Sequence[str],
@@ -55,6 +59,23 @@ def fit_within_identity(vectors: np.ndarray, identities: Sequence[str],
     damping = base / (eigenvalues + base)  # 1: kept as it is, -> 0: removed
     matrix = np.eye(vectors.shape[1]) - (directions.T * (1.0 - damping)) @ directions
     return vectors.mean(axis=0).astype(np.float32), matrix.astype(np.float32)
+
+
+def rows_to_fit(identities: Sequence[str], max_images: int, seed: int = 0) -> np.ndarray:
+    """Sorted rows of whole identities with 2+ images, drawn at random (seeded) until about
+    ``max_images`` rows: what a map is fitted on for a gallery too large to fit on whole (the
+    within-identity scatter of a random share of identities estimates the whole one's)."""
+    _, codes, counts = np.unique(np.asarray(identities, dtype=object), return_inverse=True,
+                                 return_counts=True)
+    order = np.argsort(codes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    chosen, total = [], 0
+    for code in np.random.default_rng(seed).permutation(np.flatnonzero(counts > 1)):
+        if total >= max_images:
+            break
+        chosen.append(order[starts[code]:starts[code] + counts[code]])
+        total += counts[code]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
 def unwhiten(whitened: np.ndarray, mean: np.ndarray, matrix: np.ndarray) -> np.ndarray:

@@ -114,3 +114,21 @@ def test_unwhitening_gives_back_the_unit_vectors_that_were_whitened():
     whitened = whiten(vectors, mean, matrix)
     assert np.abs(whitened - vectors).max() > 0.1  # the map really moved them
     np.testing.assert_allclose(unwhiten(whitened, mean, matrix), vectors, atol=1e-5)
+
+
+def test_rows_to_fit_draw_whole_identities_with_two_images_up_to_the_cap():
+    """A gallery too large to fit a map on whole is fitted on whole identities drawn at random:
+    never a single-image identity (no spread), never part of one, about the cap in rows."""
+    from index.whitening import rows_to_fit
+
+    rng = np.random.default_rng(1)
+    identities = [f"id{i}" for i in rng.integers(0, 400, size=2000)] + ["alone"]
+    rows = rows_to_fit(identities, max_images=500, seed=3)
+    labels = np.asarray(identities, dtype=object)
+    counts = {name: int((labels == name).sum()) for name in set(identities)}
+    drawn = {name: int((labels[rows] == name).sum()) for name in set(labels[rows])}
+    assert all(drawn[name] == counts[name] >= 2 for name in drawn)  # whole, with a spread
+    assert 500 <= len(rows) < 500 + max(counts.values())
+    assert np.all(np.diff(rows) > 0)
+    np.testing.assert_array_equal(rows, rows_to_fit(identities, max_images=500, seed=3))
+    assert len(rows_to_fit(["a", "b"], max_images=10)) == 0
