@@ -517,10 +517,12 @@ def _choose_hubness(split, selection: Selection, best_path: Path, device: torch.
     weight = WEIGHTS[results.index(best)]
     if not weight:
         return
-    payload = {**payload, "hubness": weight, "threshold": best.threshold,
+    # scored in the plain space: a whitening chosen before (a resumed run) is chosen again after
+    payload = {**payload, "hubness": weight, "threshold": best.threshold, "whiten": False,
                "metrics": {**payload["metrics"], "val_map5": best.map5, "hubness": weight}}
     save_checkpoint(best_path, payload)
     selection.hubness, selection.threshold, selection.shipped_map5 = weight, best.threshold, best.map5
+    selection.whiten = False
 
 
 def _choose_whitening(split, samples: Sequence[Sample], selection: Selection, best_path: Path,
