@@ -43,7 +43,7 @@ VARIANTS: dict[str, tuple[int, int, float]] = {
     "plain": (0, 0, 0.0), "qe1": (1, 0, 0.0), "qe2": (2, 0, 0.0), "dba1": (0, 1, 0.0),
     "dba2": (0, 2, 0.0), "qe1+dba1": (1, 1, 0.0), "hub.25": (0, 0, 0.25), "hub.5": (0, 0, 0.5)}
 WHITENED: dict[str, float] = {"white": 0.0, "white+hub.5": 0.5}  # name: hubness weight
-# the same whitening, its validation measured with maps fitted as the test's is (``_fold_whitened``)
+# the same whitening, its validation measured with maps fitted as the test's is (``_fold_spaces``)
 FOLD_WHITENED: dict[str, float] = {"whitef": 0.0, "whitef+hub.25": 0.25, "whitef+hub.5": 0.5}
 
 
@@ -178,8 +178,9 @@ def _scores(samples: Sequence, seed: int, val_new_fraction: float, selection_mod
         _, test = _map5(*_whitened(embedded["test_g"], ids(split.gallery), embedded["test_q"]),
                         ids(split.queries), threshold, hubness)
         result[variant] = {"val": round(val, 5), "test": round(test, 5)}
+    spaces = _fold_spaces(embedded, validation, split.gallery, seed)
     for variant, hubness in FOLD_WHITENED.items():
-        threshold, val = _fold_whitened(embedded, validation, split.gallery, hubness, seed)
+        threshold, val = _fold_whitened(spaces, validation, hubness)
         _, test = _map5(*_whitened(embedded["test_g"], ids(split.gallery), embedded["test_q"]),
                         ids(split.queries), threshold, hubness)
         result[variant] = {"val": round(val, 5), "test": round(test, 5)}
@@ -190,29 +191,29 @@ def _scores(samples: Sequence, seed: int, val_new_fraction: float, selection_mod
     return result
 
 
-def _fold_whitened(embedded: dict[str, np.ndarray], validation, protocol_gallery: Sequence,
-                   hubness: float, seed: int) -> tuple[float, float]:
-    """(threshold, validation MAP@5) of the validation queries, each fold answered in the
-    validation gallery whitened by a map fitted on the protocol gallery (``embedded["fit"]``,
-    true identities) without that fold's query images and its pseudo-new identities: what
-    training's ``whiten_output`` choice scores (``evaluate.whitened_folds``)."""
-    from index import GalleryIndex
-    from retrieval.metrics import calibrate_threshold
+def _fold_spaces(embedded: dict[str, np.ndarray], validation, protocol_gallery: Sequence,
+                 seed: int) -> list:
+    """The validation gallery and each fold of validation queries whitened by a map fitted on
+    the protocol gallery (``embedded["fit"]``, true identities) without that fold's query
+    images and its pseudo-new identities: what training's ``whiten_output`` choice scores
+    (``evaluate.whitened_folds``)."""
     from retrieval.training.evaluate import whitened_folds
 
     queries = validation.queries
-    spaces = whitened_folds(embedded["val_g"], embedded["val_q"], [q.path for q in queries],
-                            [q.identity for q in queries], embedded["fit"],
-                            [s.path for s in protocol_gallery],
-                            [s.identity for s in protocol_gallery], seed)
-    gallery_ids = [s.identity for s in validation.gallery]
-    ranked, scores, truths = [], [], []
-    for rows, gallery, fold_queries in spaces:
-        ranking = GalleryIndex(gallery, gallery_ids, hubness=hubness).search(fold_queries, 5)
-        ranked.extend(ranking.identities)
-        scores.append(ranking.scores)
-        truths.extend(queries[r].identity for r in rows)
-    return calibrate_threshold(ranked, np.concatenate(scores), truths)
+    return list(whitened_folds(embedded["val_g"], embedded["val_q"], [q.path for q in queries],
+                               [q.identity for q in queries], embedded["fit"],
+                               [s.path for s in protocol_gallery],
+                               [s.identity for s in protocol_gallery], seed))
+
+
+def _fold_whitened(spaces: list, validation, hubness: float) -> tuple[float, float]:
+    """(threshold, validation MAP@5) of the validation queries answered in ``spaces``."""
+    from retrieval.metrics import calibrate_threshold
+    from retrieval.training.evaluate import search_folds
+
+    ranking, rows = search_folds(spaces, [s.identity for s in validation.gallery], 5, hubness)
+    return calibrate_threshold(ranking.identities, ranking.scores,
+                               [validation.queries[r].identity for r in rows])
 
 
 def _whitened(gallery: np.ndarray, gallery_ids: list, queries: np.ndarray) -> tuple:

@@ -24,6 +24,8 @@ import numpy as np
 
 SHRINK = 1.0  # base = SHRINK x the mean within-identity eigenvalue (chosen on validation, 3 sets)
 MIN_IDENTITIES = 2  # identities with 2+ images needed to measure a within-identity spread
+# a gallery larger than this is fitted on whole identities drawn at random up to it (rows_to_fit)
+MAX_FIT_IMAGES = 20_000
 
 
 def within_identity_deviations(vectors: np.ndarray, identities: Sequence[str]) -> np.ndarray:
@@ -59,6 +61,16 @@ def fit_within_identity(vectors: np.ndarray, identities: Sequence[str],
     damping = base / (eigenvalues + base)  # 1: kept as it is, -> 0: removed
     matrix = np.eye(vectors.shape[1]) - (directions.T * (1.0 - damping)) @ directions
     return vectors.mean(axis=0).astype(np.float32), matrix.astype(np.float32)
+
+
+def fit_on_gallery(vectors: np.ndarray, identities: Sequence[str],
+                   max_images: int = MAX_FIT_IMAGES) -> tuple[np.ndarray, np.ndarray] | None:
+    """``fit_within_identity`` of a whole labelled gallery, or, above ``max_images`` images, of
+    whole identities drawn at random (seeded) up to about that many (``rows_to_fit``)."""
+    if len(identities) <= max_images:
+        return fit_within_identity(vectors, identities)
+    rows = rows_to_fit(identities, max_images)
+    return fit_within_identity(np.asarray(vectors)[rows], [identities[i] for i in rows])
 
 
 def rows_to_fit(identities: Sequence[str], max_images: int, seed: int = 0) -> np.ndarray:

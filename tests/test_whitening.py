@@ -132,3 +132,14 @@ def test_rows_to_fit_draw_whole_identities_with_two_images_up_to_the_cap():
     assert np.all(np.diff(rows) > 0)
     np.testing.assert_array_equal(rows, rows_to_fit(identities, max_images=500, seed=3))
     assert len(rows_to_fit(["a", "b"], max_images=10)) == 0
+    # fit_on_gallery fits on exactly those rows above the cap, on every row below it
+    from index.whitening import fit_on_gallery
+
+    vectors = rng.normal(size=(len(identities), 8))
+    drawn = rows_to_fit(identities, max_images=500)  # fit_on_gallery's draw (seed 0)
+    sampled = fit_within_identity(vectors[drawn], [identities[i] for i in drawn])
+    for got, want in zip(fit_on_gallery(vectors, identities, max_images=500), sampled):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(fit_on_gallery(vectors, identities),
+                         fit_within_identity(vectors, identities)):
+        np.testing.assert_array_equal(got, want)

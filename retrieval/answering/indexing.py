@@ -544,9 +544,7 @@ def _checkpoint_whitening(opts: BuildOptions, manifest: Any, encoder: Encoder | 
     where training chose it on validation (``whiten_output``) and the index is a fresh FAISS
     one (an edit keeps its map); None otherwise."""
     from index.rows import GalleryRows
-    from index.whitening import fit_within_identity, rows_to_fit
-
-    from .gallery_threshold import WHITENING_MAX_IMAGES
+    from index.whitening import MAX_FIT_IMAGES, fit_on_gallery
 
     if encoder is None or not encoder.whiten or manifest is not None or opts.backend == "milvus":
         return None  # a Milvus build of such a model is refused before embedding
@@ -554,14 +552,10 @@ def _checkpoint_whitening(opts: BuildOptions, manifest: Any, encoder: Encoder | 
         log.warning("--no-whiten: searching plain cosine, though the model's threshold was "
                     "calibrated whitened within identities (its validation chose that)")
         return None
-    vectors = GalleryRows.of(rows).array()
-    if len(identities) > WHITENING_MAX_IMAGES:  # fitted on a random share of whole identities
-        fit_rows = rows_to_fit(identities, WHITENING_MAX_IMAGES)
-        log.info("fitting the whitening on %d images of whole identities drawn at random",
-                 len(fit_rows))
-        fitted = fit_within_identity(vectors[fit_rows], [identities[i] for i in fit_rows])
-    else:
-        fitted = fit_within_identity(vectors, identities)
+    if len(identities) > MAX_FIT_IMAGES:
+        log.info("fitting the whitening on about %d images of whole identities drawn at random",
+                 MAX_FIT_IMAGES)
+    fitted = fit_on_gallery(GalleryRows.of(rows).array(), identities)
     if fitted is None:
         log.warning("the model searches whitened within identities, but no two identities of "
                     "this gallery have two images to fit the map on: searching plain cosine")

@@ -40,9 +40,9 @@ def rank_queries(model: EmbeddingModel, preprocessing: Preprocessing, gallery: S
     gallery_vectors, query_vectors = _embed(model, preprocessing, gallery, queries,
                                             device=device, progress=progress, tta_flip=tta_flip)
     if whiten:
-        from index.whitening import fit_within_identity, whiten as apply
+        from index.whitening import fit_on_gallery, whiten as apply
 
-        fitted = fit_within_identity(gallery_vectors, [s.identity for s in gallery])
+        fitted = fit_on_gallery(gallery_vectors, [s.identity for s in gallery])
         if fitted is not None:
             gallery_vectors, query_vectors = (apply(gallery_vectors, *fitted),
                                               apply(query_vectors, *fitted))
@@ -65,6 +65,12 @@ def _calibrated(gallery_vectors: np.ndarray, identities: Sequence[str], query_ve
     """Search, then MAP@k with the threshold calibrated on these queries and without one."""
     ranking = GalleryIndex(np.ascontiguousarray(gallery_vectors), identities,
                            hubness=hubness).search(np.ascontiguousarray(query_vectors), k)
+    return _calibrated_result(ranking, truths, k, share)
+
+
+def _calibrated_result(ranking: IdentityRanking, truths: Sequence[str], k: int,
+                       share: float = 0.0) -> EvalResult:
+    """MAP@k of ``ranking`` with the threshold calibrated on it, and without one."""
     threshold, map5 = calibrate_threshold(ranking.identities, ranking.scores, truths, k)
     return EvalResult(map5, score(ranking, truths, None, k), threshold, share)
 
@@ -140,17 +146,24 @@ def evaluate_whitened(model: EmbeddingModel, preprocessing: Preprocessing,
                                  [q.identity for q in queries], fit_vectors, [s.path for s in fitted_on],
                                  [s.identity for s in fitted_on], seed))
     identities = [s.identity for s in gallery]
-    truths = [queries[r].identity for rows, _, _ in spaces for r in rows]
     results = []
     for weight in weights:
-        rankings = [GalleryIndex(g, identities, hubness=weight).search(q, k) for _, g, q in spaces]
-        ranked = [ids for ranking in rankings for ids in ranking.identities]
-        scores = np.concatenate([ranking.scores for ranking in rankings])
-        threshold, map5 = calibrate_threshold(ranked, scores, truths, k)
-        unthresholded = map_at_k([insert_new_whale(ids, s, None, k) for ids, s in zip(ranked, scores)],
-                                 truths, k)
-        results.append(EvalResult(map5, unthresholded, threshold))
+        ranking, rows = search_folds(spaces, identities, k, hubness=weight)
+        results.append(_calibrated_result(ranking, [queries[r].identity for r in rows], k))
     return results
+
+
+def search_folds(spaces: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 identities: Sequence[str], k: int = 5,
+                 hubness: float = 0.0) -> tuple[IdentityRanking, np.ndarray]:
+    """Each fold's queries searched in its own gallery space (``whitened_folds``' triples):
+    one ranking of every query, fold after fold, and the query rows in that order."""
+    rankings = [GalleryIndex(gallery, identities, hubness=hubness).search(queries, k)
+                for _, gallery, queries in spaces]
+    ranking = IdentityRanking([ids for part in rankings for ids in part.identities],
+                              np.concatenate([part.scores for part in rankings]),
+                              np.concatenate([part.best_rows for part in rankings]))
+    return ranking, np.concatenate([rows for rows, _, _ in spaces])
 
 
 def whitened_folds(gallery: np.ndarray, queries: np.ndarray, query_paths: Sequence,
