@@ -14,6 +14,7 @@ backbone's calibrated score on the same split, and the training seconds per seed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import tempfile
@@ -41,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "whitening) on the untrained "
                         "backbone + GeM, each with a threshold calibrated on its validation "
                         "carve-out; --variants is ignored")
+    p.add_argument("--keep", type=Path,
+                   help="keep every run's folder (best.pt, model.pt, log.csv) under this folder "
+                        "as VARIANT/seedN, for post-processing screens after the runs; by "
+                        "default they go to a temporary folder that is deleted")
     p.add_argument("--variants", nargs="+", default=["base"],
                    help="NAME=field:value,... over TrainConfig; 'base' is the default recipe")
 
@@ -131,7 +136,8 @@ def run(args) -> dict:
     report = Report("ablation", args, args.seeds)
     variants = [parse_variant(v) for v in args.variants]
     rows: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-ablation-") as temp:
+    kept = contextlib.nullcontext(args.keep) if args.keep else None
+    with kept or tempfile.TemporaryDirectory(prefix="bench-ablation-") as temp:
         for name, overrides in variants:
             for seed in args.seeds:
                 out = Path(temp) / name
