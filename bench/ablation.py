@@ -110,7 +110,7 @@ def run_untrained(args) -> dict:
                    pm(mean_std([r[variant]["test"] for r in per_seed])),
                    sum(r[variant]["test"] > r[reference.get(variant, "plain")]["test"]
                        for r in per_seed)]
-                  for variant in [*VARIANTS, *WHITENED, "gallery", "gallery+hub", "gallery+hub+white"]]
+                  for variant in [*VARIANTS, *WHITENED, "hub+centroid", "gallery", "gallery+hub", "gallery+hub+white"]]
     title = (f"{args.data}{f' (first {args.max_identities} identities)' if args.max_identities else ''}: "
              f"untrained backbone + GeM, whale protocol, {args.image_size}px, seeds "
              f"{' '.join(map(str, args.seeds))}; choose by the validation column")
