@@ -186,6 +186,12 @@ def _centroid_rule(val: dict, test: dict) -> dict:
 def run(args) -> dict:
     from .ablation import _samples
 
+    missing = [str(args.keep / name / f"seed{seed}") for name in args.pair for seed in args.seeds
+               if not (args.keep / name / f"seed{seed}" / "model.pt").is_file()]
+    if missing:
+        raise SystemExit(f"no kept run in {', '.join(missing)}: run `python -m bench ablation "
+                         f"--keep {args.keep} --variants {' '.join(args.pair)}=...` with these "
+                         "seeds first (see --help)")
     samples = _samples(args)
     report = Report("kept", args, args.seeds)
     per_seed = []
