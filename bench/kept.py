@@ -190,7 +190,7 @@ def run(args) -> dict:
                if not (args.keep / name / f"seed{seed}" / "model.pt").is_file()]
     if missing:
         raise SystemExit(f"no kept run in {', '.join(missing)}: run `python -m bench ablation "
-                         f"--keep {args.keep} --variants {' '.join(args.pair)}=...` with these "
+                         f"--keep {args.keep} --variants {args.pair[0]}=... {args.pair[1]}=...` with these "
                          "seeds first (see --help)")
     samples = _samples(args)
     report = Report("kept", args, args.seeds)
