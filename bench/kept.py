@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from .common import Report, format_table, mean_std, pm
+from .postprocess import centroid_rule
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -133,54 +134,8 @@ def seed_rows(a: dict, b: dict) -> dict[str, dict]:
                                         (0.0, 0.25, 0.5, 1.0))
     rows["A, top-2 gap"] = _shift_rule(*_parts(a), lambda _, ranking: -_top2_gap(ranking),
                                        (0.0, 0.5, 1.0))
-    rows["A, centroid b"] = _centroid_rule(*_parts(a))
+    rows["A, centroid b"] = centroid_rule(*_parts(a))
     return rows
-
-
-def _centroid_ranking(gallery: np.ndarray, gallery_ids, queries: np.ndarray, b: float,
-                      hubness: float) -> tuple[list[list[str]], np.ndarray]:
-    """Top-5 identities and scores: ``(1 - b)`` x best image + ``b`` x the identity's centroid."""
-    from index.hubness import gallery_hubness
-
-    names = sorted({str(i) for i in gallery_ids})
-    column = np.array([names.index(str(i)) for i in gallery_ids])
-    penalty = hubness * gallery_hubness(gallery) if hubness else np.zeros(len(gallery))
-    similarities = queries @ gallery.T - penalty[None]
-    best = np.full((len(queries), len(names)), -np.inf)
-    np.maximum.at(best.T, column, similarities.T)
-    centroids = np.zeros((len(names), gallery.shape[1]))
-    np.add.at(centroids, column, gallery)
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    mean_penalty = np.bincount(column, penalty) / np.bincount(column)
-    scores = (1 - b) * best + b * (queries @ centroids.T - mean_penalty[None])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-    return [[names[j] for j in row] for row in order], np.take_along_axis(scores, order, axis=1)
-
-
-def _answered_map5(identities, scores, truths, threshold: float) -> float:
-    """MAP@5 with ``new_whale`` inserted by ``threshold`` (``retrieval.metrics``)."""
-    from retrieval.metrics import insert_new_whale, map_at_k
-
-    return map_at_k([insert_new_whale(row, row_scores, threshold)
-                     for row, row_scores in zip(identities, scores)], truths)
-
-
-def _centroid_rule(val: dict, test: dict) -> dict:
-    from index.hubness import WEIGHTS
-    from retrieval.metrics import calibrate_threshold
-
-    best = None
-    for b in (0.0, 0.25, 0.5):
-        for hubness in WEIGHTS:
-            threshold, chosen_by = calibrate_threshold(
-                *_centroid_ranking(val["g"], val["g_ids"], val["q"], b, hubness),
-                [str(t) for t in val["q_ids"]])
-            if best is None or chosen_by > best["val"]:
-                best = {"val": chosen_by, "centroid": b, "hubness": hubness,
-                        "test": _answered_map5(*_centroid_ranking(test["g"], test["g_ids"], test["q"],
-                                                                  b, hubness),
-                                               [str(t) for t in test["q_ids"]], threshold)}
-    return best
 
 
 def run(args) -> dict:
