@@ -30,6 +30,7 @@ Embeddings are cached as ``emb.npz`` beside each run's checkpoints.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -52,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _embedded(run: Path, samples: Sequence, seed: int) -> dict[str, np.ndarray]:
     """Validation parts by ``best.pt``, protocol gallery / queries by ``model.pt``, with ids."""
+    from retrieval.config import TrainConfig
     from retrieval.data import validation_split, whale_split
     from retrieval.models.checkpoint import load_model
     from retrieval.models.embed import embed_images
@@ -60,7 +62,8 @@ def _embedded(run: Path, samples: Sequence, seed: int) -> dict[str, np.ndarray]:
     if cache.is_file():
         return dict(np.load(cache))
     split = whale_split(samples, seed)
-    validation = validation_split(split.gallery, seed=seed, new_fraction=0.2)
+    validation = validation_split(split.gallery, seed=seed,
+                                  new_fraction=TrainConfig().val_new_fraction)
     out = {}
     for checkpoint, parts in (("best.pt", (("val_g", validation.gallery), ("val_q", validation.queries))),
                               ("model.pt", (("test_g", split.gallery), ("test_q", split.queries)))):
@@ -88,24 +91,30 @@ def _top2_gap(ranking) -> np.ndarray:
 
 
 def _shift_rule(val: dict, test: dict, shift, weights: Sequence[float]) -> dict:
-    """Scores lowered by ``w * shift(...)`` per query; (hubness, w) chosen on validation."""
+    """Scores lowered by ``w * shift(part, ranking)`` per query; (w, hubness) chosen on
+    validation (``weights`` first, then ``WEIGHTS``, the first of equals kept). Each part is
+    searched once per hubness weight; only the shift changes with ``w``."""
     from index.hubness import WEIGHTS
     from retrieval.metrics import calibrate_threshold
     from retrieval.training.evaluate import score
 
+    searched = {hubness: {name: _ranking(part["g"], part["g_ids"], part["q"], hubness)
+                          for name, part in (("val", val), ("test", test))}
+                for hubness in WEIGHTS}
+    shifts = {(hubness, name): shift(part, searched[hubness][name])
+              for hubness in WEIGHTS for name, part in (("val", val), ("test", test))}
     best = None
     for w in weights:
         for hubness in WEIGHTS:
-            rankings = {}
-            for name, part in (("val", val), ("test", test)):
-                ranking = _ranking(part["g"], part["g_ids"], part["q"], hubness)
-                ranking.scores = ranking.scores - w * shift(part, ranking)[:, None]
-                rankings[name] = ranking
-            threshold, chosen_by = calibrate_threshold(rankings["val"].identities,
-                                                       rankings["val"].scores, list(val["q_ids"]))
+            val_scores = searched[hubness]["val"].scores - w * shifts[hubness, "val"][:, None]
+            threshold, chosen_by = calibrate_threshold(searched[hubness]["val"].identities,
+                                                       val_scores, list(val["q_ids"]))
             if best is None or chosen_by > best["val"]:
+                tested = replace(searched[hubness]["test"],
+                                 scores=searched[hubness]["test"].scores
+                                 - w * shifts[hubness, "test"][:, None])
                 best = {"val": chosen_by, "weight": w, "hubness": hubness,
-                        "test": score(rankings["test"], [str(t) for t in test["q_ids"]], threshold)}
+                        "test": score(tested, [str(t) for t in test["q_ids"]], threshold)}
     return best
 
 

@@ -235,12 +235,13 @@ def _whitened(gallery: np.ndarray, gallery_ids: list, queries: np.ndarray) -> tu
 
 
 def _centroid_ranking(gallery: np.ndarray, gallery_ids, queries: np.ndarray, b: float,
-                      hubness: float) -> tuple[list[list[str]], np.ndarray]:
-    """Top-5 identities and scores: ``(1 - b)`` x best image + ``b`` x the identity's centroid."""
+                      hubness: float):
+    """Top-5 identities (an ``IdentityRanking``, no best rows): ``(1 - b)`` x best image +
+    ``b`` x the identity's centroid."""
     from index.hubness import gallery_hubness
+    from index.search import IdentityRanking
 
-    names = sorted({str(i) for i in gallery_ids})
-    column = np.array([names.index(str(i)) for i in gallery_ids])
+    names, column = np.unique([str(i) for i in gallery_ids], return_inverse=True)
     penalty = hubness * gallery_hubness(gallery) if hubness else np.zeros(len(gallery))
     similarities = queries @ gallery.T - penalty[None]
     best = np.full((len(queries), len(names)), -np.inf)
@@ -251,15 +252,8 @@ def _centroid_ranking(gallery: np.ndarray, gallery_ids, queries: np.ndarray, b: 
     mean_penalty = np.bincount(column, penalty) / np.bincount(column)
     scores = (1 - b) * best + b * (queries @ centroids.T - mean_penalty[None])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-    return [[names[j] for j in row] for row in order], np.take_along_axis(scores, order, axis=1)
-
-
-def _answered_map5(identities, scores, truths, threshold: float) -> float:
-    """MAP@5 with ``new_whale`` inserted by ``threshold`` (``retrieval.metrics``)."""
-    from retrieval.metrics import insert_new_whale, map_at_k
-
-    return map_at_k([insert_new_whale(row, row_scores, threshold)
-                     for row, row_scores in zip(identities, scores)], truths)
+    return IdentityRanking([[str(names[j]) for j in row] for row in order],
+                           np.take_along_axis(scores, order, axis=1), np.full(order.shape, -1))
 
 
 def centroid_rule(val: dict, test: dict) -> dict:
@@ -267,16 +261,16 @@ def centroid_rule(val: dict, test: dict) -> dict:
     (each a dict of gallery ``g`` / queries ``q`` vectors and their ``g_ids`` / ``q_ids``)."""
     from index.hubness import WEIGHTS
     from retrieval.metrics import calibrate_threshold
+    from retrieval.training.evaluate import score
 
     best = None
     for b in (0.0, 0.25, 0.5):
         for hubness in WEIGHTS:
-            threshold, chosen_by = calibrate_threshold(
-                *_centroid_ranking(val["g"], val["g_ids"], val["q"], b, hubness),
-                [str(t) for t in val["q_ids"]])
+            ranking = _centroid_ranking(val["g"], val["g_ids"], val["q"], b, hubness)
+            threshold, chosen_by = calibrate_threshold(ranking.identities, ranking.scores,
+                                                       [str(t) for t in val["q_ids"]])
             if best is None or chosen_by > best["val"]:
+                tested = _centroid_ranking(test["g"], test["g_ids"], test["q"], b, hubness)
                 best = {"val": chosen_by, "centroid": b, "hubness": hubness,
-                        "test": _answered_map5(*_centroid_ranking(test["g"], test["g_ids"], test["q"],
-                                                                  b, hubness),
-                                               [str(t) for t in test["q_ids"]], threshold)}
+                        "test": score(tested, [str(t) for t in test["q_ids"]], threshold)}
     return best
