@@ -5,7 +5,8 @@
   python build_index.py --out runs/index --remove-identity w_123abc       # drop one identity
   torchrun --nproc_per_node=N build_index.py --gallery DIR ...           # N processes embed shards
 
-Without --model the index uses the zero-shot model (pretrained backbone + GeM, no fine-tuning);
+Without --model the index uses the zero-shot model (pretrained backbone + GeM of its final map and
+last two feature stages, no fine-tuning);
 its new_whale threshold is then calibrated on the gallery itself (leave-one-out queries). The folder holds the FAISS index, the gallery table, the raw vectors and
 manifest.json (model fingerprint and preprocessing, TTA, threshold); it is replaced atomically.
 """

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from random weights instead of ImageNet")
     model.add_argument("--embedding-dim", type=int, default=DEFAULTS.embedding_dim,
                        help="size of the embedding (default %(default)s)")
+    model.add_argument("--pool-stages", type=int, default=DEFAULTS.pool_stages, metavar="N",
+                       help="the neck sees GeM of the backbone's last N feature stages before its "
+                            "final map beside the final map's, each normalised (default "
+                            "%(default)s, as the untrained features; 0: the final map only)")
     model.add_argument("--image-size", type=int,
                        help="input side in pixels (default: the backbone's native size, 224 for "
                             "the default); smaller trains faster on a CPU")

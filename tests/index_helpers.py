@@ -86,10 +86,11 @@ def make_checkpoint(path: Path, seed: int = 0, threshold: float | None = 0.5,
     if pretrained_share:
         import numpy as np
 
-        from retrieval.models.model import with_pretrained_share
+        from retrieval.models.model import pooled_width, untrained_pool_stages, with_pretrained_share
         from retrieval.models.whitening import Whitening, fit_within_identity
 
-        vectors = np.random.default_rng(seed).normal(size=(40, 1280)).astype(np.float32)
+        width = pooled_width(model.backbone, untrained_pool_stages(model.backbone))
+        vectors = np.random.default_rng(seed).normal(size=(40, width)).astype(np.float32)
         whitening = Whitening.from_fit(*fit_within_identity(vectors, [str(i // 2) for i in range(40)]))
         model = with_pretrained_share(model, pretrained_share, whitening=whitening).eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

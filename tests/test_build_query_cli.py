@@ -174,7 +174,7 @@ def test_zero_shot_index_with_flip_tta_applies_it_to_queries(data, tmp_path, orl
     build(tmp_path / "idx", gallery, tta="flip", image_size=IMAGE_SIZE)
     stored = load_index(tmp_path / "idx")
     assert stored.manifest.tta == "flip" and stored.manifest.threshold_source == "gallery"
-    assert stored.manifest.model["source"] == "pretrained" and stored.manifest.dim == 1280
+    assert stored.manifest.model["source"] == "pretrained" and stored.manifest.dim == 1280 + 112 + 320
     image = sorted(gallery.rglob("*.pgm"))[0]
     answer = run_query(image, tmp_path / "idx").answers[0]
     assert answer.hits[0].gallery_image == str(image)  # itself, only if flipped both ways

@@ -77,7 +77,55 @@ def test_embeddings_are_unit_vectors_of_configured_size():
     assert out.shape == (3, 64)
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
     zero_shot = create_model(ModelConfig(embedding_dim=0), pretrained=True).eval()
-    assert zero_shot(torch.randn(2, 3, 64, 64)).shape == (2, 1280)
+    assert zero_shot(torch.randn(2, 3, 64, 64)).shape == (2, 1280)  # the final map only
+
+
+UNTRAINED_DIM = 1280 + 112 + 320  # Lite0's untrained features: its final map + its last 2 stages
+
+
+def test_untrained_features_pool_the_last_stages_each_normalised():
+    """Naive reference: GeM (p=3) of Lite0's last two feature stages (112 and 320 channels) and of
+    its final map (1280), each unit-normalised, concatenated, normalised again."""
+    from retrieval.models.model import UNTRAINED_POOL_STAGES, zero_shot_model
+
+    model = zero_shot_model().eval()
+    assert model.config.pool_stages == UNTRAINED_POOL_STAGES == 2
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = model(images)
+        stages = model.backbone.forward_intermediates(images, indices=[3, 4],
+                                                      intermediates_only=True)
+        maps = [*stages, model.backbone.forward_features(images)]
+    gem = [m.clamp(min=1e-6).pow(3).mean(dim=(-2, -1)).pow(1 / 3) for m in maps]
+    naive = torch.cat([g / g.norm(dim=1, keepdim=True) for g in gem], dim=1)
+    naive = naive / naive.norm(dim=1, keepdim=True)
+    assert out.shape == (3, UNTRAINED_DIM) and [g.shape[1] for g in gem] == [112, 320, 1280]
+    assert torch.allclose(out, naive, atol=1e-5)
+
+
+def test_a_last_stage_that_is_the_final_map_is_not_pooled_twice():
+    """ResNet's last stage is its final map (no head convolution after it): the stages pooled
+    are the two before it, 128 and 256 channels."""
+    from retrieval.models.model import pooled_width, stage_indices
+
+    backbone = create_model(ModelConfig("resnet18", embedding_dim=0), pretrained=False).backbone
+    assert stage_indices(backbone, 2) == [2, 3]
+    assert pooled_width(backbone, 2) == 512 + 128 + 256
+    model = create_model(ModelConfig("resnet18", embedding_dim=8, pool_stages=2),
+                         pretrained=False).eval()
+    assert model.neck[0].in_features == 512 + 128 + 256
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 8)
+
+
+def test_a_model_description_without_pool_stages_reads_as_the_final_map_only():
+    """Checkpoints and indexes written before stage pooling rebuild the vectors they hold."""
+    from retrieval.models.model import spec_from_dict
+
+    config, _ = spec_from_dict({"model_config": {"backbone": "tf_efficientnet_lite0",
+                                                 "embedding_dim": 0},
+                                "preprocessing": {"image_size": 64, "mean": [0.5] * 3,
+                                                  "std": [0.5] * 3}})
+    assert config.pool_stages == 0 and config.reference_pool_stages == 0
 
 
 def test_other_timm_backbones_build_without_offline_weights():
@@ -119,7 +167,7 @@ def test_a_blended_model_embeds_with_the_untrained_backbone_beside_the_trained_o
     trained = create_model(ModelConfig(embedding_dim=16), pretrained=True).eval()
     blended = with_pretrained_share(trained, 0.25).eval()
     assert blended.neck is trained.neck and blended.backbone is trained.backbone
-    assert blended.embedding_dim == 16 + 1280 and blended.head_dim == 16
+    assert blended.embedding_dim == 16 + UNTRAINED_DIM and blended.head_dim == 16
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         out = blended(images)

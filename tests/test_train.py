@@ -340,10 +340,10 @@ def test_a_blended_model_reproduces_its_validation_score(orl_subset, tmp_path, m
                          whiten_pretrained=True, **TINY)
     model, pre, payload = load_model(train(config, orl_subset))
     assert payload["model_config"]["pretrained_share"] == 0.5
-    assert model.embedding_dim == 64 + 1280
+    assert model.embedding_dim == 64 + 1280 + 112 + 320  # neck | untrained features (3 maps)
     # the untrained half is whitened (--whiten-pretrained): a fitted map, stored
     assert payload["model_config"]["pretrained_whitening"]
-    assert not torch.allclose(payload["state_dict"]["reference.whitening.matrix"], torch.eye(1280))
+    assert not torch.allclose(payload["state_dict"]["reference.whitening.matrix"], torch.eye(1280 + 112 + 320))
     split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
     result = evaluate_queries(model, pre, split.gallery, split.queries, progress=False)
     assert result.map5 == pytest.approx(payload["metrics"]["val_map5"])
@@ -410,12 +410,17 @@ def test_the_refit_trains_the_same_weights_whichever_blend_selection_saved(orl_s
     import retrieval.training.train as train_module
 
     def refit_trained_part(name: str, shares: tuple) -> dict:
+        # the epoch is chosen on share 0 in both runs (the first share scored), so both refit
+        # the same epochs; the blended run saves share 0.5 at every epoch that improves
         monkeypatch.setattr(train_module, "BLEND_SHARES", shares)
+        monkeypatch.setattr(train_module, "_best_result", lambda results: results[-1])
         config = TrainConfig(out=str(tmp_path / name), epochs=2, **TINY)
-        state = load_checkpoint(train(config, orl_subset))["state_dict"]
-        return {k: v for k, v in state.items() if not k.startswith("reference.")}
+        checkpoint = load_checkpoint(train(config, orl_subset))
+        assert checkpoint["model_config"]["pretrained_share"] == shares[-1]
+        return {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
 
-    plain, blended = refit_trained_part("plain", (0.0,)), refit_trained_part("blended", (0.5,))
+    plain = refit_trained_part("plain", (0.0,))
+    blended = refit_trained_part("blended", (0.0, 0.5))
     assert plain.keys() == blended.keys()
     for key, value in plain.items():
         assert torch.equal(value, blended[key]), key
@@ -677,3 +682,17 @@ def test_output_whitening_is_kept_only_where_validation_scores_it_better_and_shi
     assert stored.manifest.model["whitening"] is True
     assert stored.manifest.threshold == pytest.approx(payload["threshold"])
     np.testing.assert_allclose(stored.vectors(), whiten(raw, *fitted), atol=1e-5)
+
+
+def test_a_model_pooling_stages_trains_and_reproduces_its_validation_score(orl_subset, tmp_path):
+    """``pool_stages``: the neck sees Lite0's last two stages beside its final map (112 + 320 +
+    1280 features); the stored config rebuilds that model, which answers its validation queries
+    as selection scored them."""
+    config = TrainConfig(out=str(tmp_path), epochs=2, refit=False, pool_stages=2,
+                         blend_pretrained=False, **TINY)
+    model, pre, payload = load_model(train(config, orl_subset))
+    assert payload["model_config"]["pool_stages"] == 2
+    assert model.neck[0].in_features == 1280 + 112 + 320 and model.embedding_dim == 64
+    split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
+    result = evaluate_queries(model, pre, split.gallery, split.queries, progress=False)
+    assert result.map5 == pytest.approx(payload["metrics"]["val_map5"])

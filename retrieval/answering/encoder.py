@@ -134,7 +134,8 @@ def _checkpoint_encoder(spec: EncoderSpec) -> Encoder:
 
 
 def _zero_shot_encoder(spec: EncoderSpec) -> Encoder:
-    """The untrained reference model: ImageNet backbone + GeM, no neck, no threshold."""
+    """The untrained reference model: ImageNet backbone + GeM of three of its maps
+    (``zero_shot_model``), no neck, no threshold."""
     from ..models.checkpoint import state_fingerprint
     from ..models.model import (
         create_model,

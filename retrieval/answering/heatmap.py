@@ -34,6 +34,7 @@ def explain_pair(model, preprocessing, query: np.ndarray, gallery: np.ndarray) -
     import torch
     import torch.nn.functional as F
 
+    from ..models.model import final_map
     from ..models.transforms import eval_transform
 
     transform = eval_transform(preprocessing)
@@ -42,7 +43,7 @@ def explain_pair(model, preprocessing, query: np.ndarray, gallery: np.ndarray) -
     model.eval()
     with torch.no_grad():
         backbone = model.reference.backbone if model.untrained_only else model.forward_features
-        features = backbone(batch.to(device)).float()  # (2, C, h, w)
+        features = final_map(backbone(batch.to(device))).float()  # (2, C, h, w)
     cells = F.normalize(features.flatten(2), dim=1)  # (2, C, h*w), unit vector per cell
     similarity = torch.einsum("ci,cj->ij", cells[0], cells[1])  # query cells x gallery cells
     height, width = features.shape[-2:]

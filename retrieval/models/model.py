@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Annotated
+from typing import Annotated, Sequence
 
 import timm
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
-from ..config import DEFAULT_BACKBONE
+from ..config import DEFAULT_BACKBONE, UNTRAINED_POOL_STAGES
 from ..errors import UserError
 from .pretrained import load_offline_weights
 from .whitening import Whitening
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_EMBEDDING_DIM = 65_536  # bounds for sizes read from shared files (checkpoints, manifests)
 MAX_IMAGE_SIZE = 4096
+MAX_POOL_STAGES = 8
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,20 @@ class ModelConfig:
     its validation carve-out (``TrainConfig.blend_pretrained``): the two see different things,
     and on colour photos the blend beat either alone. ``pretrained_whitening``: the untrained
     features pass through a within-identity whitening fitted on the training gallery
-    (``whitening.Whitening``) before they are blended in."""
+    (``whitening.Whitening``) before they are blended in.
+
+    ``pool_stages`` (``reference_pool_stages``: the same for the untrained reference): GeM
+    also pools the backbone's last this many feature stages before the final map, each pooled
+    vector unit-normalised before they are concatenated (``StageGeM``); 0: the final map only.
+    Stored, so a model or an index reads back exactly the vector it was built with."""
 
     backbone: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_BACKBONE
     embedding_dim: Annotated[int, Field(ge=0, le=MAX_EMBEDDING_DIM)] = 512
     gem_p: Annotated[float, Field(gt=0, le=100)] = 3.0
     pretrained_share: Annotated[float, Field(ge=0, le=1)] = 0.0
     pretrained_whitening: bool = False
+    pool_stages: Annotated[int, Field(ge=0, le=MAX_POOL_STAGES)] = 0
+    reference_pool_stages: Annotated[int, Field(ge=0, le=MAX_POOL_STAGES)] = 0
 
 
 @dataclass(frozen=True)
@@ -72,14 +80,84 @@ class GeM(nn.Module):
         return pooled.pow(1.0 / self.p)
 
 
-class PretrainedReference(nn.Module):
-    """The untrained ImageNet backbone + GeM (p=3), frozen: never trained, always in eval mode;
-    with ``whitening``, its features pass through that fitted map (``whitening.Whitening``)."""
+class StageGeM(GeM):
+    """GeM (one exponent) over several feature maps, each pooled vector unit-normalised, then
+    concatenated: every stage weighs the same in a cosine similarity, whatever its width."""
 
-    def __init__(self, backbone: nn.Module, whitening: Whitening | None = None):
+    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([F.normalize(super(StageGeM, self).forward(m), dim=1) for m in maps],
+                         dim=1)
+
+
+def _pool(p: float, stages: int) -> GeM:
+    return StageGeM(p) if stages else GeM(p)
+
+
+def stage_indices(backbone: nn.Module, stages: int) -> list[int]:
+    """timm ``feature_info`` indices of the last ``stages`` feature stages before the final map.
+    A last stage as wide as the final features *is* the final map (ResNet, ConvNeXt: no head
+    convolution after it), so it is skipped rather than pooled twice."""
+    if stages < 0:
+        raise UserError(f"pool stages must be 0 or more, not {stages}")
+    if not stages:
+        return []
+    info = getattr(backbone, "feature_info", None)
+    if not info or not hasattr(backbone, "forward_intermediates"):
+        raise UserError(f"backbone {type(backbone).__name__} has no feature stages to pool "
+                        "(timm forward_intermediates): use pool_stages 0")
+    channels = [stage["num_chs"] for stage in info]
+    candidates = list(range(len(channels)))
+    if channels[-1] == backbone.num_features:
+        candidates = candidates[:-1]
+    if len(candidates) < stages:
+        raise UserError(f"backbone {type(backbone).__name__} has {len(candidates)} feature stages "
+                        f"before its final map, not {stages}: use fewer pool stages")
+    return candidates[-stages:]
+
+
+def pooled_width(backbone: nn.Module, stages: int) -> int:
+    """Width of the pooled features: the final map's channels + those of the pooled stages."""
+    channels = [stage["num_chs"] for stage in getattr(backbone, "feature_info", [])]
+    return backbone.num_features + sum(channels[i] for i in stage_indices(backbone, stages))
+
+
+def untrained_pool_stages(backbone: nn.Module) -> int:
+    """``UNTRAINED_POOL_STAGES`` where the backbone has them (timm's feature stages), else 0."""
+    try:
+        stage_indices(backbone, UNTRAINED_POOL_STAGES)
+    except UserError:
+        log.info("%s: the untrained features pool the final map only", type(backbone).__name__)
+        return 0
+    return UNTRAINED_POOL_STAGES
+
+
+def backbone_maps(backbone: nn.Module, images: torch.Tensor,
+                  stages: int) -> torch.Tensor | list[torch.Tensor]:
+    """The backbone's final map, or with ``stages`` the list [pooled stages..., final map], all
+    from one forward pass."""
+    if not stages:
+        return backbone(images)
+    final, intermediates = backbone.forward_intermediates(
+        images, indices=stage_indices(backbone, stages))
+    return [*intermediates, final]
+
+
+def final_map(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """The last map of ``backbone_maps``' result (what heat-maps explain)."""
+    return features if isinstance(features, torch.Tensor) else features[-1]
+
+
+class PretrainedReference(nn.Module):
+    """The untrained ImageNet backbone + GeM (p=3; with ``stages``, ``StageGeM``), frozen: never
+    trained, always in eval mode; with ``whitening``, its features pass through that fitted map
+    (``whitening.Whitening``)."""
+
+    def __init__(self, backbone: nn.Module, whitening: Whitening | None = None, stages: int = 0):
         super().__init__()
         self.backbone = backbone
-        self.pool = GeM(3.0)
+        self.stages = stages
+        self.pool = _pool(3.0, stages)
+        self.num_features = pooled_width(backbone, stages)
         self.whitening = whitening
         self.requires_grad_(False)
         self.train(False)
@@ -88,7 +166,7 @@ class PretrainedReference(nn.Module):
         return super().train(False)  # its BatchNorm statistics are ImageNet's, whatever the parent does
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(self.pool(self.backbone(images)), dim=1)
+        features = F.normalize(self.pool(backbone_maps(self.backbone, images, self.stages)), dim=1)
         return features if self.whitening is None else self.whitening(features)
 
 
@@ -114,8 +192,8 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
-        self.pool = GeM(config.gem_p)
-        features = backbone.num_features
+        self.pool = _pool(config.gem_p, config.pool_stages)
+        features = pooled_width(backbone, config.pool_stages)
         if config.embedding_dim:
             self.neck: nn.Module = nn.Sequential(nn.Linear(features, config.embedding_dim, bias=False),
                                                  nn.BatchNorm1d(config.embedding_dim))
@@ -124,14 +202,16 @@ class EmbeddingModel(nn.Module):
         self.head_dim = config.embedding_dim or features
         self.reference = None
         if config.pretrained_share > 0:
-            whitening = Whitening(reference.num_features) if config.pretrained_whitening else None
-            self.reference = PretrainedReference(reference, whitening)
-        self.embedding_dim = self.head_dim + (reference.num_features if self.reference else 0)
+            self.reference = PretrainedReference(reference, stages=config.reference_pool_stages)
+            if config.pretrained_whitening:
+                self.reference.whitening = Whitening(self.reference.num_features)
+        self.embedding_dim = self.head_dim + (self.reference.num_features if self.reference else 0)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The backbone's final map (a list of maps with ``pool_stages``: ``backbone_maps``)."""
+        return backbone_maps(self.backbone, images, self.config.pool_stages)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         return F.normalize(self.neck(self.pool(features)), dim=1)
 
     @property
@@ -190,7 +270,11 @@ def with_pretrained_share(model: EmbeddingModel, share: float,
     whitening = whitening if whitening is not None else own
     if share == model.config.pretrained_share and whitening is own:
         return model
-    config = replace(model.config, pretrained_share=share,
+    # an own reference keeps its pooling; a new one pools as the untrained features do today
+    stages = (model.config.reference_pool_stages if model.reference is not None
+              else untrained_pool_stages(imagenet_backbone if imagenet_backbone is not None
+                                         else model.backbone) if share > 0 else 0)
+    config = replace(model.config, pretrained_share=share, reference_pool_stages=stages,
                      pretrained_whitening=share > 0 and whitening is not None)
     # the modules built here are replaced or frozen at once: drawing their random initial
     # weights from the global stream would shift what a training run draws next
@@ -205,6 +289,9 @@ def with_pretrained_share(model: EmbeddingModel, share: float,
     if blended.reference is not None and model.reference is not None:
         blended.reference.pool = model.reference.pool
     if blended.reference is not None and whitening is not None:
+        if whitening.mean.numel() != blended.reference.num_features:
+            raise ValueError(f"a whitening of {whitening.mean.numel()} features cannot follow "
+                             f"untrained features {blended.reference.num_features} wide")
         blended.reference.whitening = whitening
     return blended.to(next(model.parameters()).device)
 
@@ -237,8 +324,15 @@ def interpolate_towards(model: EmbeddingModel, start: nn.Module, share: float) -
 
 
 def zero_shot_model(backbone: str = DEFAULT_BACKBONE) -> EmbeddingModel:
-    """The untrained reference: ImageNet backbone + GeM, no neck, no fine-tuning."""
-    return create_model(ModelConfig(backbone, embedding_dim=0), pretrained=True)
+    """The untrained reference: ImageNet backbone + GeM (of ``UNTRAINED_POOL_STAGES`` stages and
+    the final map, where the backbone has stages), no neck, no fine-tuning."""
+    module = _create_backbone(backbone, pretrained=True)
+    return EmbeddingModel(untrained_config(backbone, module), module)
+
+
+def untrained_config(name: str, backbone: nn.Module) -> ModelConfig:
+    """The ``ModelConfig`` of the untrained features of ``backbone`` (named ``name``)."""
+    return ModelConfig(name, embedding_dim=0, pool_stages=untrained_pool_stages(backbone))
 
 
 def preprocessing_for(model: EmbeddingModel, image_size: int | None = None) -> Preprocessing:

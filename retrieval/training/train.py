@@ -50,6 +50,7 @@ from ..models.model import (
     model_spec,
     preprocessing_for,
     pretrained_backbone,
+    untrained_config,
     with_pretrained_share,
 )
 from ..models.transforms import seed_worker_transform, train_transform
@@ -109,7 +110,8 @@ class Trainer:
         self.config, self.ctx, self.epochs = config, ctx, epochs
         items = identity_transforms.expand(samples, config.new_identities)
         self.identities = sorted({item.identity for item in items})
-        self.model = model or create_model(ModelConfig(config.backbone, config.embedding_dim),
+        self.model = model or create_model(ModelConfig(config.backbone, config.embedding_dim,
+                                                       pool_stages=config.pool_stages),
                                            pretrained=config.pretrained)
         self.preprocessing = preprocessing_for(self.model, config.image_size)
         self.spec = create_loss(config.loss, len(self.identities), self.model.head_dim,
@@ -586,8 +588,8 @@ def _untrained_vectors(trainer: Trainer, parts: Sequence[Sequence[Sample]]) -> l
     stream (embedding draws DataLoader seeds), so blending or not trains the very same model."""
     from ..models.embed import embed_images
 
-    reference = EmbeddingModel(ModelConfig(trainer.config.backbone, embedding_dim=0),
-                               trainer.imagenet_backbone)
+    backbone = trainer.imagenet_backbone
+    reference = EmbeddingModel(untrained_config(trainer.config.backbone, backbone), backbone)
     with torch.random.fork_rng(devices=[]):
         return [embed_images(reference, [s.path for s in part], trainer.preprocessing,
                              device=trainer.ctx.device, progress=False) for part in parts]
