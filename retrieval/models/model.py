@@ -104,7 +104,7 @@ def stage_indices(backbone: nn.Module, stages: int) -> list[int]:
     info = getattr(backbone, "feature_info", None)
     if not info or not hasattr(backbone, "forward_intermediates"):
         raise UserError(f"backbone {type(backbone).__name__} has no feature stages to pool "
-                        "(timm forward_intermediates): use pool_stages 0")
+                        "(timm forward_intermediates): train with --pool-stages 0")
     channels = [stage["num_chs"] for stage in info]
     candidates = list(range(len(channels)))
     if channels[-1] == backbone.num_features:
@@ -132,13 +132,13 @@ def untrained_pool_stages(backbone: nn.Module) -> int:
 
 
 def backbone_maps(backbone: nn.Module, images: torch.Tensor,
-                  stages: int) -> torch.Tensor | list[torch.Tensor]:
-    """The backbone's final map, or with ``stages`` the list [pooled stages..., final map], all
-    from one forward pass."""
-    if not stages:
+                  indices: Sequence[int]) -> torch.Tensor | list[torch.Tensor]:
+    """The backbone's final map, or with stage ``indices`` (``stage_indices``, worked out once
+    when the model is built, not per batch) the list [those stages..., final map], all from one
+    forward pass."""
+    if not indices:
         return backbone(images)
-    final, intermediates = backbone.forward_intermediates(
-        images, indices=stage_indices(backbone, stages))
+    final, intermediates = backbone.forward_intermediates(images, indices=list(indices))
     return [*intermediates, final]
 
 
@@ -155,7 +155,7 @@ class PretrainedReference(nn.Module):
     def __init__(self, backbone: nn.Module, whitening: Whitening | None = None, stages: int = 0):
         super().__init__()
         self.backbone = backbone
-        self.stages = stages
+        self.stage_indices = stage_indices(backbone, stages)
         self.pool = _pool(3.0, stages)
         self.num_features = pooled_width(backbone, stages)
         self.whitening = whitening
@@ -166,7 +166,7 @@ class PretrainedReference(nn.Module):
         return super().train(False)  # its BatchNorm statistics are ImageNet's, whatever the parent does
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(self.pool(backbone_maps(self.backbone, images, self.stages)), dim=1)
+        features = F.normalize(self.pool(backbone_maps(self.backbone, images, self.stage_indices)), dim=1)
         return features if self.whitening is None else self.whitening(features)
 
 
@@ -192,6 +192,7 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
+        self.stage_indices = stage_indices(backbone, config.pool_stages)
         self.pool = _pool(config.gem_p, config.pool_stages)
         features = pooled_width(backbone, config.pool_stages)
         if config.embedding_dim:
@@ -209,7 +210,7 @@ class EmbeddingModel(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """The backbone's final map (a list of maps with ``pool_stages``: ``backbone_maps``)."""
-        return backbone_maps(self.backbone, images, self.config.pool_stages)
+        return backbone_maps(self.backbone, images, self.stage_indices)
 
     def forward_head(self, features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         return F.normalize(self.neck(self.pool(features)), dim=1)
