@@ -128,6 +128,33 @@ def test_a_model_description_without_pool_stages_reads_as_the_final_map_only():
     assert config.pool_stages == 0 and config.reference_pool_stages == 0
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+                                  "efficientvit_b0"])
+def test_transformer_and_channels_last_backbones_pool_their_patch_grid(name):
+    """ViT gives (N, 1 + 14*14, C) tokens, Swin an (N, 7, 7, C) channels-last map, EfficientViT
+    refuses to drop its pooling: each trains and embeds, and the untrained vector is GeM over the
+    patch grid (naive loop: class token dropped, channels moved first)."""
+    model = create_model(ModelConfig(name, embedding_dim=8, pool_stages=2, pretrained_share=1.0,
+                                     reference_pool_stages=0), pretrained=False).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_head(model.forward_features(images)).norm(dim=1),
+                              torch.ones(2), atol=1e-5)
+        out = model(images)
+        raw = model.reference.backbone.forward_features(images)
+    if raw.ndim == 3:  # tokens: drop the class token, lay the rest on the 14 x 14 grid
+        grid = torch.stack([torch.stack([raw[i, 1 + r * 14: 1 + (r + 1) * 14].T
+                                         for r in range(14)], dim=1) for i in range(2)])
+    elif raw.shape[-1] == model.reference.backbone.num_features:  # channels last
+        grid = raw.permute(0, 3, 1, 2)
+    else:
+        grid = raw
+    naive = naive_gem(grid, 3.0)
+    untrained = out[:, 8:]  # after the trained part, weighted 0 at share 1
+    assert torch.allclose(untrained / untrained.norm(dim=1, keepdim=True),
+                          naive / naive.norm(dim=1, keepdim=True), atol=1e-5)
+
+
 def test_other_timm_backbones_build_without_offline_weights():
     model = create_model(ModelConfig("resnet18", embedding_dim=32), pretrained=False).eval()
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 32)

