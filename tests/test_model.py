@@ -155,6 +155,15 @@ def test_transformer_and_channels_last_backbones_pool_their_patch_grid(name):
                           naive / naive.norm(dim=1, keepdim=True), atol=1e-5)
 
 
+def test_a_fixed_size_transformer_at_another_size_is_a_clear_error():
+    from retrieval.errors import UserError
+
+    model = create_model(ModelConfig("vit_tiny_patch16_224", embedding_dim=8), pretrained=False)
+    assert preprocessing_for(model).image_size == 224
+    with pytest.raises(UserError, match="224 px images only"):
+        preprocessing_for(model, 160)
+
+
 def test_other_timm_backbones_build_without_offline_weights():
     model = create_model(ModelConfig("resnet18", embedding_dim=32), pretrained=False).eval()
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 32)

@@ -368,7 +368,12 @@ def preprocessing_for(model: EmbeddingModel, image_size: int | None = None) -> P
     """Preprocessing from the backbone's pretrained config; ``image_size`` overrides the size only
     (small images train faster on a CPU)."""
     data_config = timm.data.resolve_data_config({}, model=model.backbone)
-    return Preprocessing(image_size=int(image_size or data_config["input_size"][-1]),
+    native = int(data_config["input_size"][-1])
+    patches = getattr(model.backbone, "patch_embed", None)
+    if image_size and image_size != native and getattr(patches, "strict_img_size", False):
+        raise UserError(f"backbone {model.config.backbone} takes {native} px images only (its "
+                        f"patch grid is fixed), not {image_size}: leave out --image-size")
+    return Preprocessing(image_size=int(image_size or native),
                          mean=tuple(float(v) for v in data_config["mean"]),
                          std=tuple(float(v) for v in data_config["std"]),
                          interpolation=str(data_config["interpolation"]))
