@@ -86,10 +86,12 @@ def make_checkpoint(path: Path, seed: int = 0, threshold: float | None = 0.5,
     if pretrained_share:
         import numpy as np
 
-        from retrieval.models.model import pooled_width, untrained_pool_stages, with_pretrained_share
+        from retrieval.models.model import (pooled_width, stage_indices, untrained_pool_stages,
+                                            with_pretrained_share)
         from retrieval.models.whitening import Whitening, fit_within_identity
 
-        width = pooled_width(model.backbone, untrained_pool_stages(model.backbone))
+        width = pooled_width(model.backbone, stage_indices(model.backbone,
+                                                           untrained_pool_stages(model.backbone)))
         vectors = np.random.default_rng(seed).normal(size=(40, width)).astype(np.float32)
         whitening = Whitening.from_fit(*fit_within_identity(vectors, [str(i // 2) for i in range(40)]))
         model = with_pretrained_share(model, pretrained_share, whitening=whitening).eval()

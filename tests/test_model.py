@@ -110,7 +110,7 @@ def test_a_last_stage_that_is_the_final_map_is_not_pooled_twice():
 
     backbone = create_model(ModelConfig("resnet18", embedding_dim=0), pretrained=False).backbone
     assert stage_indices(backbone, 2) == [2, 3]
-    assert pooled_width(backbone, 2) == 512 + 128 + 256
+    assert pooled_width(backbone, stage_indices(backbone, 2)) == 512 + 128 + 256
     model = create_model(ModelConfig("resnet18", embedding_dim=8, pool_stages=2),
                          pretrained=False).eval()
     assert model.neck[0].in_features == 512 + 128 + 256

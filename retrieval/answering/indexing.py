@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
@@ -83,6 +83,15 @@ class Plan:
 
 
 @dataclass
+class Loaded:
+    """What rank 0 keeps from planning: the model, and the gallery's (readable samples,
+    vectors) where choosing the zero-shot image size already embedded all of it at that size."""
+
+    encoder: Encoder
+    embedded: tuple[list[Sample], np.ndarray] | None = None
+
+
+@dataclass
 class Current:
     """The existing index's content that survives this edit (rank 0 only)."""
 
@@ -119,9 +128,9 @@ def _run_locked(opts: BuildOptions, ctx) -> Any:
     if opts.gallery is None:  # --remove-identity alone: nothing to embed
         return _on_main(ctx, lambda: _write(opts, current, None, [], None, opts.index_type),
                         share=False)
-    loaded: list[Encoder] = []
-    plan = _on_main(ctx, lambda: _plan(opts, current, loaded))
-    encoder = loaded[0] if loaded else load_encoder(plan.encoder)
+    loaded: list[Loaded] = []
+    plan = _on_main(ctx, lambda: _plan(opts, current, loaded, ctx.device))
+    encoder = loaded[0].encoder if loaded else load_encoder(plan.encoder)
     if encoder.hubness and (opts.backend == "milvus" or current.milvus is not None):
         raise UserError(f"{encoder.checkpoint} searches with a hubness correction (weight "
                         f"{encoder.hubness}), which the Milvus backend does not apply: build with "
@@ -130,7 +139,10 @@ def _run_locked(opts: BuildOptions, ctx) -> Any:
         raise UserError(f"{encoder.checkpoint} searches whitened within identities (chosen on "
                         "validation), which the Milvus backend does not do: build with "
                         "--backend faiss, or pass --no-whiten")
-    kept, vectors = _embed_sharded(ctx, encoder, plan.new, opts)
+    if loaded and loaded[0].embedded is not None and not ctx.distributed:
+        kept, vectors = loaded[0].embedded
+    else:
+        kept, vectors = _embed_sharded(ctx, encoder, plan.new, opts)
     if not ctx.is_main:
         return None
     return _write(opts, current, encoder, kept, vectors, plan.index_type)
@@ -225,9 +237,10 @@ def _read_current_milvus(opts: BuildOptions, stored) -> Current:
                    milvus=client)
 
 
-def _plan(opts: BuildOptions, current: Current, encoder_box: list[Encoder]) -> Plan:
+def _plan(opts: BuildOptions, current: Current, loaded: list[Loaded], device=None) -> Plan:
     """Rank 0: list the images to embed (cheap checks first), load the model (the index's own
-    when appending) and keep it in ``encoder_box``: only the picklable plan goes to other ranks."""
+    when appending; the zero-shot one at the size the gallery chooses, ``_zero_shot_size``) and
+    keep it in ``loaded``: only the picklable plan goes to other ranks."""
     from ..data import read_gallery
 
     listed = read_gallery(opts.gallery, opts.labels, opts.allow_outside)
@@ -240,14 +253,57 @@ def _plan(opts: BuildOptions, current: Current, encoder_box: list[Encoder]) -> P
         indexed = dict(zip(current.paths, current.identities))
     samples = _new_samples(listed, indexed)
     spec = _encoder_spec(opts, current)
-    encoder = load_encoder(spec)
+    encoder, embedded = load_encoder(spec), None
+    if _chooses_size(opts, current):
+        encoder, embedded = _zero_shot_size(opts, samples, spec, encoder, device)
+        spec = replace(spec, image_size=encoder.preprocessing.image_size)
     if current.manifest is not None:
         check_index_model(current.manifest, Path(opts.out), encoder.fingerprint,
                           "append with the model the index was built with (drop --model, or pass "
                           "that checkpoint), or rebuild the index without --append")
-    encoder_box.append(encoder)
+    loaded.append(Loaded(encoder, embedded))
     index_type = opts.index_type or (current.manifest.index["requested"] if current.manifest else "flat")
     return Plan(spec, samples, index_type)
+
+
+def _chooses_size(opts: BuildOptions, current: Current) -> bool:
+    """A fresh zero-shot build without ``--image-size`` (nor ``--threshold``, which was set for
+    one size) lets the gallery choose the image size."""
+    return (current.manifest is None and opts.model is None and opts.image_size is None
+            and opts.threshold is None)
+
+
+def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: EncoderSpec,
+                    native: Encoder, device
+                    ) -> tuple[Encoder, tuple[list[Sample], np.ndarray] | None]:
+    """The zero-shot encoder at the size whose leave-one-out MAP@5 on a sample of the gallery,
+    calibrated as the index will be (hubness weight, whitening), is best (``zero_shot_size``);
+    and the gallery's (readable samples, vectors) where that sample was all of it."""
+    from index.hubness import WEIGHTS
+
+    from .gallery_threshold import choose_gallery_space
+    from .zero_shot_size import choose_image_size
+
+    weights = WEIGHTS if opts.hubness else (0.0,)
+    whiten = opts.whiten and opts.backend != "milvus"
+
+    def score(vectors: np.ndarray, identities: list[str]) -> float | None:
+        calibration, _ = choose_gallery_space(vectors, identities, weights=weights, whiten=whiten)
+        return None if calibration is None else calibration.map5
+
+    def embed(encoder: Encoder, sample: list[Sample]) -> np.ndarray:
+        workers = default_workers(len(sample), opts.batch_size) if opts.workers is None else opts.workers
+        return encoder.encode([s.path for s in sample], batch_size=opts.batch_size,
+                              num_workers=workers, device=device, progress=opts.progress,
+                              desc=f"choosing the image size ({encoder.preprocessing.image_size} px)")
+
+    choice = choose_image_size(samples, spec, native, score, embed)
+    # the sample was the whole gallery, every image readable (else it is embedded as usual)
+    whole = {s.path for s in choice.sample} == {s.path for s in samples}
+    if choice.vectors is None or not whole:
+        return choice.encoder, None
+    row = {s.path: i for i, s in enumerate(choice.sample)}
+    return choice.encoder, (list(samples), choice.vectors[[row[s.path] for s in samples]])
 
 
 def _encoder_spec(opts: BuildOptions, current: Current) -> EncoderSpec:

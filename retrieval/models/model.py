@@ -115,10 +115,11 @@ def stage_indices(backbone: nn.Module, stages: int) -> list[int]:
     return candidates[-stages:]
 
 
-def pooled_width(backbone: nn.Module, stages: int) -> int:
-    """Width of the pooled features: the final map's channels + those of the pooled stages."""
+def pooled_width(backbone: nn.Module, indices: Sequence[int]) -> int:
+    """Width of the pooled features: the final map's channels + those of the feature stages at
+    ``indices`` (``stage_indices``)."""
     channels = [stage["num_chs"] for stage in getattr(backbone, "feature_info", [])]
-    return backbone.num_features + sum(channels[i] for i in stage_indices(backbone, stages))
+    return backbone.num_features + sum(channels[i] for i in indices)
 
 
 def untrained_pool_stages(backbone: nn.Module) -> int:
@@ -176,7 +177,7 @@ class PretrainedReference(nn.Module):
         self.backbone = backbone
         self.stage_indices = stage_indices(backbone, stages)
         self.pool = _pool(3.0, stages)
-        self.num_features = pooled_width(backbone, stages)
+        self.num_features = pooled_width(backbone, self.stage_indices)
         self.whitening = whitening
         self.requires_grad_(False)
         self.train(False)
@@ -213,7 +214,7 @@ class EmbeddingModel(nn.Module):
         self.backbone = backbone
         self.stage_indices = stage_indices(backbone, config.pool_stages)
         self.pool = _pool(config.gem_p, config.pool_stages)
-        features = pooled_width(backbone, config.pool_stages)
+        features = pooled_width(backbone, self.stage_indices)
         if config.embedding_dim:
             self.neck: nn.Module = nn.Sequential(nn.Linear(features, config.embedding_dim, bias=False),
                                                  nn.BatchNorm1d(config.embedding_dim))
@@ -292,18 +293,15 @@ def with_pretrained_share(model: EmbeddingModel, share: float,
                           imagenet_backbone: nn.Module | None = None,
                           whitening: Whitening | None = None) -> EmbeddingModel:
     """``model``'s trained modules (shared, not copied) with an untrained ImageNet reference
-    blended in at ``share`` (0: the model as it is), its features passed through ``whitening``
+    blended in at ``share`` (0: the trained embedding alone), its features passed through ``whitening``
     where given. The reference is ``model``'s own if it has one, else ``imagenet_backbone`` (the
     untouched pretrained backbone, shared, never trained), else one built here."""
     own = model.reference.whitening if model.reference is not None else None
     whitening = whitening if whitening is not None else own
     if share == model.config.pretrained_share and whitening is own:
         return model
-    # an own reference keeps its pooling; a new one pools as the untrained features do today
-    stages = (model.config.reference_pool_stages if model.reference is not None
-              else untrained_pool_stages(imagenet_backbone if imagenet_backbone is not None
-                                         else model.backbone) if share > 0 else 0)
-    config = replace(model.config, pretrained_share=share, reference_pool_stages=stages,
+    config = replace(model.config, pretrained_share=share,
+                     reference_pool_stages=_reference_stages(model, share, imagenet_backbone),
                      pretrained_whitening=share > 0 and whitening is not None)
     # the modules built here are replaced or frozen at once: drawing their random initial
     # weights from the global stream would shift what a training run draws next
@@ -323,6 +321,18 @@ def with_pretrained_share(model: EmbeddingModel, share: float,
                              f"untrained features {blended.reference.num_features} wide")
         blended.reference.whitening = whitening
     return blended.to(next(model.parameters()).device)
+
+
+def _reference_stages(model: EmbeddingModel, share: float,
+                      imagenet_backbone: nn.Module | None) -> int:
+    """The stages the blended-in reference pools: an own reference keeps its pooling; a new one
+    pools as the untrained features do today; none without a share."""
+    if share <= 0:
+        return 0
+    if model.reference is not None:
+        return model.config.reference_pool_stages
+    return untrained_pool_stages(imagenet_backbone if imagenet_backbone is not None
+                                 else model.backbone)
 
 
 def pretrained_backbone(name: str) -> nn.Module:
