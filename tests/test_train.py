@@ -239,6 +239,15 @@ def test_refit_of_a_frozen_epoch_ships_the_untouched_backbone(orl_subset, tmp_pa
     assert payload["threshold"] == 0.5 and payload["epoch"] == 1
 
 
+def test_epochs_tied_on_validation_go_to_the_later_one(orl_subset, tmp_path, monkeypatch):
+    """Validation cannot tell epochs 2 and 3 apart (a saturated carve-out): selection keeps the
+    later, more trained one, and the refit trains that many epochs."""
+    _scripted_validation(monkeypatch, [0.5, 0.9, 0.9])
+    _, _, payload = load_model(train(TrainConfig(out=str(tmp_path), epochs=3, **TINY), orl_subset))
+    assert payload["epoch"] == 3
+    assert [r["stage"] for r in read_log(tmp_path)] == ["select"] * 3 + ["refit"] * 3
+
+
 def test_refit_repeats_the_learning_rates_selection_used(orl_subset, tmp_path, monkeypatch):
     """Chosen epoch 2 of 4: the refit's two epochs end at the same learning rates as selection's
     first two (the schedule spans all selection epochs; it used to be squeezed into two)."""
@@ -382,6 +391,22 @@ def test_a_blend_is_kept_only_where_it_scores_better():
     assert _best_result([plain, tie, better, best, EvalResult(0.9, 0.6, 0.3, 1.0)]) is best
 
 
+def test_tied_blend_shares_go_to_the_share_nearest_one_half():
+    from retrieval.training.evaluate import EvalResult
+    from retrieval.training.train import BLEND_SHARES, _best_share
+
+    def chosen(scores: list[float]) -> float:
+        return _best_share([EvalResult(score, 0.5, 0.4, share)
+                            for score, share in zip(scores, BLEND_SHARES)]).pretrained_share
+
+    assert BLEND_SHARES == (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert chosen([1.0, 1.0, 1.0, 0.9, 1.0]) == 0.5  # saturated validation: the even blend
+    assert chosen([1.0, 0.9, 0.9, 1.0, 1.0]) == 0.75  # the tied share nearest 1/2
+    assert chosen([0.9, 1.0, 0.9, 1.0, 0.9]) == 0.25  # two as near: the smaller
+    assert chosen([0.9, 0.95, 0.9, 0.9, 0.97]) == 1.0  # a strictly better share always wins
+    assert chosen([0.97, 0.95, 0.9, 0.9, 0.9]) == 0.0
+
+
 def test_blending_leaves_the_trained_weights_as_they_were(orl_subset, tmp_path, monkeypatch):
     """Building the untrained reference must not shift the run's random stream: with or without
     the blend, the trained part of model.pt is the same, weight for weight."""
@@ -413,7 +438,7 @@ def test_the_refit_trains_the_same_weights_whichever_blend_selection_saved(orl_s
         # the epoch is chosen on share 0 in both runs (the first share scored), so both refit
         # the same epochs; the blended run saves share 0.5 at every epoch that improves
         monkeypatch.setattr(train_module, "BLEND_SHARES", shares)
-        monkeypatch.setattr(train_module, "_best_result", lambda results: results[-1])
+        monkeypatch.setattr(train_module, "_best_share", lambda results: results[-1])
         config = TrainConfig(out=str(tmp_path / name), epochs=2, **TINY)
         checkpoint = load_checkpoint(train(config, orl_subset))
         assert checkpoint["model_config"]["pretrained_share"] == shares[-1]
