@@ -13,7 +13,10 @@ threshold calibrated on validation, test MAP@5 on the protocol's queries (the re
 
 * ``share 0`` / ``1/2`` / ``1``: that share always;
 * ``first of equals``: the smallest of the best-scoring shares (what training did until now);
-* ``ties to 1/2``: of the best-scoring shares, the one nearest 1/2 (the smaller of two as near).
+* ``ties to 1/2``: of the best-scoring shares, the one nearest 1/2 (the smaller of two as near;
+  what training does now).
+
+Both rules are training's own functions (``_best_result``, ``_best_share``).
 
 Each rule's hubness weight is then chosen on validation for the share it picked, as training
 chooses it after the share. The trained embedding alone (``best.pt`` for validation,
@@ -24,77 +27,36 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
 from .common import Report, format_table, mean_std, pm
-
-SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+from .kept import add_kept_arguments, embedded
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="orl", help="omniglot | orl | dogfacenet | a folder path")
-    p.add_argument("--max-identities", type=int, help="as given to ablation")
-    p.add_argument("--keep", type=Path, required=True, help="the folder ablation --keep wrote")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    add_kept_arguments(p)
     p.add_argument("--variant", default="base", help="the kept variant to re-score (default base)")
 
 
-def first_of_equals(scores: Sequence[float]) -> int:
-    """Index of the first best score: the smallest share among equals."""
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+def _rules() -> dict[str, Callable]:
+    """Each rule as training implements it, over per-share ``EvalResult``s: the old first of
+    equals (``_best_result``) and today's ties to 1/2 (``_best_share``)."""
+    from retrieval.training.train import _best_result, _best_share
+
+    return {"first of equals": _best_result, "ties to 1/2": _best_share}
 
 
-def ties_to_half(scores: Sequence[float], shares: Sequence[float] = SHARES) -> int:
-    """Index of the best score; among equals the share nearest 1/2, the smaller of two as near."""
-    return max(range(len(scores)), key=lambda i: (scores[i], -abs(shares[i] - 0.5), -i))
-
-
-RULES: dict[str, Callable[[Sequence[float]], int]] = {
-    "first of equals": first_of_equals, "ties to 1/2": ties_to_half}
-
-
-def _embedded(run: Path, samples: Sequence, seed: int) -> dict[str, np.ndarray]:
-    """Trained-alone and untrained vectors of the validation parts (``best.pt``) and the
-    protocol's gallery and queries (``model.pt``), with their identities."""
-    from retrieval.config import TrainConfig
-    from retrieval.data import validation_split, whale_split
-    from retrieval.models.checkpoint import load_model
-    from retrieval.models.embed import embed_images
+def _trained_and_untrained(model) -> dict:
+    """The checkpoint's trained embedding alone (its blend stripped) and the untrained features."""
     from retrieval.models.model import with_pretrained_share, zero_shot_model
 
-    cache = run / "ties.npz"
-    if cache.is_file():
-        return dict(np.load(cache))
-    split = whale_split(samples, seed)
-    validation = validation_split(split.gallery, seed=seed,
-                                  new_fraction=TrainConfig().val_new_fraction)
-    out: dict[str, np.ndarray] = {}
-    for checkpoint, parts in (("best.pt", (("val_g", validation.gallery), ("val_q", validation.queries))),
-                              ("model.pt", (("test_g", split.gallery), ("test_q", split.queries)))):
-        model, preprocessing, _ = load_model(run / checkpoint)
-        trained = with_pretrained_share(model, 0.0)
-        untrained = zero_shot_model(model.config.backbone)
-        for name, part in parts:
-            paths = [s.path for s in part]
-            out[name] = embed_images(trained, paths, preprocessing, progress=False)
-            out[f"{name}_ref"] = embed_images(untrained, paths, preprocessing, progress=False)
-            out[f"{name}_ids"] = np.array([s.identity for s in part])
-    np.savez(cache, **out)
-    return out
-
-
-def _plain_validation(vectors: dict, share: float) -> float:
-    """Validation MAP@5 of the blend at ``share``, plain cosine, threshold calibrated on it."""
-    from retrieval.training.evaluate import _calibrated
-
-    val, _ = _blended_parts(vectors, share)
-    return _calibrated(val["g"], [str(i) for i in val["g_ids"]], val["q"],
-                       [str(i) for i in val["q_ids"]], 5).map5
+    return {"": with_pretrained_share(model, 0.0), "_ref": zero_shot_model(model.config.backbone)}
 
 
 def _blended_parts(vectors: dict, share: float) -> tuple[dict, dict]:
+    """(validation, test) parts of the blend at ``share``."""
     from retrieval.models.model import blend
 
     def blended(name: str) -> np.ndarray:
@@ -106,18 +68,25 @@ def _blended_parts(vectors: dict, share: float) -> tuple[dict, dict]:
 
 
 def seed_rows(vectors: dict) -> dict[str, dict]:
-    """Each fixed share and each rule: validation and test MAP@5, the share and hubness weight."""
+    """Each fixed share and each rule: validation and test MAP@5, the share and hubness weight;
+    and how many shares tie at the top of plain validation (``tied``)."""
+    from retrieval.training.evaluate import EvalResult, _calibrated
+    from retrieval.training.train import BLEND_SHARES
+
     from .kept import _shift_rule
 
     no_shift = (lambda part, ranking: np.zeros(len(part["q"])))
-    plain = [_plain_validation(vectors, share) for share in SHARES]
-    shipped = {share: {**_shift_rule(*_blended_parts(vectors, share), no_shift, (0.0,)),
-                       "share": share} for share in SHARES}
+    parts = {share: _blended_parts(vectors, share) for share in BLEND_SHARES}
+    plain = [EvalResult(_calibrated(val["g"], [str(i) for i in val["g_ids"]], val["q"],
+                                    [str(i) for i in val["q_ids"]], 5).map5, 0.0, 0.0, share)
+             for share, (val, _) in parts.items()]
+    shipped = {share: {**_shift_rule(*parts[share], no_shift, (0.0,)), "share": share}
+               for share in BLEND_SHARES}
     rows = {f"share {share:g}": shipped[share] for share in (0.0, 0.5, 1.0)}
-    for name, rule in RULES.items():
-        rows[name] = shipped[SHARES[rule(plain)]]
-    rows["tied"] = {"val": float(sum(p == max(plain) for p in plain)), "test": 0.0, "share": -1}
-    return rows
+    for name, rule in _rules().items():
+        rows[name] = shipped[rule(plain).pretrained_share]
+    top = max(r.map5 for r in plain)
+    return {"rows": rows, "tied": sum(r.map5 == top for r in plain)}
 
 
 def run(args) -> dict:
@@ -132,10 +101,11 @@ def run(args) -> dict:
     report = Report("blend_ties", args, args.seeds)
     per_seed = []
     for seed, kept_run in zip(args.seeds, runs):
-        per_seed.append({"seed": seed, **seed_rows(_embedded(kept_run, samples, seed))})
+        scored = seed_rows(embedded(kept_run, samples, seed, "ties.npz", _trained_and_untrained))
+        per_seed.append({"seed": seed, "tied": scored["tied"], **scored["rows"]})
         print(f"seed {seed}: " + ", ".join(f"{k} {v['val']:.3f}/{v['test']:.3f} (share {v['share']:g})"
-                                           for k, v in per_seed[-1].items() if k not in ("seed", "tied"))
-              + f"; {int(per_seed[-1]['tied']['val'])} shares tie at the top", flush=True)
+                                           for k, v in scored["rows"].items())
+              + f"; {scored['tied']} shares tie at the top", flush=True)
     names = [k for k in per_seed[0] if k not in ("seed", "tied")]
     base = "first of equals"
     table_rows = [[name, pm(mean_std([r[name]["val"] for r in per_seed])),
@@ -146,7 +116,7 @@ def run(args) -> dict:
                   for name in names]
     title = (f"{args.data}: kept runs {args.variant}, seeds {' '.join(map(str, args.seeds))}; "
              f"shares tied at the top of validation per seed: "
-             f"{' '.join(str(int(r['tied']['val'])) for r in per_seed)}")
+             f"{' '.join(str(r['tied']) for r in per_seed)}")
     table = format_table(["rule", "val MAP@5", "test MAP@5 (threshold from val)", "share per seed",
                           f"seeds above '{base}'", "below"], table_rows, title)
     print(table)

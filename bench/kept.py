@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,25 +42,32 @@ from .postprocess import centroid_rule
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_kept_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of every suite that re-scores runs kept by ``ablation --keep``."""
     p.add_argument("--data", default="orl", help="omniglot | orl | dogfacenet | a folder path")
     p.add_argument("--max-identities", type=int, help="as given to ablation")
     p.add_argument("--keep", type=Path, required=True, help="the folder ablation --keep wrote")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_kept_arguments(p)
     p.add_argument("--pair", nargs=2, default=["tb0", "tb1"], metavar=("A", "B"),
                    help="the two kept variants (default: tb0 tb1)")
 
 
-def _embedded(run: Path, samples: Sequence, seed: int) -> dict[str, np.ndarray]:
-    """Validation parts by ``best.pt``, protocol gallery / queries by ``model.pt``, with ids."""
+def embedded(run: Path, samples: Sequence, seed: int, cache: str = "emb.npz",
+             encoders: Callable | None = None) -> dict[str, np.ndarray]:
+    """Validation parts by ``best.pt``, protocol gallery / queries by ``model.pt``, with ids,
+    cached as ``cache`` beside the run. ``encoders(model)``: {name suffix: model to embed with}
+    for each loaded checkpoint (default: the checkpoint itself, no suffix)."""
     from retrieval.config import TrainConfig
     from retrieval.data import validation_split, whale_split
     from retrieval.models.checkpoint import load_model
     from retrieval.models.embed import embed_images
 
-    cache = run / "emb.npz"
-    if cache.is_file():
-        return dict(np.load(cache))
+    if (run / cache).is_file():
+        return dict(np.load(run / cache))
     split = whale_split(samples, seed)
     validation = validation_split(split.gallery, seed=seed,
                                   new_fraction=TrainConfig().val_new_fraction)
@@ -68,10 +75,13 @@ def _embedded(run: Path, samples: Sequence, seed: int) -> dict[str, np.ndarray]:
     for checkpoint, parts in (("best.pt", (("val_g", validation.gallery), ("val_q", validation.queries))),
                               ("model.pt", (("test_g", split.gallery), ("test_q", split.queries)))):
         model, preprocessing, _ = load_model(run / checkpoint)
+        models = encoders(model) if encoders is not None else {"": model}
         for name, part in parts:
-            out[name] = embed_images(model, [s.path for s in part], preprocessing, progress=False)
+            paths = [s.path for s in part]
+            for suffix, encoder in models.items():
+                out[f"{name}{suffix}"] = embed_images(encoder, paths, preprocessing, progress=False)
             out[f"{name}_ids"] = np.array([s.identity for s in part])
-    np.savez(cache, **out)
+    np.savez(run / cache, **out)
     return out
 
 
@@ -160,7 +170,7 @@ def run(args) -> dict:
     report = Report("kept", args, args.seeds)
     per_seed = []
     for seed in args.seeds:
-        a, b = (_embedded(args.keep / name / f"seed{seed}", samples, seed) for name in args.pair)
+        a, b = (embedded(args.keep / name / f"seed{seed}", samples, seed) for name in args.pair)
         per_seed.append({"seed": seed, **seed_rows(a, b)})
         print(f"seed {seed}: " + ", ".join(f"{k} {v['val']:.3f}/{v['test']:.3f}"
                                            for k, v in per_seed[-1].items() if k != "seed"),
