@@ -279,13 +279,10 @@ def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: Encoder
     """The zero-shot encoder at the size whose leave-one-out MAP@5 on a sample of the gallery,
     calibrated as the index will be (hubness weight, whitening), is best (``zero_shot_size``);
     and the gallery's (readable samples, vectors) where that sample was all of it."""
-    from index.hubness import WEIGHTS
-
     from .gallery_threshold import choose_gallery_space
     from .zero_shot_size import choose_image_size
 
-    weights = WEIGHTS if opts.hubness else (0.0,)
-    whiten = opts.whiten and opts.backend != "milvus"
+    weights, whiten = _gallery_choices(opts)
 
     def score(vectors: np.ndarray, identities: list[str]) -> float | None:
         calibration, _ = choose_gallery_space(vectors, identities, weights=weights, whiten=whiten)
@@ -299,11 +296,9 @@ def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: Encoder
 
     choice = choose_image_size(samples, spec, native, score, embed)
     # the sample was the whole gallery, every image readable (else it is embedded as usual)
-    whole = {s.path for s in choice.sample} == {s.path for s in samples}
-    if choice.vectors is None or not whole:
+    if choice.vectors is None or choice.sample != list(samples):
         return choice.encoder, None
-    row = {s.path: i for i, s in enumerate(choice.sample)}
-    return choice.encoder, (list(samples), choice.vectors[[row[s.path] for s in samples]])
+    return choice.encoder, (choice.sample, choice.vectors)
 
 
 def _encoder_spec(opts: BuildOptions, current: Current) -> EncoderSpec:
@@ -557,7 +552,6 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
     without a threshold the index would never answer new_whale), the weight among ``weights``
     (default ``index.hubness.WEIGHTS``), the whitening where it calibrates better (``--whiten``;
     ``gallery_threshold.choose_gallery_space``)."""
-    from index.hubness import WEIGHTS
     from index.rows import GalleryRows
     from index.store import hubness_weight
 
@@ -574,11 +568,11 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
     if encoder is not None and encoder.threshold is not None:
         return encoder.threshold, "checkpoint", encoder.hubness, \
             _checkpoint_whitening(opts, manifest, encoder, rows, identities)
-    if weights is None:
-        weights = WEIGHTS if opts.hubness else (0.0,)
+    default_weights, whiten = _gallery_choices(opts)
     calibration, whitening = choose_gallery_space(
-        GalleryRows.of(rows).array(), identities, weights=weights,
-        whiten=opts.whiten and opts.backend != "milvus" and manifest is None)
+        GalleryRows.of(rows).array(), identities,
+        weights=default_weights if weights is None else weights,
+        whiten=whiten and manifest is None)
     if calibration is None:
         log.warning("no new_whale threshold: no identity in the gallery has two images to calibrate "
                     "one on, so queries never get new_whale (pass --threshold to set one)")
@@ -591,6 +585,15 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
         log.info("the gallery and every query are whitened within identities (a map fitted on "
                  "the gallery, stored with the index; --no-whiten searches plain cosine)")
     return calibration.threshold, "gallery", calibration.hubness, whitening
+
+
+def _gallery_choices(opts: BuildOptions) -> tuple[Sequence[float], bool]:
+    """The hubness weights and whether to try whitening when calibrating on the gallery (the
+    zero-shot index, and the choice of its image size): the Milvus backend applies neither."""
+    from index.hubness import WEIGHTS
+
+    milvus = opts.backend == "milvus"
+    return (WEIGHTS if opts.hubness and not milvus else (0.0,)), opts.whiten and not milvus
 
 
 def _checkpoint_whitening(opts: BuildOptions, manifest: Any, encoder: Encoder | None,

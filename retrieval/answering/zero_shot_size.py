@@ -40,16 +40,19 @@ def candidate_sizes(native: int) -> list[int]:
 
 def identity_sample(samples: Sequence[Sample], max_images: int = SAMPLE_IMAGES,
                     seed: int = 0) -> list[Sample]:
-    """Whole identities (``new_whale`` images left out) in a seeded random order, added while the
-    sample stays within ``max_images``: every identity keeps all its images, so the sample has
-    known and new leave-one-out queries in the gallery's own proportion."""
-    groups = [group for identity, group in group_by_identity(samples).items()
+    """Whole identities (``new_whale`` images left out), drawn in a seeded random order while the
+    sample stays within ``max_images``, returned in the gallery's own order: every identity keeps
+    all its images, so the sample has known and new leave-one-out queries in the gallery's own
+    proportion, and a sample that is the whole gallery is the gallery, image for image."""
+    groups = [(identity, len(group)) for identity, group in group_by_identity(samples).items()
               if identity != NEW_WHALE]
-    chosen: list[Sample] = []
+    chosen, size = set(), 0
     for i in np.random.default_rng(seed).permutation(len(groups)):
-        if len(chosen) + len(groups[i]) <= max_images:
-            chosen.extend(groups[i])
-    return chosen
+        identity, count = groups[i]
+        if size + count <= max_images:
+            chosen.add(identity)
+            size += count
+    return [s for s in samples if s.identity in chosen]
 
 
 @dataclass
