@@ -55,22 +55,29 @@ def build(out, gallery, **options):
                             progress=False, **options))
 
 
-def test_a_zero_shot_build_keeps_the_size_its_gallery_leave_one_out_prefers(gallery, tmp_path, caplog):
+def test_a_zero_shot_build_keeps_the_size_its_gallery_leave_one_out_prefers(gallery, tmp_path, caplog,
+                                                                           monkeypatch):
+    from retrieval.answering import gallery_threshold
+
+    calls = []
+    monkeypatch.setattr(gallery_threshold, "choose_gallery_space",
+                        lambda *a, **k: calls.append(1) or choose_gallery_space(*a, **k))
     with caplog.at_level(logging.INFO):
         build(tmp_path / "index", gallery, whiten=False)  # stored vectors stay the model's own
+    assert len(calls) == 2  # once per size: the chosen size's calibration is the index's
     stored = load_index(tmp_path / "index")
     chosen = stored.manifest.model["preprocessing"]["image_size"]
     # the naive choice: the whole gallery at each size, calibrated as that index calibrates it
     samples = read_folder_gallery(gallery)
     model = zero_shot_model()
-    scores, vectors = {}, {}
+    calibrations, vectors = {}, {}
     for size in (224, 160):
         vectors[size] = embed_images(model, [s.path for s in samples], preprocessing_for(model, size),
                                      progress=False)
-        calibration, _ = choose_gallery_space(vectors[size], [s.identity for s in samples],
-                                              weights=WEIGHTS, whiten=False)
-        scores[size] = calibration.map5
-    assert chosen == (224 if scores[224] >= scores[160] else 160)
+        calibrations[size], _ = choose_gallery_space(vectors[size], [s.identity for s in samples],
+                                                     weights=WEIGHTS, whiten=False)
+    assert chosen == (224 if calibrations[224].map5 >= calibrations[160].map5 else 160)
+    assert stored.manifest.threshold == pytest.approx(calibrations[chosen].threshold, abs=1e-4)
     assert "image size: leave-one-out MAP@5 on 24 gallery images" in caplog.text
     # the sample was the whole gallery: its vectors at the chosen size are the index's, in order
     order = {str(s.path): i for i, s in enumerate(samples)}

@@ -89,6 +89,8 @@ class Loaded:
 
     encoder: Encoder
     embedded: tuple[list[Sample], np.ndarray] | None = None
+    # and the (calibration, whitening) those vectors got while the size was chosen
+    calibrated: tuple[Any, Any] | None = None
 
 
 @dataclass
@@ -139,13 +141,14 @@ def _run_locked(opts: BuildOptions, ctx) -> Any:
         raise UserError(f"{encoder.checkpoint} searches whitened within identities (chosen on "
                         "validation), which the Milvus backend does not do: build with "
                         "--backend faiss, or pass --no-whiten")
+    calibrated = None
     if loaded and loaded[0].embedded is not None and not ctx.distributed:
-        kept, vectors = loaded[0].embedded
+        (kept, vectors), calibrated = loaded[0].embedded, loaded[0].calibrated
     else:
         kept, vectors = _embed_sharded(ctx, encoder, plan.new, opts)
     if not ctx.is_main:
         return None
-    return _write(opts, current, encoder, kept, vectors, plan.index_type)
+    return _write(opts, current, encoder, kept, vectors, plan.index_type, calibrated)
 
 
 def _check_options(opts: BuildOptions) -> None:
@@ -253,15 +256,15 @@ def _plan(opts: BuildOptions, current: Current, loaded: list[Loaded], device=Non
         indexed = dict(zip(current.paths, current.identities))
     samples = _new_samples(listed, indexed)
     spec = _encoder_spec(opts, current)
-    encoder, embedded = load_encoder(spec), None
+    encoder, embedded, calibrated = load_encoder(spec), None, None
     if _chooses_size(opts, current):
-        encoder, embedded = _zero_shot_size(opts, samples, spec, encoder, device)
+        encoder, embedded, calibrated = _zero_shot_size(opts, samples, spec, encoder, device)
         spec = replace(spec, image_size=encoder.preprocessing.image_size)
     if current.manifest is not None:
         check_index_model(current.manifest, Path(opts.out), encoder.fingerprint,
                           "append with the model the index was built with (drop --model, or pass "
                           "that checkpoint), or rebuild the index without --append")
-    loaded.append(Loaded(encoder, embedded))
+    loaded.append(Loaded(encoder, embedded, calibrated))
     index_type = opts.index_type or (current.manifest.index["requested"] if current.manifest else "flat")
     return Plan(spec, samples, index_type)
 
@@ -275,18 +278,20 @@ def _chooses_size(opts: BuildOptions, current: Current) -> bool:
 
 def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: EncoderSpec,
                     native: Encoder, device
-                    ) -> tuple[Encoder, tuple[list[Sample], np.ndarray] | None]:
+                    ) -> tuple[Encoder, tuple[list[Sample], np.ndarray] | None, tuple | None]:
     """The zero-shot encoder at the size whose leave-one-out MAP@5 on a sample of the gallery,
     calibrated as the index will be (hubness weight, whitening), is best (``zero_shot_size``);
-    and the gallery's (readable samples, vectors) where that sample was all of it."""
+    and, where that sample was all of the gallery, its (readable samples, vectors) and their
+    (calibration, whitening), which the index then records as they are."""
     from .gallery_threshold import choose_gallery_space
     from .zero_shot_size import choose_image_size
 
     weights, whiten = _gallery_choices(opts)
 
-    def score(vectors: np.ndarray, identities: list[str]) -> float | None:
-        calibration, _ = choose_gallery_space(vectors, identities, weights=weights, whiten=whiten)
-        return None if calibration is None else calibration.map5
+    def score(vectors: np.ndarray, identities: list[str]) -> tuple[float, tuple] | None:
+        calibration, whitening = choose_gallery_space(vectors, identities, weights=weights,
+                                                      whiten=whiten)
+        return None if calibration is None else (calibration.map5, (calibration, whitening))
 
     def embed(encoder: Encoder, sample: list[Sample]) -> np.ndarray:
         workers = default_workers(len(sample), opts.batch_size) if opts.workers is None else opts.workers
@@ -297,8 +302,8 @@ def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: Encoder
     choice = choose_image_size(samples, spec, native, score, embed)
     # the sample was the whole gallery, every image readable (else it is embedded as usual)
     if choice.vectors is None or choice.sample != list(samples):
-        return choice.encoder, None
-    return choice.encoder, (choice.sample, choice.vectors)
+        return choice.encoder, None, None
+    return choice.encoder, (choice.sample, choice.vectors), choice.scored
 
 
 def _encoder_spec(opts: BuildOptions, current: Current) -> EncoderSpec:
@@ -384,15 +389,17 @@ def _gather_on_main(ctx, obj: Any) -> list[Any] | None:
 
 
 def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: list[Sample],
-           vectors: np.ndarray | None, index_type: str | None = None) -> Any:
-    """Rank 0: merge what stays with what is new and write the folder (atomically)."""
+           vectors: np.ndarray | None, index_type: str | None = None,
+           calibrated: tuple | None = None) -> Any:
+    """Rank 0: merge what stays with what is new and write the folder (atomically);
+    ``calibrated``: the gallery calibration of exactly these vectors, already made."""
     from index import types
     from index.rows import GalleryRows
     from index.store import save_index
     from index.whitening import whiten
 
     if opts.backend == "milvus" or (current.manifest is not None and current.milvus is not None):
-        return _write_milvus(opts, current, encoder, new, vectors, index_type)
+        return _write_milvus(opts, current, encoder, new, vectors, index_type, calibrated)
     paths = current.paths + [str(s.path) for s in new]
     identities = current.identities + [s.identity for s in new]
     whitening = current.whitening  # an edit keeps the index's map: new images go through it
@@ -409,7 +416,8 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
             (opts.gpu_float16 is None or opts.gpu_float16 == types.gpu_float16(manifest.index)):
         log.info("nothing new to add: %s left unchanged", opts.out)
         return manifest
-    threshold, source, hubness, fitted = _threshold(opts, manifest, encoder, rows, identities)
+    threshold, source, hubness, fitted = _threshold(opts, manifest, encoder, rows, identities,
+                                                    calibrated=calibrated)
     if fitted is not None:  # a fresh zero-shot gallery that calibrates better whitened
         rows, whitening = GalleryRows.of(whiten(rows.array(), *fitted)), fitted
     model = {key: value for key, value in (encoder.model_info() if encoder else manifest.model).items()
@@ -433,7 +441,8 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
 
 
 def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
-                  new: list[Sample], vectors: np.ndarray | None, index_type: str | None) -> Any:
+                  new: list[Sample], vectors: np.ndarray | None, index_type: str | None,
+                  calibrated: tuple | None = None) -> Any:
     """The Milvus backend: rows go to the collection (upserts keyed by path), then the index
     folder's manifest is committed atomically with the counts, threshold and encoder."""
     from index import milvus
@@ -458,7 +467,8 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
         milvus.upsert(client, collection, vectors, paths, identities, progress=opts.progress)
         spec = _tuned_milvus(client, collection, spec, vectors, paths, identities, opts.target_recall)
         threshold, source, _, _ = _threshold(opts, None, encoder, vectors, identities,
-                                          weights=(0.0,))  # Milvus has no hubness correction
+                                             weights=(0.0,),  # Milvus has no hubness correction
+                                             calibrated=calibrated)
         counts = {"images": len(new), "identities": len(set(identities))}
         values = {"dim": int(vectors.shape[1]), "model": model, "tta": encoder.tta, "spec": spec,
                   "uri": uri, "collection": collection}
@@ -543,7 +553,7 @@ def _export(encoder: Encoder | None, scratch: Path) -> dict[str, Path]:
 
 def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
                rows: np.ndarray | GalleryRows, identities: list[str],
-               weights: Sequence[float] | None = None
+               weights: Sequence[float] | None = None, calibrated: tuple | None = None
                ) -> tuple[float | None, str | None, float, tuple[np.ndarray, np.ndarray] | None]:
     """The new_whale threshold to record, where it came from, the hubness correction weight
     it goes with, and a within-identity whitening for the gallery (or None): ``--threshold``
@@ -551,7 +561,8 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
     checkpoint's; else all calibrated on the gallery itself (the zero-shot model has none:
     without a threshold the index would never answer new_whale), the weight among ``weights``
     (default ``index.hubness.WEIGHTS``), the whitening where it calibrates better (``--whiten``;
-    ``gallery_threshold.choose_gallery_space``)."""
+    ``gallery_threshold.choose_gallery_space``; ``calibrated``: its result for these very rows,
+    made while the zero-shot image size was chosen)."""
     from index.rows import GalleryRows
     from index.store import hubness_weight
 
@@ -569,7 +580,7 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
         return encoder.threshold, "checkpoint", encoder.hubness, \
             _checkpoint_whitening(opts, manifest, encoder, rows, identities)
     default_weights, whiten = _gallery_choices(opts)
-    calibration, whitening = choose_gallery_space(
+    calibration, whitening = calibrated or choose_gallery_space(
         GalleryRows.of(rows).array(), identities,
         weights=default_weights if weights is None else weights,
         whiten=whiten and manifest is None)

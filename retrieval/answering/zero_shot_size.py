@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -60,13 +60,16 @@ class SizeChoice:
     encoder: Encoder  # at the chosen size
     sample: list[Sample]  # the readable gallery sample it was chosen on
     vectors: np.ndarray | None  # the chosen encoder's vectors of ``sample`` (None: not embedded)
+    scored: Any = None  # what ``score`` found besides the number (the calibration it made)
 
 
 def choose_image_size(samples: Sequence[Sample], spec: EncoderSpec, native: Encoder,
-                      score: Callable[[np.ndarray, list[str]], float | None],
+                      score: Callable[[np.ndarray, list[str]], tuple[float, Any] | None],
                       embed: Callable[[Encoder, list[Sample]], np.ndarray]) -> SizeChoice:
-    """The encoder at the candidate size whose vectors of a gallery sample ``score`` best
-    (leave-one-out MAP@5; None where the sample cannot be calibrated: then ``native``)."""
+    """The encoder at the candidate size whose vectors of a gallery sample ``score`` best.
+    ``score`` gives (leave-one-out MAP@5, the calibration behind it), or None where the sample
+    cannot be calibrated: then ``native``. The chosen size keeps its calibration, so a sample
+    that is the whole gallery is not calibrated twice."""
     sizes = candidate_sizes(native.preprocessing.image_size)
     sample = identity_sample(samples)
     unreadable = find_unreadable([s.path for s in sample], False)  # the gallery's pass warns
@@ -84,8 +87,8 @@ def choose_image_size(samples: Sequence[Sample], spec: EncoderSpec, native: Enco
         scored = score(vectors, [s.identity for s in sample])
         if scored is None:
             return unchosen
-        choices.append(SizeChoice(encoder, sample, vectors))
-        scores.append(scored)
+        choices.append(SizeChoice(encoder, sample, vectors, scored[1]))
+        scores.append(scored[0])
     if len(choices) < 2:
         return unchosen
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
