@@ -9,6 +9,7 @@
   python -m bench classification       # grocery classes: kNN over the embedding vs a softmax classifier
   python -m bench kept --data orl --keep runs/   # re-score runs kept by ablation --keep
   python -m bench blend-ties --data orl --keep runs/   # the blend's tie rule on kept runs
+  python -m bench rerank --data orl --keep runs/       # k-reciprocal re-ranking on kept runs
   python -m bench ablation --data dogfacenet --max-identities 300 --variants base "fbn=freeze_bn:true"
 
 Each suite prints a table and writes bench/results/<name>.json (+ .txt with the table). By default
@@ -24,7 +25,7 @@ import time
 
 def build_parser() -> argparse.ArgumentParser:
     from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept, open_set,
-                   peers_suite, speed)
+                   peers_suite, rerank, speed)
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in (("accuracy", accuracy), ("open-set", open_set), ("speed", speed),
                          ("peers", peers_suite), ("ablation", ablation), ("audit", audit_bench),
                          ("classification", classification), ("kept", kept),
-                         ("blend-ties", blend_ties)):
+                         ("blend-ties", blend_ties), ("rerank", rerank)):
         sp = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], parents=[common],
                             description=module.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         run_all(args)
         return 0
     from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept, open_set,
-                   peers_suite, speed)
+                   peers_suite, rerank, speed)
 
     module = {"accuracy": accuracy, "open-set": open_set, "speed": speed, "peers": peers_suite,
               "ablation": ablation, "audit": audit_bench,
               "classification": classification, "kept": kept,
-              "blend-ties": blend_ties}[args.suite]
+              "blend-ties": blend_ties, "rerank": rerank}[args.suite]
     started = time.time()
     module.run(args)
     print(f"({args.suite}: {time.time() - started:.0f} s)")
