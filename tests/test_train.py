@@ -407,6 +407,31 @@ def test_tied_blend_shares_go_to_the_share_nearest_one_half():
     assert chosen([0.97, 0.95, 0.9, 0.9, 0.9]) == 0.0
 
 
+def test_a_model_shipping_the_imagenet_features_alone_is_calibrated_on_all_its_images(
+        orl_subset, tmp_path, monkeypatch):
+    """Selection keeps the blend of share 1 (the untrained features alone): the shipped
+    threshold, hubness weight and whitening are the zero-shot index's leave-one-out calibration
+    over every training image embedded by model.pt itself, not the validation carve-out's."""
+    import retrieval.training.train as train_module
+    from index.hubness import WEIGHTS
+    from retrieval.answering.gallery_threshold import choose_gallery_space
+    from retrieval.models.embed import embed_images
+
+    monkeypatch.setattr(train_module, "BLEND_SHARES", (1.0,))
+    config = TrainConfig(out=str(tmp_path), epochs=1, **{**TINY, "hubness": True,
+                                                           "whiten_output": True})
+    model, preprocessing, payload = load_model(train(config, orl_subset))
+    assert payload["model_config"]["pretrained_share"] == 1.0
+    vectors = embed_images(model, [s.path for s in orl_subset], preprocessing, progress=False)
+    calibration, whitening = choose_gallery_space(vectors, [s.identity for s in orl_subset],
+                                                  weights=WEIGHTS, whiten=True)
+    assert payload["threshold"] == pytest.approx(calibration.threshold, abs=1e-5)
+    assert payload["hubness"] == calibration.hubness
+    assert payload["whiten"] == (whitening is not None)
+    carve_out = load_checkpoint(tmp_path / "best.pt")["threshold"]
+    assert carve_out != pytest.approx(payload["threshold"], abs=1e-5)  # another calibration
+
+
 def test_blending_leaves_the_trained_weights_as_they_were(orl_subset, tmp_path, monkeypatch):
     """Building the untrained reference must not shift the run's random stream: with or without
     the blend, the trained part of model.pt is the same, weight for weight."""
