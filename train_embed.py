@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "final map beside the final map's, each normalised (default "
                             "%(default)s, as the untrained features; 0: the final map only)")
     model.add_argument("--image-size", type=int,
-                       help="input side in pixels (default: the backbone's native size, 224 for "
-                            "the default); smaller trains faster on a CPU")
+                       help="input side in pixels (default: chosen on the training images: the "
+                            "backbone's native size, 224 for the default, or 5/7 of it, whichever "
+                            "the untrained features answer better by leave-one-out, as "
+                            "build_index.py chooses for a zero-shot index); smaller trains faster "
+                            "on a CPU")
     train = p.add_argument_group("training")
     train.add_argument("--loss", choices=list(LOSS_NAMES), default=DEFAULTS.loss,
                        help="metric-learning loss (default %(default)s)")

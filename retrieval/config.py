@@ -45,7 +45,9 @@ class TrainConfig:
     # only. As many as the untrained features pool: at 160 px, seeds 0-4, test MAP@5 ORL
     # 0.899 -> 0.920, Omniglot 0.688 -> 0.723, dogs 0.743 -> 0.748 (bench/README.md, "Mid-level stages")
     pool_stages: int = UNTRAINED_POOL_STAGES
-    image_size: int | None = None  # None: the backbone's native size
+    # None: the native size or 5/7 of it, whichever the untrained features score better by
+    # leave-one-out over the training images (train.choose_training_size); stored once chosen
+    image_size: int | None = None
     loss: Literal["arcface", "subcenter-arcface", "triplet", "multi-similarity"] = "arcface"
     epochs: int = 15
     warmup_epochs: int = 1  # backbone frozen: the new neck and loss weights settle first

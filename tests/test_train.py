@@ -407,6 +407,40 @@ def test_tied_blend_shares_go_to_the_share_nearest_one_half():
     assert chosen([0.97, 0.95, 0.9, 0.9, 0.9]) == 0.0
 
 
+def test_without_an_image_size_training_takes_the_size_its_images_prefer(orl_subset):
+    """The size chosen for training is the candidate whose untrained features score the better
+    leave-one-out MAP@5 over the training images (a naive re-computation, the native on ties)."""
+    from index.hubness import WEIGHTS
+    from retrieval.answering.gallery_threshold import choose_gallery_space
+    from retrieval.models.embed import embed_images
+    from retrieval.models.model import preprocessing_for, zero_shot_model
+    from retrieval.training.train import choose_training_size
+
+    config = TrainConfig(**{**TINY, "image_size": None, "hubness": True, "whiten_output": True})
+    chosen = choose_training_size(config, orl_subset, distributed.setup("cpu"))
+    model, ids = zero_shot_model(), [s.identity for s in orl_subset]
+    scores = {}
+    for size in (224, 160):
+        vectors = embed_images(model, [s.path for s in orl_subset], preprocessing_for(model, size),
+                               progress=False)
+        scores[size] = choose_gallery_space(vectors, ids, weights=WEIGHTS, whiten=True)[0].map5
+    assert chosen == (224 if scores[224] >= scores[160] else 160), scores
+    random_weights = TrainConfig(**{**TINY, "image_size": None, "pretrained": False})
+    assert choose_training_size(random_weights, orl_subset, distributed.setup("cpu")) == 224
+
+
+def test_the_chosen_size_is_the_one_trained_and_stored(orl_subset, tmp_path, monkeypatch):
+    """Without --image-size the run trains at the chosen size and records it (config.json,
+    checkpoint), so a resumed run and the index read it back instead of choosing again."""
+    import retrieval.training.train as train_module
+
+    monkeypatch.setattr(train_module, "choose_training_size", lambda config, samples, ctx: 40)
+    config = TrainConfig(out=str(tmp_path), epochs=1, **{**TINY, "image_size": None})
+    _, preprocessing, payload = load_model(train(config, orl_subset))
+    assert preprocessing.image_size == 40 and payload["train_config"]["image_size"] == 40
+    assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 40
+
+
 def test_a_model_shipping_the_imagenet_features_alone_is_calibrated_on_all_its_images(
         orl_subset, tmp_path, monkeypatch):
     """Selection keeps the blend of share 1 (the untrained features alone): the shipped

@@ -78,7 +78,7 @@ def test_a_zero_shot_build_keeps_the_size_its_gallery_leave_one_out_prefers(gall
                                                      weights=WEIGHTS, whiten=False)
     assert chosen == (224 if calibrations[224].map5 >= calibrations[160].map5 else 160)
     assert stored.manifest.threshold == pytest.approx(calibrations[chosen].threshold, abs=1e-4)
-    assert "image size: leave-one-out MAP@5 on 24 gallery images" in caplog.text
+    assert "image size: leave-one-out MAP@5 of the untrained features on 24 gallery images" in caplog.text
     # the sample was the whole gallery: its vectors at the chosen size are the index's, in order
     order = {str(s.path): i for i, s in enumerate(samples)}
     np.testing.assert_allclose(stored.vectors(), vectors[chosen][[order[p] for p in stored.paths]],

@@ -293,17 +293,24 @@ def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: Encoder
                                                       whiten=whiten)
         return None if calibration is None else (calibration.map5, (calibration, whitening))
 
-    def embed(encoder: Encoder, sample: list[Sample]) -> np.ndarray:
-        workers = default_workers(len(sample), opts.batch_size) if opts.workers is None else opts.workers
-        return encoder.encode([s.path for s in sample], batch_size=opts.batch_size,
-                              num_workers=workers, device=device, progress=opts.progress,
-                              desc=f"choosing the image size ({encoder.preprocessing.image_size} px)")
+    encoders = {native.preprocessing.image_size: native}
 
-    choice = choose_image_size(samples, spec, native, score, embed)
+    def embed(size: int, sample: list[Sample]) -> np.ndarray | None:
+        if size not in encoders:
+            try:
+                encoders[size] = load_encoder(replace(spec, image_size=size))
+            except UserError:  # a fixed-size transformer takes its own size only
+                return None
+        workers = default_workers(len(sample), opts.batch_size) if opts.workers is None else opts.workers
+        return encoders[size].encode([s.path for s in sample], batch_size=opts.batch_size,
+                                     num_workers=workers, device=device, progress=opts.progress,
+                                     desc=f"choosing the image size ({size} px)")
+
+    choice = choose_image_size(samples, native.preprocessing.image_size, score, embed)
     # the sample was the whole gallery, every image readable (else it is embedded as usual)
     if choice.vectors is None or choice.sample != list(samples):
-        return choice.encoder, None, None
-    return choice.encoder, (choice.sample, choice.vectors), choice.scored
+        return encoders[choice.size], None, None
+    return encoders[choice.size], (choice.sample, choice.vectors), choice.scored
 
 
 def _encoder_spec(opts: BuildOptions, current: Current) -> EncoderSpec:

@@ -12,19 +12,19 @@ equals. On the shared sets (seeds 0-4, test MAP@5 of the zero-shot index; bench/
 every seed), dogs (300) 0.782 (224 on every seed), ORL 0.943 -> 0.942 (160 on one seed of five).
 The cost: the sample embedded once per candidate size; where the sample is the whole gallery
 (up to ``SAMPLE_IMAGES`` images), the chosen size's vectors are the index's, not embedded again.
+Training without ``--image-size`` makes the same choice on its training images
+(``training.train.choose_training_size``) and trains at that size.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .. import NEW_WHALE
 from ..data import Sample, find_unreadable, group_by_identity
-from ..errors import UserError
-from .encoder import Encoder, EncoderSpec, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,23 @@ def identity_sample(samples: Sequence[Sample], max_images: int = SAMPLE_IMAGES,
 
 @dataclass
 class SizeChoice:
-    encoder: Encoder  # at the chosen size
+    size: int  # the chosen image size
     sample: list[Sample]  # the readable gallery sample it was chosen on
-    vectors: np.ndarray | None  # the chosen encoder's vectors of ``sample`` (None: not embedded)
+    vectors: np.ndarray | None  # the sample's vectors at ``size`` (None: not embedded)
     scored: Any = None  # what ``score`` found besides the number (the calibration it made)
 
 
-def choose_image_size(samples: Sequence[Sample], spec: EncoderSpec, native: Encoder,
+def choose_image_size(samples: Sequence[Sample], native: int,
                       score: Callable[[np.ndarray, list[str]], tuple[float, Any] | None],
-                      embed: Callable[[Encoder, list[Sample]], np.ndarray]) -> SizeChoice:
-    """The encoder at the candidate size whose vectors of a gallery sample ``score`` best.
-    ``score`` gives (leave-one-out MAP@5, the calibration behind it), or None where the sample
-    cannot be calibrated: then ``native``. The chosen size keeps its calibration, so a sample
-    that is the whole gallery is not calibrated twice."""
-    sizes = candidate_sizes(native.preprocessing.image_size)
+                      embed: Callable[[int, list[Sample]], np.ndarray | None]) -> SizeChoice:
+    """The candidate size (``candidate_sizes(native)``) whose vectors of a sample of whole
+    identities ``score`` best. ``embed(size, sample)``: the untrained features of ``sample`` at
+    ``size``, None where the backbone cannot take that size (a fixed-size transformer).
+    ``score``: (leave-one-out MAP@5, the calibration behind it), None where the sample cannot
+    be calibrated: then ``native``. The chosen size keeps its vectors and calibration, so a
+    sample that is the whole gallery is neither embedded nor calibrated twice. Used by the
+    zero-shot index (``indexing``) and by training without ``--image-size``."""
+    sizes = candidate_sizes(native)
     sample = identity_sample(samples)
     unreadable = find_unreadable([s.path for s in sample], False)  # the gallery's pass warns
     sample = [s for i, s in enumerate(sample) if i not in unreadable]
@@ -79,22 +82,18 @@ def choose_image_size(samples: Sequence[Sample], spec: EncoderSpec, native: Enco
         return unchosen
     choices, scores = [], []
     for size in sizes:
-        try:
-            encoder = native if size == sizes[0] else load_encoder(replace(spec, image_size=size))
-        except UserError:  # a fixed-size transformer takes its own size only
+        vectors = embed(size, sample)
+        if vectors is None:
             break
-        vectors = embed(encoder, sample)
         scored = score(vectors, [s.identity for s in sample])
         if scored is None:
             return unchosen
-        choices.append(SizeChoice(encoder, sample, vectors, scored[1]))
+        choices.append(SizeChoice(size, sample, vectors, scored[1]))
         scores.append(scored[0])
     if len(choices) < 2:
         return unchosen
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    log.info("image size: leave-one-out MAP@5 on %d gallery images %s; %d px chosen "
-             "(--image-size sets one)", len(sample),
-             ", ".join(f"{c.encoder.preprocessing.image_size} px {s:.3f}"
-                       for c, s in zip(choices, scores)),
-             choices[best].encoder.preprocessing.image_size)
+    log.info("image size: leave-one-out MAP@5 of the untrained features on %d gallery images "
+             "%s; %d px chosen (--image-size sets one)", len(sample),
+             ", ".join(f"{c.size} px {s:.3f}" for c, s in zip(choices, scores)), choices[best].size)
     return choices[best]

@@ -106,7 +106,8 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
         "hubness": payload.get("hubness", 0.0),
         "whitened": payload.get("whiten", False),
         "constant_new_whale": map_at_k([[NEW_WHALE]] * len(truths), truths),
-        **zero_shot_scores(run_config, split.gallery, split.queries),
+        **zero_shot_scores(replace(run_config, image_size=preprocessing.image_size),
+                           split.gallery, split.queries),  # at the size the model trained at
         "engine_no_threshold": score(ranking, truths, None),
         "engine": score(ranking, truths, payload["threshold"]),
     }
