@@ -125,7 +125,7 @@ def gallery_rows(gallery: np.ndarray, gallery_ids: list, queries: np.ndarray,
     gallery's honest leave-one-out says so (``choose_gallery_space``)."""
     from index.hubness import WEIGHTS
     from index.whitening import whiten
-    from retrieval.answering.gallery_threshold import calibrate_on_gallery, choose_gallery_space
+    from retrieval.gallery_threshold import calibrate_on_gallery, choose_gallery_space
 
     result = {}
     for name, weights in (("gallery", (0.0,)), ("gallery+hub", WEIGHTS)):

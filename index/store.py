@@ -230,7 +230,7 @@ class Manifest:
     format: str = FORMAT
     data_dir: str = ""  # the data-<id> folder holding the files ("" for format 1: beside it)
     # where the threshold came from: the checkpoint's validation, the gallery itself
-    # (retrieval.answering.gallery_threshold, for the zero-shot model), or the user (build_index --threshold)
+    # (retrieval.gallery_threshold, for the zero-shot model), or the user (build_index --threshold)
     threshold_source: str | None = None
     backend: str = "faiss"  # where the vectors live: this folder (faiss) or a Milvus collection
     milvus: dict[str, str] | None = None  # {"uri", "collection"} for the milvus backend

@@ -14,7 +14,7 @@ of little spread barely, and every direction the gallery never varied in is kept
 
 Two users: training can whiten the untrained reference it blends in (``retrieval.models.whitening``
 holds the map as a layer), and a zero-shot index can whiten its gallery and queries
-(``retrieval.answering.gallery_threshold.choose_gallery_space``; the map is stored with the index).
+(``retrieval.gallery_threshold.choose_gallery_space``; the map is stored with the index).
 """
 from __future__ import annotations
 

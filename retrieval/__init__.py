@@ -19,7 +19,10 @@ Four parts, each importing only from those before it (``tests/test_layers.py`` c
 
 * ``retrieval`` itself, what every side shares: ``config`` (the run config), ``data``
   (galleries, splits, the one image loader), ``metrics`` (MAP@5, top-k, macro-F1, ``new_whale``
-  insertion), ``distributed`` (torchrun), ``errors`` / ``progress`` / ``files`` / ``cli``.
+  insertion), ``gallery_threshold`` (threshold, hubness weight and whitening calibrated by
+  leave-one-out over a labelled gallery) and ``image_size`` (the size the untrained features
+  prefer), which the zero-shot index and training both use, ``distributed`` (torchrun),
+  ``errors`` / ``progress`` / ``files`` / ``cli``.
 * ``retrieval.models``, the network and running it: ``model`` / ``pretrained`` (backbone -> GeM
   -> neck), ``checkpoint`` (read without running code), ``transforms``, ``identity_transforms``,
   ``embed`` (images -> unit vectors).
@@ -28,8 +31,7 @@ Four parts, each importing only from those before it (``tests/test_layers.py`` c
   ``protocol`` (the whale protocol).
 * ``retrieval.answering``, everything after training, none of it importing the training side:
   ``encoder`` / ``onnx_encoder`` (the model behind an index and its ONNX export for the cold
-  query path), ``indexing`` (build, append, remove), ``gallery_threshold`` (a zero-shot index's
-  threshold), ``query`` / ``submission`` / ``report`` (answers, the Kaggle CSV and its scorer, the
+  query path), ``indexing`` (build, append, remove), ``query`` / ``submission`` / ``report`` (answers, the Kaggle CSV and its scorer, the
   HTML page), ``service`` (model + index kept warm for serve.py), ``heatmap`` / ``audit`` (why
   two images matched; duplicates, mislabels, outliers).
 """

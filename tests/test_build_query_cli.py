@@ -394,7 +394,7 @@ def test_zero_shot_index_chooses_its_hubness_correction_on_the_gallery(data, tmp
     weight with the threshold; the index records both and searches with them (plain cosine
     here: the whitening choice has its own test)."""
     from index.hubness import WEIGHTS
-    from retrieval.answering.gallery_threshold import calibrate_on_gallery
+    from retrieval.gallery_threshold import calibrate_on_gallery
 
     build(tmp_path / "idx", data.gallery, image_size=IMAGE_SIZE, whiten=False)
     stored = load_index(tmp_path / "idx")
@@ -416,7 +416,7 @@ def test_zero_shot_index_whitens_its_gallery_and_every_query_where_the_gallery_s
     from index.hubness import WEIGHTS
     from index.whitening import whiten
     from retrieval.answering.encoder import EncoderSpec, load_encoder
-    from retrieval.answering.gallery_threshold import choose_gallery_space
+    from retrieval.gallery_threshold import choose_gallery_space
 
     gallery = copy_gallery(orl_samples, tmp_path / "gallery", KNOWN, per_identity=3)
     build(tmp_path / "idx", gallery, image_size=IMAGE_SIZE)

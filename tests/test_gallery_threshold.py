@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from retrieval import NEW_WHALE
-from retrieval.answering.gallery_threshold import calibrate_on_gallery
+from retrieval.gallery_threshold import calibrate_on_gallery
 from retrieval.metrics import calibrate_threshold
 
 
@@ -138,7 +138,7 @@ def test_whitened_calibration_answers_each_query_with_a_map_fitted_without_it(mo
     """With one fold per image, the whitened calibration equals a naive loop: for each image,
     fit the map on all the others, whiten everything, rank the others by cosine."""
     from index.whitening import fit_within_identity, whiten
-    from retrieval.answering import gallery_threshold
+    from retrieval import gallery_threshold
 
     vectors, identities = _nuisance_gallery(0, n_identities=12)
     monkeypatch.setattr(gallery_threshold, "WHITENING_FOLDS", len(vectors))
@@ -173,7 +173,7 @@ def test_the_whitened_calibration_is_not_flattered_by_its_own_queries():
 
 def test_the_gallery_is_whitened_only_where_it_calibrates_better():
     from index.whitening import fit_within_identity
-    from retrieval.answering.gallery_threshold import choose_gallery_space
+    from retrieval.gallery_threshold import choose_gallery_space
 
     vectors, identities = _nuisance_gallery(2)
     plain = calibrate_on_gallery(vectors, identities)

@@ -411,7 +411,7 @@ def test_without_an_image_size_training_takes_the_size_its_images_prefer(orl_sub
     """The size chosen for training is the candidate whose untrained features score the better
     leave-one-out MAP@5 over the training images (a naive re-computation, the native on ties)."""
     from index.hubness import WEIGHTS
-    from retrieval.answering.gallery_threshold import choose_gallery_space
+    from retrieval.gallery_threshold import choose_gallery_space
     from retrieval.models.embed import embed_images
     from retrieval.models.model import preprocessing_for, zero_shot_model
     from retrieval.training.train import choose_training_size
@@ -448,7 +448,7 @@ def test_a_model_shipping_the_imagenet_features_alone_is_calibrated_on_all_its_i
     over every training image embedded by model.pt itself, not the validation carve-out's."""
     import retrieval.training.train as train_module
     from index.hubness import WEIGHTS
-    from retrieval.answering.gallery_threshold import choose_gallery_space
+    from retrieval.gallery_threshold import choose_gallery_space
     from retrieval.models.embed import embed_images
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (1.0,))

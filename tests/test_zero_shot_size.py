@@ -10,9 +10,9 @@ import pytest
 from index import load_index
 from index.hubness import WEIGHTS
 from retrieval import NEW_WHALE
-from retrieval.answering.gallery_threshold import choose_gallery_space
+from retrieval.gallery_threshold import choose_gallery_space
 from retrieval.answering.indexing import BuildOptions, run
-from retrieval.answering.zero_shot_size import SAMPLE_IMAGES, candidate_sizes, identity_sample
+from retrieval.image_size import SAMPLE_IMAGES, candidate_sizes, identity_sample
 from retrieval.data import Sample, read_folder_gallery
 from retrieval.models.embed import embed_images
 from retrieval.models.model import preprocessing_for, zero_shot_model
@@ -57,7 +57,7 @@ def build(out, gallery, **options):
 
 def test_a_zero_shot_build_keeps_the_size_its_gallery_leave_one_out_prefers(gallery, tmp_path, caplog,
                                                                            monkeypatch):
-    from retrieval.answering import gallery_threshold
+    from retrieval import gallery_threshold
 
     calls = []
     monkeypatch.setattr(gallery_threshold, "choose_gallery_space",

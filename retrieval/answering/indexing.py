@@ -283,8 +283,8 @@ def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: Encoder
     calibrated as the index will be (hubness weight, whitening), is best (``zero_shot_size``);
     and, where that sample was all of the gallery, its (readable samples, vectors) and their
     (calibration, whitening), which the index then records as they are."""
-    from .gallery_threshold import choose_gallery_space
-    from .zero_shot_size import choose_image_size
+    from ..gallery_threshold import choose_gallery_space
+    from ..image_size import choose_image_size
 
     weights, whiten = _gallery_choices(opts)
 
@@ -573,7 +573,7 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
     from index.rows import GalleryRows
     from index.store import hubness_weight
 
-    from .gallery_threshold import choose_gallery_space
+    from ..gallery_threshold import choose_gallery_space
 
     own = encoder.hubness if encoder is not None else \
         hubness_weight(manifest.model) if manifest is not None else 0.0

@@ -694,14 +694,14 @@ def choose_training_size(config: TrainConfig, samples: Sequence[Sample],
     """The image size for a run without ``--image-size``: the backbone's native size or 5/7 of
     it, whichever the untrained ImageNet features score better by leave-one-out over (up to
     2,000 of) the training images, calibrated as the zero-shot index is
-    (``answering.zero_shot_size``, the index's own choice). Photos and faces prefer the native
+    (``retrieval.image_size``, the index's own choice). Photos and faces prefer the native
     224 px, line drawings 160; trained at the chosen size, test MAP@5 (seeds 0-4) is
     at or above the native size's on the shared sets (bench/README.md, "Training chooses its
     image size"), and a drawing set trains at half the cost. Rank 0 chooses, every rank gets it."""
     from index.hubness import WEIGHTS
 
-    from ..answering.gallery_threshold import choose_gallery_space
-    from ..answering.zero_shot_size import choose_image_size
+    from ..gallery_threshold import choose_gallery_space
+    from ..image_size import choose_image_size
     from ..models.embed import embed_images
     from ..models.model import zero_shot_model
 
@@ -740,7 +740,7 @@ def _calibrated_on_all_images(trainer: Trainer, samples: Sequence[Sample],
                               selection: Selection) -> Selection:
     """Where the model ships the ImageNet features alone, its threshold, hubness weight and
     whitening are calibrated as the zero-shot index calibrates them
-    (``answering.gallery_threshold``): by leave-one-out over *all* the training images, not on
+    (``retrieval.gallery_threshold``): by leave-one-out over *all* the training images, not on
     the validation carve-out. The features never learnt these labels, so leave-one-out is
     honest, and it asks several times as many queries in the very gallery an index of the
     training images holds. On the share-1 runs on record (dogs 160 and 224 px, ORL 224 px) the
@@ -748,7 +748,7 @@ def _calibrated_on_all_images(trainer: Trainer, samples: Sequence[Sample],
     "Training that adds nothing ships the zero-shot calibration")."""
     from index.hubness import WEIGHTS
 
-    from ..answering.gallery_threshold import choose_gallery_space
+    from ..gallery_threshold import choose_gallery_space
 
     config = trainer.config
     [vectors] = _untrained_vectors(trainer, (samples,))

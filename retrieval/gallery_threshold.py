@@ -34,8 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import NEW_WHALE
-from ..metrics import calibrate_threshold
+from . import NEW_WHALE
+from .metrics import calibrate_threshold
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The zero-shot index's image size, chosen on the gallery's own leave-one-out queries.
+"""The image size the untrained features prefer, chosen on a gallery's own leave-one-out queries
+(the zero-shot index's, and training's without --image-size).
 
 Which input size suits the untrained ImageNet features depends on the images: faces and dog
 photos gain from the backbone's native 224 px, line drawings (Omniglot) from a smaller one,
@@ -23,8 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .. import NEW_WHALE
-from ..data import Sample, find_unreadable, group_by_identity
+from . import NEW_WHALE
+from .data import Sample, find_unreadable, group_by_identity
 
 log = logging.getLogger(__name__)
 
