@@ -690,14 +690,16 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
 
 
 def choose_training_size(config: TrainConfig, samples: Sequence[Sample],
-                         ctx: distributed.Context) -> int:
+                         ctx: distributed.Context) -> int | None:
     """The image size for a run without ``--image-size``: the backbone's native size or 5/7 of
     it, whichever the untrained ImageNet features score better by leave-one-out over (up to
     2,000 of) the training images, calibrated as the zero-shot index is
     (``retrieval.image_size``, the index's own choice). Photos and faces prefer the native
-    224 px, line drawings 160; trained at the chosen size, test MAP@5 (seeds 0-4) is
-    at or above the native size's on the shared sets (bench/README.md, "Training chooses its
-    image size"), and a drawing set trains at half the cost. Rank 0 chooses, every rank gets it."""
+    224 px, line drawings 160; trained at the chosen size, test MAP@5 is at or above the
+    native size's on average on each shared set (bench/README.md, "Training chooses its image
+    size"), and a drawing set trains at half the cost. None (the native size) without
+    pretrained weights: random features say nothing about the images' scale. Rank 0 chooses,
+    every rank gets it."""
     from index.hubness import WEIGHTS
 
     from ..gallery_threshold import choose_gallery_space
@@ -705,11 +707,12 @@ def choose_training_size(config: TrainConfig, samples: Sequence[Sample],
     from ..models.embed import embed_images
     from ..models.model import zero_shot_model
 
+    if not config.pretrained:
+        return None
+
     def choose() -> int:
         model = zero_shot_model(config.backbone)
         native = preprocessing_for(model).image_size
-        if not config.pretrained:  # random weights say nothing about the images' scale
-            return native
 
         def embed(size: int, sample: list[Sample]) -> np.ndarray | None:
             try:
