@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .common import Report, format_table, mean_std, pm
+from .common import Report, format_table
 from .kept import add_kept_arguments, embedded
 
 
@@ -67,19 +67,43 @@ def _blended_parts(vectors: dict, share: float) -> tuple[dict, dict]:
                  for side in ("val", "test"))
 
 
+def blends(vectors: dict) -> tuple[dict, list]:
+    """(validation, test) parts per share of ``BLEND_SHARES``, and each share's plain validation
+    ``EvalResult`` (threshold calibrated, no hubness): what training's share rules choose from."""
+    from retrieval.training.evaluate import EvalResult, _calibrated
+    from retrieval.training.train import BLEND_SHARES
+
+    parts = {share: _blended_parts(vectors, share) for share in BLEND_SHARES}
+    plain = [EvalResult(_calibrated(val["g"], [str(i) for i in val["g_ids"]], val["q"],
+                                    [str(i) for i in val["q_ids"]], 5).map5, 0.0, 0.0, share)
+             for share, (val, _) in parts.items()]
+    return parts, plain
+
+
+def kept_vectors(args, cache: str = "ties.npz") -> Iterator[tuple[int, dict]]:
+    """(seed, the trained and untrained vectors) of each kept run ``args.variant`` (embedded on
+    first use, cached as ``cache`` beside the run); every run is checked to exist first."""
+    from .ablation import _samples
+
+    runs = [args.keep / args.variant / f"seed{seed}" for seed in args.seeds]
+    missing = [str(r) for r in runs if not (r / "model.pt").is_file()]
+    if missing:
+        raise SystemExit(f"no kept run in {', '.join(missing)}: run `python -m bench ablation "
+                         f"--keep {args.keep} --variants {args.variant}` with these seeds first")
+    samples = _samples(args)
+    for seed, kept_run in zip(args.seeds, runs):
+        yield seed, embedded(kept_run, samples, seed, cache, _trained_and_untrained)
+
+
 def seed_rows(vectors: dict) -> dict[str, dict]:
     """Each fixed share and each rule: validation and test MAP@5, the share and hubness weight;
     and how many shares tie at the top of plain validation (``tied``)."""
-    from retrieval.training.evaluate import EvalResult, _calibrated
     from retrieval.training.train import BLEND_SHARES
 
     from .kept import _shift_rule
 
     no_shift = (lambda part, ranking: np.zeros(len(part["q"])))
-    parts = {share: _blended_parts(vectors, share) for share in BLEND_SHARES}
-    plain = [EvalResult(_calibrated(val["g"], [str(i) for i in val["g_ids"]], val["q"],
-                                    [str(i) for i in val["q_ids"]], 5).map5, 0.0, 0.0, share)
-             for share, (val, _) in parts.items()]
+    parts, plain = blends(vectors)
     shipped = {share: {**_shift_rule(*parts[share], no_shift, (0.0,)), "share": share}
                for share in BLEND_SHARES}
     rows = {f"share {share:g}": shipped[share] for share in (0.0, 0.5, 1.0)}
@@ -90,30 +114,20 @@ def seed_rows(vectors: dict) -> dict[str, dict]:
 
 
 def run(args) -> dict:
-    from .ablation import _samples
+    from .kept import rule_rows
 
-    runs = [args.keep / args.variant / f"seed{seed}" for seed in args.seeds]
-    missing = [str(r) for r in runs if not (r / "model.pt").is_file()]
-    if missing:
-        raise SystemExit(f"no kept run in {', '.join(missing)}: run `python -m bench ablation "
-                         f"--keep {args.keep} --variants {args.variant}` with these seeds first")
-    samples = _samples(args)
     report = Report("blend_ties", args, args.seeds)
     per_seed = []
-    for seed, kept_run in zip(args.seeds, runs):
-        scored = seed_rows(embedded(kept_run, samples, seed, "ties.npz", _trained_and_untrained))
+    for seed, vectors in kept_vectors(args):
+        scored = seed_rows(vectors)
         per_seed.append({"seed": seed, "tied": scored["tied"], **scored["rows"]})
         print(f"seed {seed}: " + ", ".join(f"{k} {v['val']:.3f}/{v['test']:.3f} (share {v['share']:g})"
                                            for k, v in scored["rows"].items())
               + f"; {scored['tied']} shares tie at the top", flush=True)
     names = [k for k in per_seed[0] if k not in ("seed", "tied")]
     base = "first of equals"
-    table_rows = [[name, pm(mean_std([r[name]["val"] for r in per_seed])),
-                   pm(mean_std([r[name]["test"] for r in per_seed])),
-                   " ".join(f"{r[name]['share']:g}" for r in per_seed),
-                   sum(r[name]["test"] > r[base]["test"] for r in per_seed),
-                   sum(r[name]["test"] < r[base]["test"] for r in per_seed)]
-                  for name in names]
+    table_rows = [[name, val, test, " ".join(f"{r[name]['share']:g}" for r in per_seed), *counts]
+                  for name, val, test, *counts in rule_rows(per_seed, names, base)]
     title = (f"{args.data}: kept runs {args.variant}, seeds {' '.join(map(str, args.seeds))}; "
              f"shares tied at the top of validation per seed: "
              f"{' '.join(str(r['tied']) for r in per_seed)}")

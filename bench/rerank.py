@@ -27,8 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import Report, format_table, mean_std, pm
-from .kept import add_kept_arguments, embedded
+from .common import Report, format_table
+from .kept import add_kept_arguments
 
 GRID = [(k1, k2, lam) for k1 in (3, 5, 8) for k2 in (1, 2) for lam in (0.3, 0.6)]
 
@@ -105,16 +105,12 @@ def _rerank_rule(val: dict, test: dict) -> dict:
 
 
 def seed_rows(vectors: dict) -> dict[str, dict]:
-    from retrieval.training.evaluate import EvalResult, _calibrated
-    from retrieval.training.train import BLEND_SHARES, _best_share
+    from retrieval.training.train import _best_share
 
-    from .blend_ties import _blended_parts
+    from .blend_ties import blends
     from .kept import _shift_rule
 
-    parts = {share: _blended_parts(vectors, share) for share in BLEND_SHARES}
-    plain = [EvalResult(_calibrated(val["g"], [str(i) for i in val["g_ids"]], val["q"],
-                                    [str(i) for i in val["q_ids"]], 5).map5, 0.0, 0.0, share)
-             for share, (val, _) in parts.items()]
+    parts, plain = blends(vectors)
     share = _best_share(plain).pretrained_share
     shipped = {**_shift_rule(*parts[share], lambda part, _: np.zeros(len(part["q"])), (0.0,)),
                "share": share}
@@ -124,29 +120,19 @@ def seed_rows(vectors: dict) -> dict[str, dict]:
 
 
 def run(args) -> dict:
-    from .ablation import _samples
-    from .blend_ties import _trained_and_untrained
+    from .blend_ties import kept_vectors
+    from .kept import rule_rows
 
-    runs = [args.keep / args.variant / f"seed{seed}" for seed in args.seeds]
-    missing = [str(r) for r in runs if not (r / "model.pt").is_file()]
-    if missing:
-        raise SystemExit(f"no kept run in {', '.join(missing)}: run `python -m bench ablation "
-                         f"--keep {args.keep} --variants {args.variant}` with these seeds first")
-    samples = _samples(args)
     report = Report("rerank", args, args.seeds)
     per_seed = []
-    for seed, kept_run in zip(args.seeds, runs):
-        rows = seed_rows(embedded(kept_run, samples, seed, "ties.npz", _trained_and_untrained))
+    for seed, vectors in kept_vectors(args):
+        rows = seed_rows(vectors)
         per_seed.append({"seed": seed, **rows})
         print(f"seed {seed}: " + ", ".join(f"{k} {v['val']:.3f}/{v['test']:.3f}"
                                            + (f" {v['params']}" if "params" in v else "")
                                            for k, v in rows.items()), flush=True)
     names = [k for k in per_seed[0] if k != "seed"]
-    table_rows = [[name, pm(mean_std([r[name]["val"] for r in per_seed])),
-                   pm(mean_std([r[name]["test"] for r in per_seed])),
-                   sum(r[name]["test"] > r["shipped"]["test"] for r in per_seed),
-                   sum(r[name]["test"] < r["shipped"]["test"] for r in per_seed)]
-                  for name in names]
+    table_rows = rule_rows(per_seed, names, "shipped")
     title = (f"{args.data}: kept runs {args.variant}, seeds {' '.join(map(str, args.seeds))}; "
              "k-reciprocal re-ranking, choose by the validation column")
     table = format_table(["rule", "val MAP@5", "test MAP@5 (threshold from val)",
