@@ -689,6 +689,17 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
             hubness=selection.hubness, whiten=selection.whiten))
 
 
+def _zero_shot_calibration(config: TrainConfig, vectors: np.ndarray, identities: list[str]):
+    """(calibration, whitening) of untrained ``vectors`` by leave-one-out, exactly as the
+    zero-shot index calibrates its gallery, with the run's hubness and whitening switches."""
+    from index.hubness import WEIGHTS
+
+    from ..gallery_threshold import choose_gallery_space
+
+    return choose_gallery_space(vectors, identities, weights=WEIGHTS if config.hubness else (0.0,),
+                                whiten=config.whiten_output)
+
+
 def choose_training_size(config: TrainConfig, samples: Sequence[Sample],
                          ctx: distributed.Context) -> int | None:
     """The image size for a run without ``--image-size``: the backbone's native size or 5/7 of
@@ -700,9 +711,6 @@ def choose_training_size(config: TrainConfig, samples: Sequence[Sample],
     size"), and a drawing set trains at half the cost. None (the native size) without
     pretrained weights: random features say nothing about the images' scale. Rank 0 chooses,
     every rank gets it."""
-    from index.hubness import WEIGHTS
-
-    from ..gallery_threshold import choose_gallery_space
     from ..image_size import choose_image_size
     from ..models.embed import embed_images
     from ..models.model import zero_shot_model
@@ -723,9 +731,7 @@ def choose_training_size(config: TrainConfig, samples: Sequence[Sample],
                                 device=ctx.device, progress=False)
 
         def score(vectors: np.ndarray, identities: list[str]) -> tuple[float, None] | None:
-            calibration, _ = choose_gallery_space(
-                vectors, identities, weights=WEIGHTS if config.hubness else (0.0,),
-                whiten=config.whiten_output)
+            calibration, _ = _zero_shot_calibration(config, vectors, identities)
             return None if calibration is None else (calibration.map5, None)
 
         return choose_image_size(samples, native, score, embed).size
@@ -749,15 +755,9 @@ def _calibrated_on_all_images(trainer: Trainer, samples: Sequence[Sample],
     training images holds. On the share-1 runs on record (dogs 160 and 224 px, ORL 224 px) the
     zero-shot calibration of the same features tested higher on every one (bench/README.md,
     "Training that adds nothing ships the zero-shot calibration")."""
-    from index.hubness import WEIGHTS
-
-    from ..gallery_threshold import choose_gallery_space
-
-    config = trainer.config
     [vectors] = _untrained_vectors(trainer, (samples,))
-    calibration, whitening = choose_gallery_space(
-        vectors, [s.identity for s in samples], weights=WEIGHTS if config.hubness else (0.0,),
-        whiten=config.whiten_output)
+    calibration, whitening = _zero_shot_calibration(trainer.config, vectors,
+                                                    [s.identity for s in samples])
     if calibration is None:  # no identity with two images: keep the carve-out's calibration
         return selection
     log.warning("validation found no gain from training over the ImageNet features, so the model "
