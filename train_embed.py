@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of training identities held back as pseudo-new validation "
                             "queries (default %(default)s)")
     train.add_argument("--no-refit", dest="refit", action="store_false",
-                       help="keep the best validation model instead of retraining on all data")
+                       help="keep the best validation model instead of retraining on all data "
+                            "(where it ships the ImageNet features alone, their threshold is "
+                            "still calibrated on all training images, as with the refit)")
     train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed (default 0)")
     run = p.add_argument_group("run")
     run.add_argument("--config", metavar="FILE",

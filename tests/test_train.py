@@ -441,19 +441,21 @@ def test_the_chosen_size_is_the_one_trained_and_stored(orl_subset, tmp_path, mon
     assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 40
 
 
+@pytest.mark.parametrize("refit", [True, False])
 def test_a_model_shipping_the_imagenet_features_alone_is_calibrated_on_all_its_images(
-        orl_subset, tmp_path, monkeypatch):
+        orl_subset, tmp_path, monkeypatch, refit):
     """Selection keeps the blend of share 1 (the untrained features alone): the shipped
     threshold, hubness weight and whitening are the zero-shot index's leave-one-out calibration
-    over every training image embedded by model.pt itself, not the validation carve-out's."""
+    over every training image embedded by model.pt itself, not the validation carve-out's; with
+    --no-refit too (model.pt is best.pt, recalibrated)."""
     import retrieval.training.train as train_module
     from index.hubness import WEIGHTS
     from retrieval.gallery_threshold import choose_gallery_space
     from retrieval.models.embed import embed_images
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (1.0,))
-    config = TrainConfig(out=str(tmp_path), epochs=1, **{**TINY, "hubness": True,
-                                                           "whiten_output": True})
+    config = TrainConfig(out=str(tmp_path), epochs=1, refit=refit,
+                         **{**TINY, "hubness": True, "whiten_output": True})
     model, preprocessing, payload = load_model(train(config, orl_subset))
     assert payload["model_config"]["pretrained_share"] == 1.0
     vectors = embed_images(model, [s.path for s in orl_subset], preprocessing, progress=False)

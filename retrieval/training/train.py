@@ -45,11 +45,13 @@ from ..models.embed import ImageDataset
 from ..models.model import (
     EmbeddingModel,
     ModelConfig,
+    Preprocessing,
     create_model,
     interpolate_towards,
     model_spec,
     preprocessing_for,
     pretrained_backbone,
+    spec_from_dict,
     untrained_config,
     with_pretrained_share,
 )
@@ -597,15 +599,22 @@ def _reference_vectors(trainer: Trainer, split) -> tuple:
 
 
 def _untrained_vectors(trainer: Trainer, parts: Sequence[Sequence[Sample]]) -> list[np.ndarray]:
-    """Each part embedded by the trainer's ImageNet backbone + GeM. Outside the run's random
-    stream (embedding draws DataLoader seeds), so blending or not trains the very same model."""
+    """Each part embedded by the trainer's ImageNet backbone + GeM."""
+    return _embed_untrained(trainer.imagenet_backbone, trainer.config.backbone,
+                            trainer.preprocessing, parts, trainer.ctx.device)
+
+
+def _embed_untrained(backbone: nn.Module, name: str, preprocessing: Preprocessing,
+                     parts: Sequence[Sequence[Sample]], device: torch.device) -> list[np.ndarray]:
+    """Each part embedded by the ImageNet ``backbone`` (named ``name``) + GeM. Outside the
+    run's random stream (embedding draws DataLoader seeds), so blending or not trains the very
+    same model."""
     from ..models.embed import embed_images
 
-    backbone = trainer.imagenet_backbone
-    reference = EmbeddingModel(untrained_config(trainer.config.backbone, backbone), backbone)
+    reference = EmbeddingModel(untrained_config(name, backbone), backbone)
     with torch.random.fork_rng(devices=[]):
-        return [embed_images(reference, [s.path for s in part], trainer.preprocessing,
-                             device=trainer.ctx.device, progress=False) for part in parts]
+        return [embed_images(reference, [s.path for s in part], preprocessing,
+                             device=device, progress=False) for part in parts]
 
 
 def _fit_whitening(trainer: Trainer, vectors: np.ndarray,
@@ -632,15 +641,25 @@ def _save_best(trainer: Trainer, path: Path, threshold: float | None, metrics: d
     return payload["fingerprint"]
 
 
-def _keep_selected_model(selection: Selection, out: Path) -> None:
-    """--no-refit: the selected model (``best.pt`` of this run) becomes ``model.pt``. A best.pt
-    that is missing or is not the one this run wrote (left by an earlier run in the same folder)
-    is refused rather than shipped."""
+def _keep_selected_model(config: TrainConfig, samples: Sequence[Sample], selection: Selection,
+                         ctx: distributed.Context, out: Path) -> None:
+    """--no-refit: the selected model (``best.pt`` of this run) becomes ``model.pt``, with the
+    zero-shot calibration where it ships the ImageNet features alone, as the refit does. A
+    best.pt that is missing or is not the one this run wrote (left by an earlier run in the
+    same folder) is refused rather than shipped."""
     best = load_checkpoint(out / "best.pt") if (out / "best.pt").is_file() else None
     if best is None or (selection.best_fingerprint is not None
                         and best["fingerprint"] != selection.best_fingerprint):
         raise UserError(f"{out / 'best.pt'} is missing or was not written by this run: train "
                         "again into an empty --out folder")
+    if ships_imagenet_features(selection, config):
+        backbone = pretrained_backbone(config.backbone).to(ctx.device).eval()
+        _, preprocessing = spec_from_dict(best, f"checkpoint {out / 'best.pt'}")
+        [vectors] = _embed_untrained(backbone, config.backbone, preprocessing, (samples,),
+                                     ctx.device)
+        selection = _calibrated_on_all_images(config, vectors, samples, selection)
+        best = {**best, "threshold": selection.threshold, "hubness": selection.hubness,
+                "whiten": selection.whiten}
     save_checkpoint(out / "model.pt", best)
 
 
@@ -679,7 +698,8 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
                                        new_fraction=config.val_new_fraction).gallery
             _fit_whitening(trainer, *_untrained_vectors(trainer, (gallery,)), gallery)
         if ships_imagenet_features(selection, config):
-            selection = _calibrated_on_all_images(trainer, samples, selection)
+            [vectors] = _untrained_vectors(trainer, (samples,))
+            selection = _calibrated_on_all_images(config, vectors, samples, selection)
         save_checkpoint(out / "model.pt", checkpoint_payload(
             trainer, selection.threshold, "refit",
             {"val_map5": selection.shipped_map5, "val_map5_trained": selection.best_map5,
@@ -745,8 +765,8 @@ def ships_imagenet_features(selection: Selection, config: TrainConfig) -> bool:
     return selection.pretrained_share >= 1.0 and not config.whiten_pretrained
 
 
-def _calibrated_on_all_images(trainer: Trainer, samples: Sequence[Sample],
-                              selection: Selection) -> Selection:
+def _calibrated_on_all_images(config: TrainConfig, vectors: np.ndarray,
+                              samples: Sequence[Sample], selection: Selection) -> Selection:
     """Where the model ships the ImageNet features alone, its threshold, hubness weight and
     whitening are calibrated as the zero-shot index calibrates them
     (``retrieval.gallery_threshold``): by leave-one-out over *all* the training images, not on
@@ -755,9 +775,7 @@ def _calibrated_on_all_images(trainer: Trainer, samples: Sequence[Sample],
     training images holds. On the share-1 runs on record (dogs 160 and 224 px, ORL 224 px) the
     zero-shot calibration of the same features tested higher on every one (bench/README.md,
     "Training that adds nothing ships the zero-shot calibration")."""
-    [vectors] = _untrained_vectors(trainer, (samples,))
-    calibration, whitening = _zero_shot_calibration(trainer.config, vectors,
-                                                    [s.identity for s in samples])
+    calibration, whitening = _zero_shot_calibration(config, vectors, [s.identity for s in samples])
     if calibration is None:  # no identity with two images: keep the carve-out's calibration
         return selection
     log.warning("validation found no gain from training over the ImageNet features, so the model "
@@ -844,6 +862,6 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
     if config.refit:
         _run_refit(config, samples, selection, ctx, out, epoch_log, state)
     elif ctx.is_main:
-        _keep_selected_model(selection, out)
+        _keep_selected_model(config, samples, selection, ctx, out)
     distributed.barrier(ctx)
     return out / "model.pt"
