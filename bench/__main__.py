@@ -10,6 +10,7 @@
   python -m bench kept --data orl --keep runs/   # re-score runs kept by ablation --keep
   python -m bench blend-ties --data orl --keep runs/   # the blend's tie rule on kept runs
   python -m bench rerank --data orl --keep runs/       # k-reciprocal re-ranking on kept runs
+  python -m bench local-match --data orl --keep runs/  # pooled + local (chamfer) similarity
   python -m bench ablation --data dogfacenet --max-identities 300 --variants base "fbn=freeze_bn:true"
 
 Each suite prints a table and writes bench/results/<name>.json (+ .txt with the table). By default
@@ -24,8 +25,8 @@ import time
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept, open_set,
-                   peers_suite, rerank, speed)
+    from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept,
+                   local_match, open_set, peers_suite, rerank, speed)
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in (("accuracy", accuracy), ("open-set", open_set), ("speed", speed),
                          ("peers", peers_suite), ("ablation", ablation), ("audit", audit_bench),
                          ("classification", classification), ("kept", kept),
-                         ("blend-ties", blend_ties), ("rerank", rerank)):
+                         ("blend-ties", blend_ties), ("rerank", rerank),
+                         ("local-match", local_match)):
         sp = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], parents=[common],
                             description=module.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         from .suite import run_all
         run_all(args)
         return 0
-    from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept, open_set,
-                   peers_suite, rerank, speed)
+    from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept,
+                   local_match, open_set, peers_suite, rerank, speed)
 
     module = {"accuracy": accuracy, "open-set": open_set, "speed": speed, "peers": peers_suite,
               "ablation": ablation, "audit": audit_bench,
               "classification": classification, "kept": kept,
-              "blend-ties": blend_ties, "rerank": rerank}[args.suite]
+              "blend-ties": blend_ties, "rerank": rerank,
+              "local-match": local_match}[args.suite]
     started = time.time()
     module.run(args)
     print(f"({args.suite}: {time.time() - started:.0f} s)")
