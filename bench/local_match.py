@@ -41,7 +41,6 @@ import numpy as np
 from .common import Report, format_table
 
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-HUBNESS_K = 10
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,10 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _hubness(gallery_similarity: np.ndarray) -> np.ndarray:
-    """Each gallery image's mean similarity to its ``HUBNESS_K`` nearest other gallery images."""
+    """Each gallery image's mean similarity to its ``index.hubness.K`` nearest other gallery
+    images (``gallery_hubness`` on a similarity matrix instead of vectors)."""
+    from index.hubness import K
+
     s = gallery_similarity.astype(np.float64, copy=True)
     np.fill_diagonal(s, -np.inf)
-    k = min(HUBNESS_K, max(len(s) - 1, 1))
+    k = min(K, max(len(s) - 1, 1))
     return -np.sort(-s, axis=1)[:, :k].mean(axis=1)
 
 
