@@ -113,28 +113,26 @@ def _choose(candidates: Sequence[tuple[float, float]], validate) -> dict:
     return best
 
 
-def _similarities(vectors_q: np.ndarray, vectors_g: np.ndarray, local_q: np.ndarray,
-                  local_g: np.ndarray) -> tuple[dict, dict]:
-    """Pooled cosines and chamfer similarities, query x gallery (``qg``) and gallery x gallery
-    (``gg``)."""
-    from index.local_match import chamfer_similarity
-
-    vectors_q, vectors_g = (v.astype(np.float64) for v in (vectors_q, vectors_g))
-    pooled = {"qg": vectors_q @ vectors_g.T, "gg": vectors_g @ vectors_g.T}
-    local = {"qg": chamfer_similarity(local_q, local_g).astype(np.float64),
-             "gg": chamfer_similarity(local_g, local_g).astype(np.float64)}
-    return pooled, local
+def _cosine_pairs(queries: np.ndarray, gallery: np.ndarray) -> dict:
+    """Pooled cosines, query x gallery (``qg``) and gallery x gallery (``gg``)."""
+    return {"qg": _cosines(queries, gallery), "gg": _cosines(gallery, gallery)}
 
 
-def _centred(maps: np.ndarray, rows: np.ndarray, gallery_rows: np.ndarray) -> np.ndarray:
-    from index.local_match import mean_descriptor, normalised_descriptors
+def _local_pairs(maps: np.ndarray, query_rows: np.ndarray, gallery_rows: np.ndarray) -> dict:
+    """Chamfer similarities, query x gallery (``qg``) and gallery x gallery (``gg``), of the
+    descriptors centred on the gallery's mean."""
+    from index.local_match import chamfer_similarity, mean_descriptor, normalised_descriptors
 
-    return normalised_descriptors(maps[rows], mean_descriptor(maps[gallery_rows]))
+    mean = mean_descriptor(maps[gallery_rows])
+    queries = normalised_descriptors(maps[query_rows], mean)
+    gallery = normalised_descriptors(maps[gallery_rows], mean)
+    return {"qg": chamfer_similarity(queries, gallery).astype(np.float64),
+            "gg": chamfer_similarity(gallery, gallery).astype(np.float64)}
 
 
-def _zero_shot_rows(vectors: np.ndarray, maps: np.ndarray, rows: dict, ids: dict) -> dict:
+def _zero_shot_rows(vectors: np.ndarray, local: dict, rows: dict, ids: dict) -> dict:
+    """The zero-shot rows; ``local``: the test side's chamfer similarities (``_local_pairs``)."""
     from index.hubness import WEIGHTS
-    from index.local_match import chamfer_similarity
     from index.whitening import whiten
     from retrieval.gallery_threshold import _folds, choose_gallery_space
     from retrieval.training.evaluate import score
@@ -143,9 +141,6 @@ def _zero_shot_rows(vectors: np.ndarray, maps: np.ndarray, rows: dict, ids: dict
 
     g, q = rows["test_g"], rows["test_q"]
     gallery_ids = list(ids["test_g"])
-    local_q, local_g = _centred(maps, q, g), _centred(maps, g, g)
-    local = {"qg": chamfer_similarity(local_q, local_g).astype(np.float64),
-             "gg": chamfer_similarity(local_g, local_g).astype(np.float64)}
     shipped = gallery_rows(vectors[g], gallery_ids, vectors[q], list(ids["test_q"]))
     out = {"zero-shot index as shipped": shipped["gallery+hub+white"]}
     # the pooled vectors as the shipped index searches them: whitened where its gallery chose
@@ -159,7 +154,7 @@ def _zero_shot_rows(vectors: np.ndarray, maps: np.ndarray, rows: dict, ids: dict
         spaces["zero-shot whitened as shipped"] = (whiten(vectors[g], *whitening),
                                                    whiten(vectors[q], *whitening), folds)
     for space, (gallery, queries, folds) in spaces.items():
-        pooled = {"qg": _cosines(queries, gallery), "gg": _cosines(gallery, gallery)}
+        pooled = _cosine_pairs(queries, gallery)
         grids = {f"{space}, pooled + hub": [(0.0, w) for w in WEIGHTS],
                  f"{space}, + local": [(b, w) for b in BETAS for w in WEIGHTS]}
         for name, grid in grids.items():
@@ -177,33 +172,32 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a.astype(np.float64) @ b.astype(np.float64).T
 
 
-def _trained_rows(kept: dict, whitened: bool, maps: np.ndarray, rows: dict, ids: dict) -> dict:
+def _trained_rows(kept: dict, whitened: bool, local: dict, ids: dict) -> dict:
     """The kept run's shipped blend, searched with and without the local similarity; each
     choice on the validation carve-out. ``whitened``: the run's model.pt ships whitened, so
     both sides are whitened by a map fitted on their own labelled gallery (for validation the
     validation gallery: training fits it fold by fold on more images, so the pooled row's
-    validation differs a little from training's)."""
+    validation differs a little from training's). ``local``: each side's chamfer
+    similarities (``_local_pairs``)."""
     from index.hubness import WEIGHTS
     from retrieval.metrics import calibrate_threshold
+    from retrieval.models.whitening import fit_within_identity, whiten
     from retrieval.training.evaluate import score
     from retrieval.training.train import _best_share
 
     from .blend_ties import blends
-
-    from retrieval.models.whitening import fit_within_identity, whiten
 
     parts, plain = blends(kept)
     share = _best_share(plain).pretrained_share
     val, test = parts[share]
     sides = {}
     for side, part in (("val", val), ("test", test)):
-        g, q = rows[f"{side}_g"], rows[f"{side}_q"]
         assert list(part["g_ids"]) == list(ids[f"{side}_g"]), "kept vectors out of step"
         gallery, queries = part["g"], part["q"]
         fitted = fit_within_identity(gallery, list(ids[f"{side}_g"])) if whitened else None
         if fitted is not None:  # as the index whitens: a map fitted on the labelled gallery
             gallery, queries = whiten(gallery, *fitted), whiten(queries, *fitted)
-        sides[side] = _similarities(queries, gallery, _centred(maps, q, g), _centred(maps, g, g))
+        sides[side] = (_cosine_pairs(queries, gallery), local[side])
 
     def validate(beta: float, weight: float) -> tuple[float, float]:
         sims = _blended(*sides["val"], beta)
@@ -243,9 +237,12 @@ def seed_rows(samples: Sequence, seed: int, image_size: int, kept: dict | None,
     vectors, maps = embed_with_descriptors(model, [s.path for s in images],
                                            preprocessing_for(model, image_size))
     started = time.time()
-    out = _zero_shot_rows(vectors, maps, rows, ids)
+    # computed once per side: the zero-shot and the trained rows share the test side's
+    sides = ("test", "val") if kept is not None else ("test",)
+    local = {side: _local_pairs(maps, rows[f"{side}_q"], rows[f"{side}_g"]) for side in sides}
+    out = _zero_shot_rows(vectors, local["test"], rows, ids)
     if kept is not None:
-        out.update(_trained_rows(kept, whitened, maps, rows, ids))
+        out.update(_trained_rows(kept, whitened, local, ids))
     return {"rows": out, "seconds": round(time.time() - started, 1),
             "descriptors": list(maps.shape[1:])}
 
@@ -278,9 +275,8 @@ def run(args) -> dict:
         mine = [n for n in names if n.startswith(kind + ",")
                 or (kind == "zero-shot" and n == "zero-shot index as shipped")]
         if mine and f"{kind}, pooled + hub" in names:
-            table_rows += [[name, val, test, " ".join(f"{r[name].get('beta', '-'):g}"
-                                                      if "beta" in r[name] else "-"
-                                                      for r in per_seed), *counts]
+            table_rows += [[name, val, test, " ".join(f"{r[name]['beta']:g}" if "beta" in r[name]
+                                                      else "-" for r in per_seed), *counts]
                            for name, val, test, *counts in
                            rule_rows(per_seed, mine, f"{kind}, pooled + hub")]
     title = (f"{args.data}: local matching at {args.image_size}px, seeds "
