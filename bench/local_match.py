@@ -221,7 +221,7 @@ def seed_rows(samples: Sequence, seed: int, image_size: int, kept: dict | None,
     """Every row of one protocol seed, and the seconds the local similarities took."""
     from retrieval.config import TrainConfig
     from retrieval.data import validation_split, whale_split
-    from retrieval.models.local_descriptors import embed_with_descriptors
+    from retrieval.models.embed import embed_images
     from retrieval.models.model import preprocessing_for, zero_shot_model
 
     split = whale_split(samples, seed)
@@ -234,8 +234,8 @@ def seed_rows(samples: Sequence, seed: int, image_size: int, kept: dict | None,
     rows = {name: np.array([position[s.path] for s in part]) for name, part in parts.items()}
     ids = {name: np.array([str(s.identity) for s in part]) for name, part in parts.items()}
     model = zero_shot_model(TrainConfig().backbone)
-    vectors, maps = embed_with_descriptors(model, [s.path for s in images],
-                                           preprocessing_for(model, image_size))
+    vectors, maps = embed_images(model, [s.path for s in images],
+                                 preprocessing_for(model, image_size), progress=False, maps=True)
     started = time.time()
     # computed once per side: the zero-shot and the trained rows share the test side's
     sides = ("test", "val") if kept is not None else ("test",)

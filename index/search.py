@@ -17,6 +17,7 @@ import numpy as np
 
 from . import types
 from .hubness import hubness_penalty, penalised
+from .local_match import SHORTLIST, LocalGallery
 from .types import IndexSpec
 
 log = logging.getLogger(__name__)
@@ -69,16 +70,23 @@ class GalleryIndex:
     @classmethod
     def from_faiss(cls, cpu_index: faiss.Index, identities: Sequence[str],
                    spec: IndexSpec, raw_vectors: np.ndarray | None = None,
-                   penalty: np.ndarray | None = None) -> "GalleryIndex":
+                   penalty: np.ndarray | None = None,
+                   local: LocalGallery | None = None) -> "GalleryIndex":
         """Wrap an already filled CPU index (e.g. read from disk) without copying its vectors;
         ``raw_vectors`` (row for row, may be memory-mapped): exact re-ranking for ivfpq;
-        ``penalty``: the hubness correction per row (``index.hubness``), None for none."""
+        ``penalty``: the hubness correction per row (``index.hubness``), None for none;
+        ``local``: the gallery's local descriptors, each query's shortlist re-scored with them
+        (``index.local_match``), None for the pooled cosine alone."""
         if cpu_index.ntotal != len(identities):
             raise ValueError(f"{len(identities)} identities for an index of {cpu_index.ntotal} vectors")
         if cpu_index.ntotal == 0:
             raise ValueError("an index needs at least one gallery embedding")
+        if local is not None and len(local.descriptors) != cpu_index.ntotal:
+            raise ValueError(f"{len(local.descriptors)} local descriptor sets for an index of "
+                             f"{cpu_index.ntotal} vectors")
         self = cls.__new__(cls)
         self._attach(cpu_index, identities, spec, raw_vectors, penalty)
+        self.local = local
         return self
 
     def _attach(self, cpu_index: faiss.Index, identities: Sequence[str], spec: IndexSpec,
@@ -86,6 +94,7 @@ class GalleryIndex:
         if penalty is not None and penalty.shape != (cpu_index.ntotal,):
             raise ValueError(f"{penalty.shape} hubness penalties for {cpu_index.ntotal} vectors")
         self.penalty = None if penalty is None else np.asarray(penalty, dtype=np.float32)
+        self.local: LocalGallery | None = None
         self.spec = spec
         self._rerank_rows = raw_vectors if spec.kind == "ivfpq" else None
         self.rerank_factor = int(spec.params.get("rerank", RERANK_FACTOR))
@@ -107,7 +116,8 @@ class GalleryIndex:
     def __len__(self) -> int:
         return int(self.cpu_index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int = 5) -> IdentityRanking:
+    def search(self, queries: np.ndarray, k: int = 5,
+               local_queries: np.ndarray | None = None) -> IdentityRanking:
         """The ``k`` best identities per query (fewer only if the gallery has fewer).
 
         ``k`` distinct identities are sure to be among ``k * max_images_per_identity``
@@ -115,11 +125,30 @@ class GalleryIndex:
         those, and only the queries they leave short of ``k`` identities are asked again for the
         sure number. The answer is the same (for approximate types: the same search, on a
         shortlist sized by the first ask).
+
+        An index with ``local`` descriptors needs ``local_queries`` (Q, L, C), the queries'
+        descriptors normalised as ``local.queries`` does: each query's ``SHORTLIST`` (at least)
+        nearest images by the pooled cosine are re-scored with them, and identities are found
+        among those (more are asked only where they hold fewer than ``k`` identities).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries of shape {queries.shape} for an index of dimension {self.dim}")
-        return fold_asking_again(self._top, queries, self.identities, k, self.asks(k),
+        if self.local is None:
+            return fold_asking_again(self._top, queries, self.identities, k, self.asks(k),
+                                     penalty=self.penalty)
+        if local_queries is None or len(local_queries) != len(queries):
+            raise ValueError("this index re-scores with local descriptors: pass the queries' "
+                             "descriptors (local_queries), one set per query")
+
+        def top(positions: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+            asked = positions[:, 0]  # fold_asking_again hands back the queries left short
+            similarities, rows = self._top(queries[asked], n)
+            return self.local.rescored(local_queries[asked], similarities, rows)
+
+        asks = sorted({min(len(self), max(SHORTLIST, ask)) for ask in
+                       (self.first_ask(k), self.sure_ask(k))})
+        return fold_asking_again(top, np.arange(len(queries))[:, None], self.identities, k, asks,
                                  penalty=self.penalty)
 
     def first_ask(self, k: int) -> int:

@@ -17,6 +17,10 @@ Layout of an index folder::
     data-<id>/hubness.npy      each row's hubness (``index.hubness``), only where the model's
                                manifest entry records a hubness correction; measured again on
                                every write, so an append gives what a fresh build gives
+    data-<id>/local.npy        each row's local descriptors (N, L, C) float16, centred on
+    data-<id>/local_mean.npy   the mean descriptor and normalised (``index.local_match``), only
+                               where the model entry records a ``local`` share: each query's
+                               shortlist is re-scored with them; an edit keeps the mean
 
 Rows are kept sorted by image path: any sequence of appends and removals then writes the same
 files as one fresh build of the same images.
@@ -62,7 +66,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import types
 from .errors import (IndexCorrupt, IndexNotFound, InvalidGallery, NotAnIndex, NotReplaceable,
                      WrongBackend)
+from .hubness import K as HUBNESS_K
 from .hubness import gallery_hubness
+from .local_match import LocalGallery, write_descriptors
 from .rows import GalleryRows, non_finite_rows, write_rows
 from .search import GalleryIndex
 from .types import IndexSpec
@@ -86,9 +92,13 @@ HUBNESS_FILE = "hubness.npy"
 # the within-identity whitening the gallery vectors went through (index.whitening), where the
 # model entry records ``whitening``: queries go through it too (``StoredIndex.to_gallery_space``)
 WHITENING_FILE = "whitening.npz"
+# the local descriptors and their mean (index.local_match), where the model entry records a
+# ``local`` share
+LOCAL_FILE = "local.npy"
+LOCAL_MEAN_FILE = "local_mean.npy"
 # files the model side may keep with an index (opaque here: listed, checksummed, carried along)
 ATTACHMENTS = ("encoder.onnx",)
-OPTIONAL_FILES = (HUBNESS_FILE, WHITENING_FILE)
+OPTIONAL_FILES = (HUBNESS_FILE, WHITENING_FILE, LOCAL_FILE, LOCAL_MEAN_FILE)
 DATA_DIR_PATTERN = re.compile(r"^data-[0-9a-f]{12}$")
 MANIFEST_TEMP_PATTERN = re.compile(r"^\.manifest\.json\.[0-9a-f]{12}\.tmp$")
 MAX_DIM = 65_536
@@ -122,6 +132,9 @@ class ModelEntry(BaseModel):
             raise ValueError(f"hubness must be a weight from 0 to 1, not {value!r}")
         if not isinstance((self.model_extra or {}).get("whitening", False), bool):
             raise ValueError("whitening must be true or false")
+        share = (self.model_extra or {}).get("local", 0.0)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"local must be a share from 0 to 1, not {share!r}")
         return self
 
 
@@ -205,6 +218,10 @@ class ManifestSchema(BaseModel):
                                                         or HUBNESS_FILE not in self.files):
             raise ValueError(f"a model with a hubness correction needs the FAISS backend and "
                              f"its {HUBNESS_FILE}")
+        if local_share(self.model.model_dump()) and (self.backend == "milvus" or not {
+                LOCAL_FILE, LOCAL_MEAN_FILE} <= set(self.files)):
+            raise ValueError(f"a gallery searched with local descriptors needs the FAISS backend, "
+                             f"its {LOCAL_FILE} and {LOCAL_MEAN_FILE}")
         if self.counts.identities > self.counts.images:
             raise ValueError("more identities than images")
         if self.format == FORMAT and not self.data_dir:
@@ -272,6 +289,24 @@ class StoredIndex:
     # (mean, matrix) of the within-identity whitening the gallery went through (None: none)
     whitening: tuple[np.ndarray, np.ndarray] | None = None
 
+    @property
+    def local(self) -> LocalGallery | None:
+        """The gallery's local descriptors where its search re-scores with them (queries then
+        need their maps: ``search``), else None."""
+        return getattr(self.gallery, "local", None)
+
+    def search(self, vectors: np.ndarray, k: int, maps: np.ndarray | None = None):
+        """The ``IdentityRanking`` of query embeddings (the model's own: brought into the
+        gallery's space here) and, for an index with local descriptors, their raw maps
+        (Q, L, C)."""
+        local = self.local
+        if local is not None and maps is None:
+            raise ValueError("this index re-scores with local descriptors: the queries' maps "
+                             "are needed (Encoder.encode(..., maps=True))")
+        if local is None:
+            return self.gallery.search(self.to_gallery_space(vectors), k)
+        return self.gallery.search(self.to_gallery_space(vectors), k, local.queries(maps))
+
     def embeddings(self) -> np.ndarray:
         """The model's own embeddings of the gallery: ``vectors()`` with the gallery's whitening
         undone (``index.whitening.unwhiten``). What the gallery audit judges labels on: a map
@@ -332,13 +367,20 @@ def hubness_weight(model: dict[str, Any]) -> float:
     return float(model.get("hubness") or 0.0)
 
 
+def local_share(model: dict[str, Any]) -> float:
+    """The local descriptors' share in a gallery image's score that a manifest's ``model``
+    entry records (0: the pooled cosine alone)."""
+    return float(model.get("local") or 0.0)
+
+
 def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths: Sequence[str],
                identities: Sequence[str], *, model: dict[str, Any], tta: str,
                threshold: float | None, index_type: str | IndexSpec = "flat",
                created: str | None = None, threshold_source: str | None = None,
                attachments: dict[str, Path] | None = None,
                target_recall: float | None = None, gpu_float16: bool = False,
-               whitening: tuple[np.ndarray, np.ndarray] | None = None) -> Manifest:
+               whitening: tuple[np.ndarray, np.ndarray] | None = None,
+               local: tuple[float, np.ndarray, list] | None = None) -> Manifest:
     """Build the FAISS index over ``vectors`` and write it into ``directory`` atomically.
 
     ``vectors`` may be memory-mapped, or a ``GalleryRows`` over several parts (what stays of a
@@ -352,6 +394,9 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
     GPUs (a search-time parameter, ``float16`` in the manifest; ``types.to_devices``).
     ``whitening``: the (mean, matrix) the ``vectors`` already went through, stored for the queries
     (``StoredIndex.to_gallery_space``) and recorded in the model entry.
+    ``local``: (share, mean descriptor, parts of the normalised descriptors row for row with
+    ``vectors``: arrays or (array, selected rows) pairs), stored and recorded in the model entry
+    for a search that re-scores each query's shortlist with them (``index.local_match``).
     ``attachments`` ({name in ATTACHMENTS: file}) are copied into the new data folder with it.
     A caller editing an existing index (read, change, write) holds ``writer_lock`` around it.
     """
@@ -375,9 +420,15 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
     previous = check_replaceable(target)
     attachments = dict(attachments or {})
     _check_attachments(attachments)
-    data_dir = _write_data_dir(target, {
-        VECTORS_FILE: lambda path: write_rows(path, source, order),
-        TABLE_FILE: lambda path: _write_table(path, paths, identities)}, attachments)
+    writers = {VECTORS_FILE: lambda path: write_rows(path, source, order),
+               TABLE_FILE: lambda path: _write_table(path, paths, identities)}
+    model = {key: value for key, value in model.items() if key not in ("whitening", "local")}
+    if local is not None:
+        share, mean, parts = local
+        writers[LOCAL_FILE] = lambda path: write_descriptors(path, parts, order)
+        writers[LOCAL_MEAN_FILE] = lambda path: np.save(path, np.asarray(mean, dtype=np.float32))
+        model["local"] = float(share)
+    data_dir = _write_data_dir(target, writers, attachments)
     try:
         stored = np.load(data_dir / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
         log.info("building a %s index of %d vectors", spec.kind, len(stored))
@@ -388,15 +439,14 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
             faiss_index = types.build(stored, spec := _exact_instead(spec))
             built = GalleryIndex.from_faiss(faiss_index, identities, spec, stored)
         faiss.write_index(faiss_index, str(data_dir / INDEX_FILE))
-        names = [INDEX_FILE, TABLE_FILE, VECTORS_FILE]
-        model = {key: value for key, value in model.items() if key != "whitening"}
+        names = [INDEX_FILE, *writers]
         if whitening is not None:
             _write_whitening(data_dir / WHITENING_FILE, whitening, source.dim)
             names.append(WHITENING_FILE)
             model["whitening"] = True
         if hubness_weight(model):
             log.info("measuring the hubness of %d gallery images", len(stored))
-            np.save(data_dir / HUBNESS_FILE, gallery_hubness(stored, neighbours=built.neighbours))
+            np.save(data_dir / HUBNESS_FILE, _hubness(data_dir, stored, built, model))
             _fsync(data_dir / HUBNESS_FILE)
             names.append(HUBNESS_FILE)
         del faiss_index, stored, built
@@ -409,6 +459,17 @@ def save_index(directory: str | Path, vectors: "np.ndarray | GalleryRows", paths
         shutil.rmtree(data_dir, ignore_errors=True)
         raise
     return _publish(target, data_dir, values, [*names, *attachments], previous)
+
+
+def _hubness(data_dir: Path, vectors: np.ndarray, built: GalleryIndex,
+             model: dict[str, Any]) -> np.ndarray:
+    """Each row's hubness on the scores the index searches with: the pooled cosine, or, with
+    local descriptors, the blended score (``LocalGallery.hubness``)."""
+    if not local_share(model):
+        return gallery_hubness(vectors, neighbours=built.neighbours)
+    local = LocalGallery(local_share(model), np.load(data_dir / LOCAL_MEAN_FILE),
+                         np.load(data_dir / LOCAL_FILE, mmap_mode="r"))
+    return local.hubness(vectors, built.neighbours, HUBNESS_K).astype(np.float32)
 
 
 def _tuned(gallery: GalleryIndex, vectors: np.ndarray, identities: list[str],
@@ -757,7 +818,8 @@ def _load_once(directory: Path, backends: Sequence[str]) -> StoredIndex:
     stored = StoredIndex(directory, manifest, paths, identities, None)
     raw = stored.vectors(mmap=True) if manifest.spec.kind == "ivfpq" else None  # re-ranking
     stored.gallery = GalleryIndex.from_faiss(faiss_index, identities, manifest.spec, raw,
-                                             _penalty(directory, manifest))
+                                             _penalty(directory, manifest),
+                                             _local(directory, manifest))
     stored.whitening = _whitening(directory, manifest)
     return stored
 
@@ -778,6 +840,28 @@ def _whitening(directory: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndar
         raise _corrupt(path, f"a mean {mean.shape} {mean.dtype} and matrix {matrix.shape} "
                              f"{matrix.dtype}, expected finite float32 ({dim},) and ({dim}, {dim})")
     return mean, matrix
+
+
+def _local(directory: Path, manifest: Manifest) -> LocalGallery | None:
+    """The gallery's local descriptors (memory-mapped) and their mean, None where the model
+    entry records no ``local`` share."""
+    share = local_share(manifest.model)
+    if not share:
+        return None
+    mean_path = _verified(directory, LOCAL_MEAN_FILE, manifest)
+    path = _verified(directory, LOCAL_FILE, manifest)
+    try:
+        mean = np.load(mean_path, allow_pickle=False)
+        descriptors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise _corrupt(path, f"{type(err).__name__}: {err}") from None
+    if mean.ndim != 1 or mean.dtype != np.float32 or not np.isfinite(mean).all():
+        raise _corrupt(mean_path, f"a {mean.shape} {mean.dtype} array, expected finite float32 (C,)")
+    if descriptors.dtype != np.float16 or descriptors.ndim != 3 or \
+            descriptors.shape[0] != manifest.counts["images"] or descriptors.shape[2] != len(mean):
+        raise _corrupt(path, f"a {descriptors.shape} {descriptors.dtype} array, expected float16 "
+                             f"({manifest.counts['images']}, locations, {len(mean)})")
+    return LocalGallery(share, mean, descriptors)
 
 
 def _penalty(directory: Path, manifest: Manifest) -> np.ndarray | None:

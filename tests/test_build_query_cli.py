@@ -396,7 +396,7 @@ def test_zero_shot_index_chooses_its_hubness_correction_on_the_gallery(data, tmp
     from index.hubness import WEIGHTS
     from retrieval.gallery_threshold import calibrate_on_gallery
 
-    build(tmp_path / "idx", data.gallery, image_size=IMAGE_SIZE, whiten=False)
+    build(tmp_path / "idx", data.gallery, image_size=IMAGE_SIZE, whiten=False, local=False)
     stored = load_index(tmp_path / "idx")
     expected = calibrate_on_gallery(stored.vectors(), stored.identities, weights=WEIGHTS)
     assert stored.manifest.model.get("hubness", 0.0) == expected.hubness
@@ -419,7 +419,7 @@ def test_zero_shot_index_whitens_its_gallery_and_every_query_where_the_gallery_s
     from retrieval.gallery_threshold import choose_gallery_space
 
     gallery = copy_gallery(orl_samples, tmp_path / "gallery", KNOWN, per_identity=3)
-    build(tmp_path / "idx", gallery, image_size=IMAGE_SIZE)
+    build(tmp_path / "idx", gallery, image_size=IMAGE_SIZE, local=False)  # local: its own tests
     stored = load_index(tmp_path / "idx")
     encoder = load_encoder(EncoderSpec.of_index(stored.manifest))
     raw = encoder.encode(stored.paths, progress=False)

@@ -43,10 +43,10 @@ def build(gallery, out, uri=None, **options):
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory, orl_samples):
     """The same 18 photos (6 people x 3) in a Milvus index and in a FAISS index, both exact and
-    plain cosine (Milvus has no hubness correction and no gallery whitening)."""
+    plain cosine (Milvus has no hubness correction, no gallery whitening, no local matching)."""
     root = tmp_path_factory.mktemp("milvus")
     gallery = copy_gallery(orl_samples, root / "gallery", PEOPLE, per_identity=3)
-    build(gallery, root / "faiss", hubness=False, whiten=False)
+    build(gallery, root / "faiss", hubness=False, whiten=False, local=False)
     build(gallery, root / "milvus", uri=root / "gallery.db")
     queries = copy_gallery(orl_samples, root / "queries", PEOPLE + ["s30"], per_identity=1, skip=6)
     return root, queries

@@ -197,12 +197,16 @@ def test_photos_arriving_together_share_a_forward_pass_and_get_their_own_vectors
 
     service._batcher._encode = recording
     images = [decode_upload(photo(f"s{p}", 1)) for p in range(10, 22)]
-    alone = service.current().stored.to_gallery_space(  # as the index's vectors are kept
-        np.concatenate([service.encoder.encode_arrays([image]) for image in images]))
+    alone = np.concatenate([service.encoder.encode_arrays([image]) for image in images])
     with ThreadPoolExecutor(max_workers=12) as pool:
-        together = np.concatenate(list(pool.map(service.embed, images)))
-    np.testing.assert_allclose(together, alone, atol=1e-5)
+        embedded = list(pool.map(service.embed, images))
+    np.testing.assert_allclose(np.concatenate([vector for vector, _ in embedded]), alone, atol=1e-5)
     assert sum(sizes) == 12 and max(sizes) > 1
+    if service.current().stored.local is not None:  # and each photo's own local descriptors
+        maps = np.concatenate([service.encoder.encode_arrays([image], maps=True)[1]
+                               for image in images])
+        np.testing.assert_allclose(np.concatenate([m for _, m in embedded]).astype(np.float32),
+                                   maps.astype(np.float32), atol=2e-2)
 
 
 def test_explain_returns_both_heat_maps_for_a_match(client):

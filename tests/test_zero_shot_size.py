@@ -63,7 +63,8 @@ def test_a_zero_shot_build_keeps_the_size_its_gallery_leave_one_out_prefers(gall
     monkeypatch.setattr(gallery_threshold, "choose_gallery_space",
                         lambda *a, **k: calls.append(1) or choose_gallery_space(*a, **k))
     with caplog.at_level(logging.INFO):
-        build(tmp_path / "index", gallery, whiten=False)  # stored vectors stay the model's own
+        # stored vectors stay the model's own; the pooled calibration alone (local has its tests)
+        build(tmp_path / "index", gallery, whiten=False, local=False)
     assert len(calls) == 2  # once per size: the chosen size's calibration is the index's
     stored = load_index(tmp_path / "index")
     chosen = stored.manifest.model["preprocessing"]["image_size"]

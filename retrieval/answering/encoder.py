@@ -75,21 +75,30 @@ class Encoder:
 
     def encode(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0,
                device: "torch.device | None" = None, progress: bool = True,
-               desc: str = "embedding") -> np.ndarray:
-        """(N, D) float32 unit vectors, with this encoder's TTA."""
+               desc: str = "embedding", maps: bool = False):
+        """(N, D) float32 unit vectors, with this encoder's TTA; ``maps``: and the (N, L, C)
+        float16 local descriptors (``gives_maps``), as a pair."""
         from ..models.embed import embed_images
 
         return embed_images(self.model, paths, self.preprocessing, batch_size=batch_size,
                             num_workers=num_workers, device=device, tta_flip=self.tta == "flip",
-                            progress=progress, desc=desc)
+                            progress=progress, desc=desc, maps=maps)
 
     def encode_arrays(self, images: Sequence[np.ndarray],
-                      device: "torch.device | None" = None) -> np.ndarray:
-        """(N, D) float32 unit vectors of decoded RGB images, with this encoder's TTA."""
+                      device: "torch.device | None" = None, maps: bool = False):
+        """(N, D) float32 unit vectors of decoded RGB images, with this encoder's TTA (and
+        their local descriptors with ``maps``)."""
         from ..models.embed import embed_arrays
 
         return embed_arrays(self.model, images, self.preprocessing, device=device,
-                            tta_flip=self.tta == "flip")
+                            tta_flip=self.tta == "flip", maps=maps)
+
+    @property
+    def gives_maps(self) -> bool:
+        """Whether this model gives local descriptors (the untrained zero-shot model)."""
+        from ..models.local_descriptors import gives_maps
+
+        return gives_maps(self.model)
 
 
 def check_index_model(manifest: "Manifest", directory: Path, fingerprint: str, fix: str = "") -> None:

@@ -64,6 +64,7 @@ class BuildOptions:
     threshold: float | None = None  # new_whale threshold to record instead of the model's/gallery's
     hubness: bool = True  # zero-shot: choose the hubness correction weight with the threshold
     whiten: bool = True  # zero-shot: whiten gallery and queries where the gallery calibrates better
+    local: bool = True  # zero-shot: re-score with local descriptors where the gallery calibrates better
     strict: bool = False
     allow_outside: bool = False  # CSV rows may name images outside --gallery
     device: str | None = None
@@ -80,6 +81,7 @@ class Plan:
     encoder: EncoderSpec
     new: list[Sample]
     index_type: str
+    maps: bool = False  # embed the local descriptors too (index.local_match)
 
 
 @dataclass
@@ -104,6 +106,8 @@ class Current:
     vectors: tuple[np.ndarray, np.ndarray] | None = None
     attachments: dict[str, Path] = field(default_factory=dict)  # the exported encoder, if any
     whitening: tuple[np.ndarray, np.ndarray] | None = None  # what the stored vectors went through
+    # the stored local descriptors (index.local_match.LocalGallery) and which of their rows stay
+    local: tuple[Any, np.ndarray] | None = None
     milvus: Any = None  # a Milvus-backed index: the client (paths, identities, vectors stay there)
 
 
@@ -141,14 +145,16 @@ def _run_locked(opts: BuildOptions, ctx) -> Any:
         raise UserError(f"{encoder.checkpoint} searches whitened within identities (chosen on "
                         "validation), which the Milvus backend does not do: build with "
                         "--backend faiss, or pass --no-whiten")
-    calibrated = None
-    if loaded and loaded[0].embedded is not None and not ctx.distributed:
+    calibrated, maps = None, None
+    if loaded and loaded[0].embedded is not None and not ctx.distributed and not plan.maps:
         (kept, vectors), calibrated = loaded[0].embedded, loaded[0].calibrated
     else:
-        kept, vectors = _embed_sharded(ctx, encoder, plan.new, opts)
+        if loaded and loaded[0].embedded is not None and not ctx.distributed:
+            calibrated = loaded[0].calibrated  # the same images, embedded again with their maps
+        kept, vectors, maps = _embed_sharded(ctx, encoder, plan.new, opts, plan.maps)
     if not ctx.is_main:
         return None
-    return _write(opts, current, encoder, kept, vectors, plan.index_type, calibrated)
+    return _write(opts, current, encoder, kept, vectors, plan.index_type, calibrated, maps)
 
 
 def _check_options(opts: BuildOptions) -> None:
@@ -221,7 +227,8 @@ def _read_current(opts: BuildOptions) -> Current:
     return Current(stored.manifest, [p for p, k in zip(stored.paths, keep) if k],
                    [i for i, k in zip(stored.identities, keep) if k], (vectors, np.flatnonzero(keep)),
                    {name: stored.attachment(name) for name in stored.manifest.attachments},
-                   stored.whitening)
+                   stored.whitening,
+                   None if stored.local is None else (stored.local, np.flatnonzero(keep)))
 
 
 def _read_current_milvus(opts: BuildOptions, stored) -> Current:
@@ -266,7 +273,20 @@ def _plan(opts: BuildOptions, current: Current, loaded: list[Loaded], device=Non
                           "that checkpoint), or rebuild the index without --append")
     loaded.append(Loaded(encoder, embedded, calibrated))
     index_type = opts.index_type or (current.manifest.index["requested"] if current.manifest else "flat")
-    return Plan(spec, samples, index_type)
+    return Plan(spec, samples, index_type, _wants_maps(opts, current, encoder, len(samples)))
+
+
+def _wants_maps(opts: BuildOptions, current: Current, encoder: Encoder, n_images: int) -> bool:
+    """Whether the gallery is embedded with its local descriptors: for an index that keeps
+    them (an edit), or for a fresh zero-shot FAISS gallery calibrated on itself, which then
+    chooses whether to re-score with them (``--no-local``: never)."""
+    from index.local_match import MAX_IMAGES
+
+    if current.local is not None:
+        return True
+    return (current.manifest is None and opts.local and opts.backend != "milvus"
+            and opts.threshold is None and encoder.threshold is None and encoder.gives_maps
+            and n_images <= MAX_IMAGES)
 
 
 def _chooses_size(opts: BuildOptions, current: Current) -> bool:
@@ -348,15 +368,16 @@ def _new_samples(samples: Sequence[Sample], indexed: dict[str, str]) -> list[Sam
     return new
 
 
-def _embed_sharded(ctx, encoder: Encoder, samples: list[Sample],
-                   opts: BuildOptions) -> tuple[list[Sample], np.ndarray | None]:
-    """Each rank checks and embeds its contiguous shard; rank 0 gets them all, in order.
+def _embed_sharded(ctx, encoder: Encoder, samples: list[Sample], opts: BuildOptions,
+                   maps: bool = False) -> tuple[list[Sample], np.ndarray | None, np.ndarray | None]:
+    """Each rank checks and embeds its contiguous shard; rank 0 gets them all, in order (with
+    their local descriptors where ``maps``, else None).
     A rank's UserError is raised on that rank and on rank 0 (after the gather, so none hangs)."""
     n = len(samples)
     shard = samples[ctx.rank * n // ctx.world_size:(ctx.rank + 1) * n // ctx.world_size]
     started = time.perf_counter()
     try:
-        part: Any = _embed_shard(ctx, encoder, shard, opts)
+        part: Any = _embed_shard(ctx, encoder, shard, opts, maps)
     except UserError as err:
         part = err
     parts = _gather_on_main(ctx, part)
@@ -364,24 +385,28 @@ def _embed_sharded(ctx, encoder: Encoder, samples: list[Sample],
         if isinstance(failed, UserError):
             raise failed
     if parts is None:
-        return [], None
-    kept = [s for shard_samples, _ in parts for s in shard_samples]
+        return [], None, None
+    kept = [s for shard_samples, _, _ in parts for s in shard_samples]
     seconds = time.perf_counter() - started
     log.info("embedded %d image(s) in %.1f s (%.1f images/s, %d process(es))", len(kept), seconds,
              len(kept) / max(seconds, 1e-9), ctx.world_size)
-    return kept, np.concatenate([v for _, v in parts]) if kept else None
+    if not kept:
+        return kept, None, None
+    return kept, np.concatenate([v for _, v, _ in parts]), \
+        np.concatenate([m for _, _, m in parts if len(m)]) if maps else None
 
 
-def _embed_shard(ctx, encoder: Encoder, shard: list[Sample],
-                 opts: BuildOptions) -> tuple[list[Sample], np.ndarray]:
+def _embed_shard(ctx, encoder: Encoder, shard: list[Sample], opts: BuildOptions,
+                 maps: bool = False) -> tuple[list[Sample], np.ndarray, np.ndarray | None]:
     from ..data import drop_unreadable
 
     kept = drop_unreadable(shard, strict=opts.strict)
     workers = default_workers(len(kept), opts.batch_size) if opts.workers is None else opts.workers
-    vectors = encoder.encode([s.path for s in kept], batch_size=opts.batch_size, num_workers=workers,
-                             device=ctx.device, progress=opts.progress and ctx.is_main,
-                             desc="embedding gallery")
-    return kept, vectors
+    embedded = encoder.encode([s.path for s in kept], batch_size=opts.batch_size,
+                              num_workers=workers, device=ctx.device,
+                              progress=opts.progress and ctx.is_main, desc="embedding gallery",
+                              maps=maps)
+    return (kept, *embedded) if maps else (kept, embedded, None)
 
 
 def _gather_on_main(ctx, obj: Any) -> list[Any] | None:
@@ -397,9 +422,10 @@ def _gather_on_main(ctx, obj: Any) -> list[Any] | None:
 
 def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: list[Sample],
            vectors: np.ndarray | None, index_type: str | None = None,
-           calibrated: tuple | None = None) -> Any:
+           calibrated: tuple | None = None, maps: np.ndarray | None = None) -> Any:
     """Rank 0: merge what stays with what is new and write the folder (atomically);
-    ``calibrated``: the gallery calibration of exactly these vectors, already made."""
+    ``calibrated``: the gallery calibration of exactly these vectors, already made; ``maps``:
+    the new images' local descriptors (raw), where the index keeps or may choose them."""
     from index import types
     from index.rows import GalleryRows
     from index.store import save_index
@@ -423,14 +449,16 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
             (opts.gpu_float16 is None or opts.gpu_float16 == types.gpu_float16(manifest.index)):
         log.info("nothing new to add: %s left unchanged", opts.out)
         return manifest
-    threshold, source, hubness, fitted = _threshold(opts, manifest, encoder, rows, identities,
-                                                    calibrated=calibrated)
+    threshold, source, hubness, fitted, chosen = _threshold(
+        opts, manifest, encoder, rows, identities, calibrated=calibrated,
+        maps=maps if manifest is None else None)
     if fitted is not None:  # a fresh zero-shot gallery that calibrates better whitened
         rows, whitening = GalleryRows.of(whiten(rows.array(), *fitted)), fitted
+    local = _local_parts(current, chosen, maps)
     model = {key: value for key, value in (encoder.model_info() if encoder else manifest.model).items()
              if key != "hubness"}
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:
-        attachments = current.attachments or _export(encoder, Path(scratch))
+        attachments = current.attachments or _export(encoder, Path(scratch), local is not None)
         written = save_index(
             opts.out, rows, paths, identities,
             model={**model, **({"hubness": hubness} if hubness else {})},
@@ -441,7 +469,7 @@ def _write(opts: BuildOptions, current: Current, encoder: Encoder | None, new: l
             target_recall=opts.target_recall or (manifest.index.get("target_recall")
                                                  if manifest else None),
             gpu_float16=opts.gpu_float16 if opts.gpu_float16 is not None else
-            bool(manifest and types.gpu_float16(manifest.index)), whitening=whitening)
+            bool(manifest and types.gpu_float16(manifest.index)), whitening=whitening, local=local)
     log.info("index %s: %d images of %d identities (%s); %d new", opts.out,
              written.counts["images"], written.counts["identities"], written.index["kind"], len(new))
     return written
@@ -473,7 +501,7 @@ def _write_milvus(opts: BuildOptions, current: Current, encoder: Encoder | None,
                                  replace=_rebuilds(opts.out, uri, collection))
         milvus.upsert(client, collection, vectors, paths, identities, progress=opts.progress)
         spec = _tuned_milvus(client, collection, spec, vectors, paths, identities, opts.target_recall)
-        threshold, source, _, _ = _threshold(opts, None, encoder, vectors, identities,
+        threshold, source, _, _, _ = _threshold(opts, None, encoder, vectors, identities,
                                              weights=(0.0,),  # Milvus has no hubness correction
                                              calibrated=calibrated)
         counts = {"images": len(new), "identities": len(set(identities))}
@@ -543,15 +571,31 @@ def _rebuilds(out: str, uri: str, collection: str) -> bool:
     return previous.backend == "milvus" and previous.milvus == {"uri": uri, "collection": collection}
 
 
-def _export(encoder: Encoder | None, scratch: Path) -> dict[str, Path]:
-    """The encoder exported to ONNX for the fast cold query path ({} where it cannot be)."""
+def _local_parts(current: Current, chosen: Any, maps: np.ndarray | None) -> tuple | None:
+    """``save_index``'s ``local``: an edit keeps the index's share and mean descriptor, the new
+    images' descriptors centred on that mean; a fresh build the gallery's choice (``chosen``:
+    an ``index.local_match.LocalGallery`` of exactly these images, or None)."""
+    if current.local is not None:
+        stored, keep = current.local
+        parts: list = [(stored.descriptors, keep)]
+        if maps is not None and len(maps):
+            parts.append(stored.queries(maps).astype(np.float16))
+        return stored.share, stored.mean, parts
+    if chosen is None:
+        return None
+    return chosen.share, chosen.mean, [chosen.descriptors]
+
+
+def _export(encoder: Encoder | None, scratch: Path, maps: bool = False) -> dict[str, Path]:
+    """The encoder exported to ONNX for the fast cold query path ({} where it cannot be);
+    ``maps``: with the local descriptors as a second output."""
     from .onnx_encoder import ENCODER_FILE, export_onnx
 
     if encoder is None:
         return {}
     started = time.perf_counter()
     path = scratch / ENCODER_FILE
-    if not export_onnx(encoder.model, encoder.preprocessing.image_size, path):
+    if not export_onnx(encoder.model, encoder.preprocessing.image_size, path, maps=maps):
         return {}
     log.info("exported the encoder to ONNX for query.py (%.1f s, %.1f MB)",
              time.perf_counter() - started, path.stat().st_size / 2**20)
@@ -560,41 +604,51 @@ def _export(encoder: Encoder | None, scratch: Path) -> dict[str, Path]:
 
 def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
                rows: np.ndarray | GalleryRows, identities: list[str],
-               weights: Sequence[float] | None = None, calibrated: tuple | None = None
-               ) -> tuple[float | None, str | None, float, tuple[np.ndarray, np.ndarray] | None]:
+               weights: Sequence[float] | None = None, calibrated: tuple | None = None,
+               maps: np.ndarray | None = None
+               ) -> tuple[float | None, str | None, float, tuple[np.ndarray, np.ndarray] | None, Any]:
     """The new_whale threshold to record, where it came from, the hubness correction weight
-    it goes with, and a within-identity whitening for the gallery (or None): ``--threshold``
+    it goes with, a within-identity whitening for the gallery (or None), and the local
+    descriptors to re-score with (an ``index.local_match.LocalGallery``, chosen among ``maps``'
+    shares by ``gallery_threshold.choose_local_share`` where the gallery calibrates itself;
+    or None): ``--threshold``
     (with the model's own weight); else the index's own (an edit keeps all three); else the
     checkpoint's; else all calibrated on the gallery itself (the zero-shot model has none:
     without a threshold the index would never answer new_whale), the weight among ``weights``
     (default ``index.hubness.WEIGHTS``), the whitening where it calibrates better (``--whiten``;
     ``gallery_threshold.choose_gallery_space``; ``calibrated``: its result for these very rows,
     made while the zero-shot image size was chosen)."""
+    from index.local_match import SHORTLIST
     from index.rows import GalleryRows
     from index.store import hubness_weight
 
-    from ..gallery_threshold import choose_gallery_space
+    from ..gallery_threshold import choose_gallery_space, choose_local_share
 
     own = encoder.hubness if encoder is not None else \
         hubness_weight(manifest.model) if manifest is not None else 0.0
     if opts.threshold is not None:
         log.info("new_whale threshold %.4f, as given by --threshold", opts.threshold)
         return opts.threshold, "user", own, _checkpoint_whitening(opts, manifest, encoder, rows,
-                                                                  identities)
+                                                                  identities), None
     if manifest is not None and manifest.threshold is not None:
-        return manifest.threshold, manifest.threshold_source, hubness_weight(manifest.model), None
+        return manifest.threshold, manifest.threshold_source, hubness_weight(manifest.model), \
+            None, None
     if encoder is not None and encoder.threshold is not None:
         return encoder.threshold, "checkpoint", encoder.hubness, \
-            _checkpoint_whitening(opts, manifest, encoder, rows, identities)
+            _checkpoint_whitening(opts, manifest, encoder, rows, identities), None
     default_weights, whiten = _gallery_choices(opts)
+    weights = default_weights if weights is None else weights
+    vectors = GalleryRows.of(rows).array()
     calibration, whitening = calibrated or choose_gallery_space(
-        GalleryRows.of(rows).array(), identities,
-        weights=default_weights if weights is None else weights,
-        whiten=whiten and manifest is None)
+        vectors, identities, weights=weights, whiten=whiten and manifest is None)
+    local = None
+    if maps is not None:
+        calibration, local = choose_local_share(vectors, identities, maps, calibration,
+                                                whitened=whitening is not None, weights=weights)
     if calibration is None:
         log.warning("no new_whale threshold: no identity in the gallery has two images to calibrate "
                     "one on, so queries never get new_whale (pass --threshold to set one)")
-        return None, None, own, None
+        return None, None, own, None, None
     log.info("new_whale threshold %.4f calibrated on the gallery itself (%d leave-one-out queries "
              "of known identities, %d standing in for new ones; MAP@5 %.3f, hubness correction "
              "%s); --threshold overrides", calibration.threshold, calibration.known_queries,
@@ -602,7 +656,11 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
     if whitening is not None:
         log.info("the gallery and every query are whitened within identities (a map fitted on "
                  "the gallery, stored with the index; --no-whiten searches plain cosine)")
-    return calibration.threshold, "gallery", calibration.hubness, whitening
+    if local is not None:
+        log.info("each query's %d nearest gallery images are re-scored with the untrained "
+                 "backbone's local descriptors (share %g of the score; --no-local searches the "
+                 "pooled vectors alone)", SHORTLIST, local.share)
+    return calibration.threshold, "gallery", calibration.hubness, whitening, local
 
 
 def _gallery_choices(opts: BuildOptions) -> tuple[Sequence[float], bool]:

@@ -26,32 +26,39 @@ log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.onnx"
 EXPORT_TOLERANCE = 1e-4  # max |difference| to the eager model's vectors for an export to be kept
-_INPUT, _OUTPUT = "images", "vectors"
+_INPUT, _OUTPUT, _MAPS = "images", "vectors", "maps"
 
 
-def export_onnx(model: Any, image_size: int, path: Path) -> bool:
+def export_onnx(model: Any, image_size: int, path: Path, maps: bool = False) -> bool:
     """Write ``model`` (an ``EmbeddingModel``) as ONNX to ``path``; False (and a warning) where
-    the backbone does not export or the graph disagrees with the eager model."""
+    the backbone does not export or the graph disagrees with the eager model. ``maps``: a second
+    output, the local descriptors (``local_descriptors.VectorsAndMaps``)."""
     import copy
 
     import torch
 
     model = copy.deepcopy(model).eval().cpu()  # the caller's model stays where it is
+    outputs = [_OUTPUT]
+    if maps:
+        from ..models.local_descriptors import VectorsAndMaps
+
+        model, outputs = VectorsAndMaps(model).eval(), [_OUTPUT, _MAPS]
     example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notes
             torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
-                              input_names=[_INPUT], output_names=[_OUTPUT],
-                              dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}})
-            expected = model(example).numpy()
-        got = _session(path).run(None, {_INPUT: example.numpy()})[0]
+                              input_names=[_INPUT], output_names=outputs,
+                              dynamic_axes={name: {0: "batch"} for name in [_INPUT, *outputs]})
+            expected = model(example)
+            expected = [t.numpy() for t in expected] if maps else [expected.numpy()]
+        got = _session(path).run(None, {_INPUT: example.numpy()})
     except Exception as err:  # exporters raise many types; the eager model still answers
         log.warning("could not export the model to ONNX (%s: %s): queries will load the full "
                     "model (slower start)", type(err).__name__, str(err).splitlines()[0][:200])
         path.unlink(missing_ok=True)
         return False
-    difference = float(np.abs(got - expected).max())
+    difference = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
     if difference > EXPORT_TOLERANCE:
         log.warning("the ONNX export differs from the model by %.2g: not kept", difference)
         path.unlink(missing_ok=True)
@@ -107,27 +114,36 @@ class OnnxEncoder:
         self.preprocessing = preprocessing
         self.fingerprint = fingerprint
         self.tta = tta
+        # exported with the local descriptors as a second output (an index that re-scores)
+        self.gives_maps = [o.name for o in self.session.get_outputs()] == [_OUTPUT, _MAPS]
 
     def encode(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0,
-               device: Any = None, progress: bool = True, desc: str = "embedding") -> np.ndarray:
-        """(N, D) float32 unit vectors of the images at ``paths``, in batches."""
+               device: Any = None, progress: bool = True, desc: str = "embedding",
+               maps: bool = False):
+        """(N, D) float32 unit vectors of the images at ``paths``, in batches (with ``maps``:
+        and their (N, L, C) float16 local descriptors)."""
         from ..data import load_image
         from ..progress import bar
 
-        chunks = [self.encode_arrays([load_image(p) for p in paths[start:start + batch_size]])
+        chunks = [self.encode_arrays([load_image(p) for p in paths[start:start + batch_size]],
+                                     maps=maps)
                   for start in bar(range(0, len(paths), batch_size), progress, desc=desc,
                                    unit="batch", leave=False)]
         if not chunks:
             return np.zeros((0, 0), dtype=np.float32)
-        return np.concatenate(chunks)
+        if not maps:
+            return np.concatenate(chunks)
+        return np.concatenate([v for v, _ in chunks]), np.concatenate([m for _, m in chunks])
 
-    def encode_arrays(self, images: Sequence[np.ndarray], device: Any = None) -> np.ndarray:
+    def encode_arrays(self, images: Sequence[np.ndarray], device: Any = None, maps: bool = False):
+        if maps and not self.gives_maps:
+            raise ValueError("this exported encoder has no local descriptors output")
         batch = np.stack([preprocess(image, self.preprocessing) for image in images])
-        vectors = self._run(batch)
+        outputs = self.session.run(None, {_INPUT: batch})
+        vectors = outputs[0]
         if self.tta == "flip":
-            vectors = vectors + self._run(np.ascontiguousarray(batch[..., ::-1]))
+            vectors = vectors + self.session.run(None, {_INPUT: np.ascontiguousarray(
+                batch[..., ::-1])})[0]
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors.astype(np.float32)
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {_INPUT: batch})[0]
+        vectors = vectors.astype(np.float32)
+        return (vectors, outputs[1].astype(np.float16)) if maps else vectors

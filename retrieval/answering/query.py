@@ -167,10 +167,12 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
                       "index with build_index.py --model for this one")
     if workers is None:
         workers = default_workers(len(images), batch_size)
-    vectors = encoder.encode(images, batch_size=batch_size, num_workers=workers,
-                             device=_device(device), progress=progress and len(images) > batch_size,
-                             desc="embedding queries")
-    ranking = stored.gallery.search(stored.to_gallery_space(vectors), k)
+    local = stored.local is not None
+    embedded = encoder.encode(images, batch_size=batch_size, num_workers=workers,
+                              device=_device(device), progress=progress and len(images) > batch_size,
+                              desc="embedding queries", maps=local)
+    vectors, maps = embedded if local else (embedded, None)
+    ranking = stored.search(vectors, k, maps)
     if threshold is None:
         threshold = stored.manifest.threshold
     answers = [QueryAnswer(str(image), hits_for(ids, scores, best, threshold, k))
@@ -184,8 +186,8 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
 
 def encoder_for(stored, model: str | None = None, device: str | None = None):
     """The index's exported ONNX encoder where it has one (starts in a fraction of the time, no
-    torch); the full model for ``--model``, ``--device cuda``, an index without one, or where
-    onnxruntime is missing."""
+    torch); the full model for ``--model``, ``--device cuda``, an index without one (or one
+    without the local descriptors the index re-scores with), or where onnxruntime is missing."""
     from .onnx_encoder import ENCODER_FILE
 
     if model is None and device != "cuda" and stored.attachment(ENCODER_FILE) is not None:
@@ -195,8 +197,12 @@ def encoder_for(stored, model: str | None = None, device: str | None = None):
             log.info("onnxruntime is not installed: loading the full model")
         else:
             manifest = stored.manifest
-            return OnnxEncoder(stored.attachment(ENCODER_FILE), manifest.model["preprocessing"],
-                               manifest.fingerprint, manifest.tta)
+            encoder = OnnxEncoder(stored.attachment(ENCODER_FILE), manifest.model["preprocessing"],
+                                  manifest.fingerprint, manifest.tta)
+            if stored.local is None or encoder.gives_maps:
+                return encoder
+            log.info("the index's exported encoder gives no local descriptors: loading the full "
+                     "model")
     return _full_encoder(stored.manifest, model)
 
 

@@ -206,10 +206,11 @@ class GalleryService:
         """The top-``k`` identities for one photo, ``new_whale`` placed by the index's threshold."""
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
-        vector = self.embed(decode_upload(data, name))
+        vector, maps = self.embed(decode_upload(data, name))
         snapshot = self.current()
         k = min(k, len(snapshot.rows_of) + 1)
-        ranking = snapshot.stored.gallery.search(vector, k)
+        ranking = snapshot.stored.search(vector, k, maps)
+        in_gallery = snapshot.stored.to_gallery_space(vector)
         threshold = snapshot.stored.manifest.threshold
         from .query import hits_for
 
@@ -217,21 +218,27 @@ class GalleryService:
                         snapshot.stored.best_images(ranking)[0], threshold, k)
         candidates = [Candidate(hit.identity, None) if hit.similarity is None else
                       Candidate(hit.identity, hit.similarity,
-                                self._matches(snapshot, hit.identity, vector[0])) for hit in hits]
+                                self._matches(snapshot, hit.identity, in_gallery[0])) for hit in hits]
         return Answer(candidates, threshold)
 
-    def embed(self, image: np.ndarray) -> np.ndarray:
-        """(1, D) in the index's gallery space (``StoredIndex.to_gallery_space``), through the
-        batcher (photos that arrive together share one forward pass)."""
+    def embed(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(1, D) embedding (the model's own: ``StoredIndex.search`` brings it into the
+        gallery's space) and, for an index that re-scores with local descriptors, the (1, L, C)
+        raw maps (else None), through the batcher (photos that arrive together share one
+        forward pass)."""
         if self._batcher is not None:
-            vector = self._batcher.submit(image)[None]
+            vector, maps = self._batcher.submit(image)
         else:
-            vector = self._encode_many([image])
-        return self.current().stored.to_gallery_space(vector)
+            vector, maps = self._encode_many([image])[0]
+        return vector[None], None if maps is None else maps[None]
 
-    def _encode_many(self, images: list[np.ndarray]) -> np.ndarray:
+    def _encode_many(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per image: (vector, maps or None)."""
         with self._model_lock:
-            return self.encoder.encode_arrays(images, device=self.device)
+            if self.current().stored.local is None:
+                return [(v, None) for v in self.encoder.encode_arrays(images, device=self.device)]
+            vectors, maps = self.encoder.encode_arrays(images, device=self.device, maps=True)
+            return list(zip(vectors, maps))
 
     def _matches(self, snapshot: _Snapshot, identity: str, vector: np.ndarray) -> list[GalleryImage]:
         rows = snapshot.rows_of[identity]
@@ -297,7 +304,7 @@ class GalleryService:
         snapshot = self.current()
         if not new_identity and identity not in snapshot.rows_of:
             raise NotFound(f"identity {identity!r} is not in the gallery: add it as a new identity")
-        vector = self.embed(image)  # outside the edit lock: queries and other uploads go on
+        vector, maps = self.embed(image)  # outside the edit lock: queries and other uploads go on
         with self._edit_lock, self._writer_lock():
             stored, vectors = self._read_for_edit()
             if new_identity and identity in set(stored.identities):
@@ -312,8 +319,10 @@ class GalleryService:
                                    "remove that identity first to relabel it")
                 return Added(identity, GalleryImage(image_id(str(path)), identity), False,
                              len(stored.paths))
-            self._commit(stored, np.concatenate([vectors, vector]), stored.paths + [str(path)],
-                         stored.identities + [identity])
+            local = None if stored.local is None else \
+                [stored.local.descriptors, stored.local.queries(maps).astype(np.float16)]
+            self._commit(stored, np.concatenate([vectors, stored.to_gallery_space(vector)]),
+                         stored.paths + [str(path)], stored.identities + [identity], local)
         log.info("added %s to %s (%s)", path.name, identity, "new identity" if new_identity else "existing")
         return Added(identity, GalleryImage(image_id(str(path)), identity), True, len(stored.paths) + 1)
 
@@ -330,7 +339,9 @@ class GalleryService:
                                "needs at least one image")
             self._commit(stored, np.asarray(vectors)[keep],
                          [p for p, k in zip(stored.paths, keep) if k],
-                         [i for i, k in zip(stored.identities, keep) if k])
+                         [i for i, k in zip(stored.identities, keep) if k],
+                         None if stored.local is None else
+                         [(stored.local.descriptors, np.flatnonzero(keep))])
             uploads = self.index_dir / UPLOADS_DIR
             for path, kept in zip(stored.paths, keep):
                 if not kept and Path(path).parent == uploads:
@@ -349,7 +360,10 @@ class GalleryService:
         snapshot = self.current()
         return snapshot.stored, snapshot.vectors
 
-    def _commit(self, stored, vectors: np.ndarray, paths: list[str], identities: list[str]) -> None:
+    def _commit(self, stored, vectors: np.ndarray, paths: list[str], identities: list[str],
+                local: list | None = None) -> None:
+        """Write the edited gallery; ``local``: the parts of its local descriptors, row for row
+        (``save_index``), for an index that keeps them (the share and mean stay)."""
         from index import types
         from index.store import save_index
 
@@ -360,6 +374,7 @@ class GalleryService:
                    target_recall=manifest.index.get("target_recall"),
                    gpu_float16=types.gpu_float16(manifest.index), created=manifest.created,
                    whitening=stored.whitening,
+                   local=None if local is None else (stored.local.share, stored.local.mean, local),
                    attachments={name: stored.attachment(name) for name in manifest.attachments})
         self._reload()
 
