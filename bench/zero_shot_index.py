@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import Report, format_table
+from .common import Report, format_table, mean_std
 
 VARIANTS = {"default": {}, "--no-local": {"local": False}}
 
@@ -103,22 +103,28 @@ def run(args) -> dict:
         print(f"seed {seed}: " + ", ".join(f"{k} {v['test']:.3f} ({v['image_size']} px, local "
                                            f"{v['local']:g}, build {v['build_s']} s)"
                                            for k, v in rows.items()), flush=True)
-    table_rows = []
-    for name in args.variants:
-        tests = np.array([r[name]["test"] for r in per_seed])
-        table_rows.append([name, f"{tests.mean():.3f} ± {tests.std():.3f}",
-                           " ".join(f"{t:.3f}" for t in tests),
-                           " ".join(str(r[name]["image_size"]) for r in per_seed),
-                           " ".join(f"{r[name]['local']:g}" for r in per_seed),
-                           f"{np.mean([r[name]['build_s'] for r in per_seed]):.0f}",
-                           f"{np.mean([r[name]['query_s'] for r in per_seed]):.0f}"])
-    title = (f"{args.data}: the zero-shot index through build_index + query, seeds "
-             f"{' '.join(map(str, args.seeds))}")
-    table = format_table(["variant", "test MAP@5", "per seed", "px per seed", "local share",
-                          "build s", "query s"], table_rows, title)
+    table = render_table(args.data, args.seeds, args.variants, per_seed)
     print(table)
     tag = f"_{args.max_identities}ids" if args.max_identities else ""
     size = f"_{args.image_size}px" if args.image_size else ""
     report.write(f"zero_shot_index_{Path(str(args.data)).name}{tag}{size}",
                  getattr(args, "out", None), rows=per_seed, table=table)
     return {"zero_shot_index": per_seed}
+
+
+def render_table(data: str, seeds, variants, per_seed: list[dict]) -> str:
+    """The suite's table from its per-seed rows (as the JSON keeps them)."""
+    table_rows = []
+    for name in variants:
+        tests = [r[name]["test"] for r in per_seed]
+        spread = mean_std(tests)
+        table_rows.append([name, f"{spread['mean']:.3f} ± {spread['std']:.3f}",
+                           " ".join(f"{t:.3f}" for t in tests),
+                           " ".join(str(r[name]["image_size"]) for r in per_seed),
+                           " ".join(f"{r[name]['local']:g}" for r in per_seed),
+                           f"{np.mean([r[name]['build_s'] for r in per_seed]):.0f}",
+                           f"{np.mean([r[name]['query_s'] for r in per_seed]):.0f}"])
+    title = (f"{data}: the zero-shot index through build_index + query, seeds "
+             f"{' '.join(map(str, seeds))}")
+    return format_table(["variant", "test MAP@5 (mean ± sd)", "per seed", "px per seed",
+                         "local share", "build s", "query s"], table_rows, title)

@@ -5,6 +5,8 @@
   store   the index folder: atomic writes, manifest checks, load/save
   errors  the index's own exception types (callers add advice for their interface)
   milvus  the second backend: the gallery in a Milvus collection, same search, same guarantees
+  local_match  a query's shortlist re-scored location by location (chamfer similarity of local
+          descriptors), where the index keeps them
 
 This floor depends on FAISS, NumPy, pyarrow and pydantic (and pymilvus for the Milvus backend) only, never on ``retrieval``. Names are
 exported lazily, so ``import index.errors`` stays cheap (no FAISS) for a CLI's ``--help``.
