@@ -32,8 +32,11 @@ def normalised_descriptors(maps: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 def mean_descriptor(maps: np.ndarray) -> np.ndarray:
     """(C,) float32: the mean over every image and location of ``maps`` (N, L, C)."""
-    maps = np.asarray(maps)
-    return maps.reshape(-1, maps.shape[-1]).astype(np.float64).mean(axis=0).astype(np.float32)
+    total = np.zeros(maps.shape[-1], dtype=np.float64)
+    for start in range(0, len(maps), 1024):  # float64 a block at a time, not the whole gallery
+        block = np.asarray(maps[start:start + 1024], dtype=np.float64)
+        total += block.reshape(-1, block.shape[-1]).sum(axis=0)
+    return (total / max(1, len(maps) * maps.shape[1])).astype(np.float32)
 
 
 def chamfer_similarity(queries: np.ndarray, gallery: np.ndarray, block: int = 128) -> np.ndarray:
@@ -128,6 +131,17 @@ class LocalGallery:
             finite = np.isfinite(top)
             out[own] = np.where(finite, top, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
         return out
+
+
+def local_gallery(maps: np.ndarray, share: float, block: int = 1024) -> LocalGallery:
+    """The ``LocalGallery`` of a gallery's raw maps (N, L, C): centred on their mean and
+    normalised, stored float16 (a block at a time in float32: 1.7 GB for 20,000 images at
+    224 px otherwise)."""
+    mean = mean_descriptor(maps)
+    descriptors = np.empty(maps.shape, dtype=np.float16)
+    for start in range(0, len(maps), block):
+        descriptors[start:start + block] = normalised_descriptors(maps[start:start + block], mean)
+    return LocalGallery(share, mean, descriptors)
 
 
 class ChamferCache:

@@ -34,7 +34,7 @@ from .index_helpers import make_checkpoint
 # one depth (the whole backbone) and plain cosine search: the tests of the mechanics train one
 # selection, not the default's two, and score it as evaluate_queries does
 TINY = dict(image_size=48, embedding_dim=64, batch_size=16, num_workers=0, warmup_epochs=1,
-            trainable_blocks=0, hubness=False, whiten_output=False)
+            trainable_blocks=0, hubness=False, whiten_output=False, local_match=False)
 
 
 def read_log(out: Path) -> list[dict]:
@@ -782,3 +782,61 @@ def test_a_model_pooling_stages_trains_and_reproduces_its_validation_score(orl_s
     split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
     result = evaluate_queries(model, pre, split.gallery, split.queries, progress=False)
     assert result.map5 == pytest.approx(payload["metrics"]["val_map5"])
+
+
+def test_local_matching_is_kept_where_validation_scores_it_better_and_reaches_the_index(
+        orl_subset, tmp_path, monkeypatch):
+    """``local_match``: best.pt re-scores with the share (and hubness weight) that beats the
+    search already chosen on validation, else not at all; model.pt carries it through the
+    refit; an index built from it keeps the untrained reference's descriptors centred on its
+    own gallery, its exported encoder gives them, and query.py answers as ``rank_queries``
+    with that share does."""
+    import retrieval.training.train as train_module
+    from index.store import load_index
+    from retrieval.answering.indexing import BuildOptions, run
+    from retrieval.answering.onnx_encoder import ENCODER_FILE, OnnxEncoder
+    from retrieval.answering.query import run_query
+    from retrieval.data import Sample
+    from retrieval.models.embed import embed_images
+    from retrieval.training.evaluate import evaluate_local, rank_queries
+
+    monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))  # a reference to take maps from
+    config = TrainConfig(out=str(tmp_path), epochs=2, **{**TINY, "local_match": True})
+    payload = load_checkpoint(train(config, orl_subset))
+    model, pre, best = load_model(tmp_path / "best.pt")
+    split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
+    without = evaluate_queries(model, pre, split.gallery, split.queries, progress=False)
+    results = evaluate_local(model, pre, split.gallery, split.queries, (0.0,), progress=False)
+    share, _, top = max(results, key=lambda r: r[2].map5)  # the first of equals
+    chosen = share if top.map5 > without.map5 else 0.0
+    assert best.get("local", 0.0) == payload.get("local", 0.0) == chosen
+    assert payload["metrics"]["val_map5"] == pytest.approx(max(top.map5, without.map5))
+
+    forced = tmp_path / "forced.pt"  # an index of a model that re-scores, whatever was chosen
+    save_checkpoint(forced, {**payload, "local": 0.5})
+    gallery, queries = tmp_path / "gallery", tmp_path / "queries"
+    for folder, part in ((gallery, split.gallery), (queries, split.queries)):
+        for sample in part:
+            (folder / sample.identity).mkdir(parents=True, exist_ok=True)
+            (folder / sample.identity / sample.path.name).write_bytes(sample.path.read_bytes())
+    run(BuildOptions(out=str(tmp_path / "index"), gallery=str(gallery), model=str(forced),
+                     workers=0, progress=False))
+    stored = load_index(tmp_path / "index")
+    shipped, shipped_pre, _ = load_model(forced)
+    _, maps = embed_images(shipped, stored.paths, shipped_pre, progress=False, maps=True)
+    assert stored.manifest.model["local"] == 0.5 and stored.local.share == 0.5
+    np.testing.assert_allclose(stored.local.mean, maps.astype(np.float32).mean(axis=(0, 1)),
+                               atol=1e-3)
+    onnx = OnnxEncoder(stored.attachment(ENCODER_FILE), stored.manifest.model["preprocessing"],
+                       stored.manifest.fingerprint)
+    _, onnx_maps = onnx.encode(stored.paths[:4], progress=False, maps=True)
+    np.testing.assert_allclose(onnx_maps.astype(np.float32), maps[:4].astype(np.float32),
+                               atol=2e-2)
+    answered = run_query(queries, tmp_path / "index", threshold=-10.0)
+    images = sorted(queries.rglob("*.pgm"))
+    assert [a.image for a in answered.answers] == [str(p) for p in images]
+    direct = rank_queries(shipped, shipped_pre,
+                          [Sample(Path(p), i) for p, i in zip(stored.paths, stored.identities)],
+                          [Sample(p, p.parent.name) for p in images], progress=False, local=0.5,
+                          hubness=payload["hubness"], whiten=payload["whiten"])
+    assert [a.labels for a in answered.answers] == direct.identities

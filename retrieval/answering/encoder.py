@@ -62,6 +62,7 @@ class Encoder:
     tta: str = "none"
     hubness: float = 0.0  # the checkpoint's hubness correction weight (index.hubness)
     whiten: bool = False  # the checkpoint's threshold was calibrated whitened (index.whitening)
+    local: float = 0.0  # the checkpoint's share of local matching (index.local_match)
 
     def model_info(self) -> dict[str, Any]:
         """The manifest's ``model`` entry: enough to rebuild this encoder for queries, and the
@@ -139,7 +140,7 @@ def _checkpoint_encoder(spec: EncoderSpec) -> Encoder:
     model, preprocessing, payload = load_model(path)
     return Encoder(model, preprocessing, payload["fingerprint"], payload.get("threshold"),
                    str(path), spec.tta, float(payload.get("hubness") or 0.0),
-                   bool(payload.get("whiten", False)))
+                   bool(payload.get("whiten", False)), float(payload.get("local") or 0.0))
 
 
 def _zero_shot_encoder(spec: EncoderSpec) -> Encoder:

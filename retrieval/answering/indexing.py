@@ -141,6 +141,10 @@ def _run_locked(opts: BuildOptions, ctx) -> Any:
         raise UserError(f"{encoder.checkpoint} searches with a hubness correction (weight "
                         f"{encoder.hubness}), which the Milvus backend does not apply: build with "
                         "--backend faiss, or train with --no-hubness")
+    if encoder.local and (opts.backend == "milvus" or current.milvus is not None):
+        raise UserError(f"{encoder.checkpoint} re-scores with local matching (share "
+                        f"{encoder.local}, chosen on validation), which the Milvus backend does "
+                        "not do: build with --backend faiss, or train with --no-local-match")
     if encoder.whiten and opts.whiten and (opts.backend == "milvus" or current.milvus is not None):
         raise UserError(f"{encoder.checkpoint} searches whitened within identities (chosen on "
                         "validation), which the Milvus backend does not do: build with "
@@ -284,6 +288,8 @@ def _wants_maps(opts: BuildOptions, current: Current, encoder: Encoder, n_images
 
     if current.local is not None:
         return True
+    if current.manifest is None and encoder.checkpoint is not None:  # the model's own choice
+        return bool(encoder.local) and opts.threshold is None and encoder.gives_maps
     return (current.manifest is None and opts.local and opts.backend != "milvus"
             and opts.threshold is None and encoder.threshold is None and encoder.gives_maps
             and n_images <= MAX_IMAGES)
@@ -635,7 +641,8 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
             None, None
     if encoder is not None and encoder.threshold is not None:
         return encoder.threshold, "checkpoint", encoder.hubness, \
-            _checkpoint_whitening(opts, manifest, encoder, rows, identities), None
+            _checkpoint_whitening(opts, manifest, encoder, rows, identities), \
+            _checkpoint_local(encoder, maps)
     default_weights, whiten = _gallery_choices(opts)
     weights = default_weights if weights is None else weights
     vectors = GalleryRows.of(rows).array()
@@ -661,6 +668,18 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
                  "backbone's local descriptors (share %g of the score; --no-local searches the "
                  "pooled vectors alone)", SHORTLIST, local.share)
     return calibration.threshold, "gallery", calibration.hubness, whitening, local
+
+
+def _checkpoint_local(encoder: Encoder, maps: np.ndarray | None):
+    """The local descriptors a checkpoint's index re-scores with, where training chose local
+    matching on validation: its share, centred on this gallery's mean (None otherwise)."""
+    if maps is None or not encoder.local:
+        return None
+    from index.local_match import SHORTLIST, local_gallery
+
+    log.info("each query's %d nearest gallery images are re-scored by local matching (share %g, "
+             "as the model's validation chose)", SHORTLIST, encoder.local)
+    return local_gallery(maps, encoder.local)
 
 
 def _gallery_choices(opts: BuildOptions) -> tuple[Sequence[float], bool]:

@@ -15,9 +15,13 @@ from .model import EmbeddingModel
 
 
 def gives_maps(model: EmbeddingModel) -> bool:
-    """Whether ``model`` is an untrained model that pools a stage before its final map
-    (``zero_shot_model``): the one whose maps an index keeps as local descriptors."""
-    return model.reference is None and bool(model.stage_indices)
+    """Whether ``model``'s forward pass holds the maps of a stage before the final one: its
+    untrained reference's where it blends one in (the default recipe: ImageNet maps), else its
+    own (meant for the untrained ``zero_shot_model``; a trained model without a reference is
+    never asked: training offers local matching only with a reference, ``train._choose_local``)."""
+    if model.reference is not None:
+        return bool(model.reference.stage_indices)
+    return bool(model.stage_indices)
 
 
 class VectorsAndMaps(torch.nn.Module):
@@ -32,5 +36,5 @@ class VectorsAndMaps(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.model.forward_features(images)
-        return self.model.forward_head(maps), maps[0].flatten(2).transpose(1, 2)
+        vectors, maps = self.model.forward_with_maps(images)
+        return vectors, maps[0].flatten(2).transpose(1, 2)

@@ -186,8 +186,13 @@ class PretrainedReference(nn.Module):
         return super().train(False)  # its BatchNorm statistics are ImageNet's, whatever the parent does
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(self.pool(backbone_maps(self.backbone, images, self.stage_indices)), dim=1)
-        return features if self.whitening is None else self.whitening(features)
+        return self.forward_with_maps(images)[0]
+
+    def forward_with_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, list | torch.Tensor]:
+        """(its features, the backbone's maps they were pooled from: ``backbone_maps``)."""
+        maps = backbone_maps(self.backbone, images, self.stage_indices)
+        features = F.normalize(self.pool(maps), dim=1)
+        return (features if self.whitening is None else self.whitening(features)), maps
 
 
 def blend(trained: torch.Tensor, untrained: torch.Tensor, share: float) -> torch.Tensor:
@@ -242,15 +247,22 @@ class EmbeddingModel(nn.Module):
         return self.reference is not None and self.config.pretrained_share >= 1.0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_maps(images)[0]
+
+    def forward_with_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, list | torch.Tensor]:
+        """(``forward``'s vectors, the untrained ImageNet maps of the same pass: this model's
+        own where it is untrained (no reference), else its reference's). The maps are what an
+        index's local descriptors come from (``local_descriptors``)."""
         if self.reference is None:
-            return self.forward_head(self.forward_features(images))
-        untrained = self.reference(images)
+            maps = self.forward_features(images)
+            return self.forward_head(maps), maps
+        untrained, maps = self.reference.forward_with_maps(images)
         if self.untrained_only:  # the trained half weighs 0: not computed at all
             # zeros built from the batch itself, so an exported (ONNX) graph keeps a free batch size
             zeros = torch.zeros_like(untrained[:, :1]).repeat(1, self.head_dim)
-            return blend(zeros, untrained, 1.0)
+            return blend(zeros, untrained, 1.0), maps
         return blend(self.forward_head(self.forward_features(images)), untrained,
-                     self.config.pretrained_share)
+                     self.config.pretrained_share), maps
 
 
 def _timm_backbone(name: str, pretrained: bool) -> nn.Module:

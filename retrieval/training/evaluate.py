@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from index import GalleryIndex, IdentityRanking
+from index.local_match import local_gallery
 
 from ..data import Sample
 from ..metrics import calibrate_threshold, insert_new_whale, map_at_k
@@ -33,12 +34,20 @@ def answers(ranking: IdentityRanking, threshold: float | None, k: int = 5) -> li
 def rank_queries(model: EmbeddingModel, preprocessing: Preprocessing, gallery: Sequence[Sample],
                  queries: Sequence[Sample], k: int = 5, device: torch.device | None = None,
                  progress: bool = True, tta_flip: bool = False,
-                 hubness: float = 0.0, whiten: bool = False) -> IdentityRanking:
+                 hubness: float = 0.0, whiten: bool = False, local: float = 0.0) -> IdentityRanking:
     """The queries' ranked identities, searched as an index built from ``gallery`` searches
     (``hubness``: the checkpoint's correction weight; ``whiten``: its choice to whiten within
-    identities, a map fitted on ``gallery``)."""
-    gallery_vectors, query_vectors = _embed(model, preprocessing, gallery, queries,
-                                            device=device, progress=progress, tta_flip=tta_flip)
+    identities, a map fitted on ``gallery``; ``local``: its share of local matching, the
+    descriptors centred on ``gallery``'s mean)."""
+    maps = None
+    if local:
+        (gallery_vectors, gallery_maps), (query_vectors, query_maps) = _embed(
+            model, preprocessing, gallery, queries, device=device, progress=progress,
+            tta_flip=tta_flip, maps=True)
+        maps = (gallery_maps, query_maps)
+    else:
+        gallery_vectors, query_vectors = _embed(model, preprocessing, gallery, queries,
+                                                device=device, progress=progress, tta_flip=tta_flip)
     if whiten:
         from index.whitening import fit_on_gallery, whiten as apply
 
@@ -46,13 +55,31 @@ def rank_queries(model: EmbeddingModel, preprocessing: Preprocessing, gallery: S
         if fitted is not None:
             gallery_vectors, query_vectors = (apply(gallery_vectors, *fitted),
                                               apply(query_vectors, *fitted))
-    return GalleryIndex(gallery_vectors, [s.identity for s in gallery],
-                        hubness=hubness).search(query_vectors, k)
+    identities = [s.identity for s in gallery]
+    if maps is None:
+        return GalleryIndex(gallery_vectors, identities, hubness=hubness).search(query_vectors, k)
+    gallery_local = local_gallery(maps[0], local)
+    return local_index(gallery_vectors, identities, gallery_local, hubness).search(
+        query_vectors, k, gallery_local.queries(maps[1]))
+
+
+def local_index(vectors: np.ndarray, identities: Sequence[str], local, hubness: float,
+                chamfer=None) -> GalleryIndex:
+    """An exact index of ``vectors`` that re-scores with ``local`` (``LocalGallery``), its
+    hubness correction (weight ``hubness``) measured on blended scores, as ``save_index``
+    builds one."""
+    from index.hubness import K
+
+    plain = GalleryIndex(np.ascontiguousarray(vectors, dtype=np.float32), identities)
+    penalty = None if not hubness else \
+        hubness * local.hubness(vectors, plain.neighbours, K, chamfer=chamfer)
+    return GalleryIndex.from_faiss(plain.cpu_index, identities, plain.spec, None, penalty, local)
 
 
 def _embed(model: EmbeddingModel, preprocessing: Preprocessing, gallery: Sequence[Sample],
-           queries: Sequence[Sample], **embed) -> tuple[np.ndarray, np.ndarray]:
-    """The gallery's and the queries' vectors (``embed``: ``embed_images`` options)."""
+           queries: Sequence[Sample], **embed) -> tuple:
+    """The gallery's and the queries' vectors (``embed``: ``embed_images`` options; with
+    ``maps=True``, a (vectors, maps) pair each)."""
     return (embed_images(model, [s.path for s in gallery], preprocessing,
                          desc="embedding gallery", **embed),
             embed_images(model, [s.path for s in queries], preprocessing,
@@ -150,6 +177,49 @@ def evaluate_whitened(model: EmbeddingModel, preprocessing: Preprocessing,
     for weight in weights:
         ranking, rows = search_folds(spaces, identities, k, hubness=weight)
         results.append(_calibrated_result(ranking, [queries[r].identity for r in rows], k))
+    return results
+
+
+def evaluate_local(model: EmbeddingModel, preprocessing: Preprocessing,
+                   gallery: Sequence[Sample], queries: Sequence[Sample],
+                   weights: Sequence[float], fitted_on: Sequence[Sample] | None = None,
+                   k: int = 5, seed: int = 0, device: torch.device | None = None,
+                   progress: bool = True) -> list[tuple[float, float, EvalResult]]:
+    """(share, weight, result) per share of local matching (``index.local_match.SHARES``) and
+    hubness weight: the validation carve-out searched as an index of this model re-scoring
+    with the untrained maps of its reference (``local_descriptors.gives_maps``) searches it,
+    the descriptors centred on the validation gallery's mean; with ``fitted_on``, in the
+    whitened folds of ``evaluate_whitened`` (validation use only)."""
+    from index.local_match import SHARES, ChamferCache
+
+    (gallery_vectors, gallery_maps), (query_vectors, query_maps) = _embed(
+        model, preprocessing, gallery, queries, device=device, progress=progress, maps=True)
+    if fitted_on is not None:
+        fit_vectors = embed_images(model, [s.path for s in fitted_on], preprocessing,
+                                   desc="embedding the whitening's images", device=device,
+                                   progress=progress)
+        spaces = list(whitened_folds(gallery_vectors, query_vectors, [q.path for q in queries],
+                                     [q.identity for q in queries], fit_vectors,
+                                     [s.path for s in fitted_on],
+                                     [s.identity for s in fitted_on], seed))
+    else:
+        spaces = [(np.arange(len(queries)), gallery_vectors, query_vectors)]
+    identities = [s.identity for s in gallery]
+    chamfer = None
+    results = []
+    for share in SHARES:
+        local = local_gallery(gallery_maps, share)
+        chamfer = chamfer or ChamferCache(local.descriptors)  # the same descriptors every share
+        described = local.queries(query_maps)
+        for weight in weights:
+            parts = [(rows, local_index(space, identities, local, weight, chamfer).search(
+                queries_in, k, described[rows])) for rows, space, queries_in in spaces]
+            ranking = IdentityRanking([ids for _, part in parts for ids in part.identities],
+                                      np.concatenate([part.scores for _, part in parts]),
+                                      np.concatenate([part.best_rows for _, part in parts]))
+            rows = np.concatenate([rows for rows, _ in parts])
+            results.append((share, weight, _calibrated_result(
+                ranking, [queries[r].identity for r in rows], k)))
     return results
 
 

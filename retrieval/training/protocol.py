@@ -95,7 +95,8 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
     model, preprocessing, payload = load_model(checkpoint)
     ranking = rank_queries(model, preprocessing, split.gallery, split.queries,
                            hubness=payload.get("hubness", 0.0),
-                           whiten=payload.get("whiten", False))
+                           whiten=payload.get("whiten", False),
+                           local=payload.get("local", 0.0))
     truths = [q.identity for q in split.queries]
     return {
         "seed": seed, "queries": len(truths), "new_queries": truths.count(NEW_WHALE),

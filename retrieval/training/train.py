@@ -59,8 +59,8 @@ from ..models.transforms import seed_worker_transform, train_transform
 from ..models.whitening import Whitening, fit_within_identity, whiten
 from ..progress import bar
 from . import recipe
-from .evaluate import (EvalResult, evaluate_blends, evaluate_hubness, evaluate_queries,
-                       evaluate_whitened)
+from .evaluate import (EvalResult, evaluate_blends, evaluate_hubness, evaluate_local,
+                       evaluate_queries, evaluate_whitened)
 from .losses import LossSpec, create_loss
 from .recipe import Recipe
 
@@ -84,6 +84,7 @@ class Selection:
     complete: bool = False  # every epoch trained and the weight share chosen: nothing to resume
     hubness: float = 0.0  # weight of the hubness correction in search (index.hubness)
     whiten: bool = False  # an index of the model whitens within identities (index.whitening)
+    local: float = 0.0  # share of local matching in an index's scores (index.local_match)
 
 
 class LossHead(nn.Module):
@@ -258,12 +259,13 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
                        metrics: dict | None = None, raw: bool = False,
                        pretrained_share: float = 0.0, weight_share: float = 0.0,
-                       hubness: float = 0.0, whiten: bool = False) -> dict:
+                       hubness: float = 0.0, whiten: bool = False, local: float = 0.0) -> dict:
     """A checkpoint of the shipped weights (the EMA's, when on), moved towards the ImageNet
     weights by ``weight_share`` and with the untrained reference blended in at
     ``pretrained_share``; ``raw``: the weights being trained, which a resumed run continues from
     (``last.pt``). ``whiten``: an index of this model whitens its gallery and queries within
-    identities, a map fitted on its own gallery (chosen on validation: ``_choose_whitening``)."""
+    identities, a map fitted on its own gallery (chosen on validation: ``_choose_whitening``);
+    ``local``: the share of local matching an index of it re-scores with (``_choose_local``)."""
     model = trainer.model if raw else trainer.shipped_model
     if not raw and weight_share:  # the ImageNet backbone is built only where it is needed
         model = interpolate_towards(model, trainer.imagenet_backbone, weight_share)
@@ -274,6 +276,7 @@ def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
     return {**model_spec(model, trainer.preprocessing),
             "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
             "threshold": threshold, "hubness": hubness, "whiten": whiten,
+            **({"local": local} if local else {}),
             "identities": trainer.identities,
             "train_config": asdict(trainer.config), "stage": stage, "epoch": trainer.epoch,
             "metrics": metrics or {}}
@@ -424,7 +427,7 @@ def _run_selections(config: TrainConfig, samples: Sequence[Sample], ctx: distrib
             save_checkpoint(out / "best.pt",
                             load_checkpoint(_best_path(out, chosen.trainable_blocks, len(depths))))
         distributed.barrier(ctx)
-    if config.hubness or config.whiten_output:
+    if config.hubness or config.whiten_output or config.local_match:
         chosen = _with_search_choices(config, samples, ctx, out, chosen)
     if chosen.trainable_blocks in streams:
         _restore_random_streams(streams[chosen.trainable_blocks])
@@ -447,6 +450,9 @@ def _with_search_choices(config: TrainConfig, samples: Sequence[Sample],
                 if config.whiten_output:
                     _choose_whitening(split, samples, chosen, out / "best.pt", ctx.device,
                                       config.hubness, config.seed)
+                if config.local_match:
+                    _choose_local(split, samples, chosen, out / "best.pt", ctx.device,
+                                  config.hubness, config.seed)
     return distributed.broadcast(ctx, chosen)
 
 
@@ -562,6 +568,40 @@ def _choose_whitening(split, samples: Sequence[Sample], selection: Selection, be
     selection.shipped_map5 = best.map5
 
 
+def _choose_local(split, samples: Sequence[Sample], selection: Selection, best_path: Path,
+                  device: torch.device, hubness: bool, seed: int) -> None:
+    """``local_match``: score the validation carve-out searched as an index re-scoring with
+    the untrained reference's local descriptors (``evaluate.evaluate_local``: every share and
+    hubness weight, whitened fold by fold where the model searches whitened), and keep local
+    matching only where it scores strictly better than the search already chosen; rewrites
+    ``best.pt`` then. Only a model blending in the untrained features has their maps in its
+    forward pass (``local_descriptors.gives_maps``); a trained backbone's maps are never used."""
+    from index.hubness import WEIGHTS
+
+    from ..models.local_descriptors import gives_maps
+
+    model, preprocessing, payload = load_model(best_path)
+    if model.reference is None or not gives_maps(model):
+        return
+    weights = WEIGHTS if hubness else (0.0,)
+    results = evaluate_local(model, preprocessing, split.gallery, split.queries, weights,
+                             fitted_on=samples if selection.whiten else None, seed=seed,
+                             device=device, progress=False)
+    log.info("validation MAP@5 with local matching, by share and hubness weight: %s "
+             "(without: %.5f)", {(share, weight): round(r.map5, 5) for share, weight, r in results},
+             selection.shipped_map5)
+    best = _best_result([r for _, _, r in results])
+    share, weight, _ = results[[r for _, _, r in results].index(best)]
+    if best.map5 <= selection.shipped_map5:
+        return
+    payload = {**payload, "local": share, "hubness": weight, "threshold": best.threshold,
+               "metrics": {**payload["metrics"], "val_map5": best.map5, "hubness": weight,
+                           "local": share}}
+    save_checkpoint(best_path, payload)
+    selection.local, selection.hubness, selection.threshold = share, weight, best.threshold
+    selection.shipped_map5 = best.map5
+
+
 def _best_result(results: Sequence[EvalResult]) -> EvalResult:
     """The best result by validation MAP@5 with its threshold, the first listed among equals
     (``max`` keeps the first of equal items): a weight share, hubness weight or whitening is
@@ -660,6 +700,7 @@ def _keep_selected_model(config: TrainConfig, samples: Sequence[Sample], selecti
         selection = _calibrated_on_all_images(config, vectors, samples, selection)
         best = {**best, "threshold": selection.threshold, "hubness": selection.hubness,
                 "whiten": selection.whiten}
+        best.pop("local", None)  # calibrated without it
     save_checkpoint(out / "model.pt", best)
 
 
@@ -704,9 +745,9 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
             trainer, selection.threshold, "refit",
             {"val_map5": selection.shipped_map5, "val_map5_trained": selection.best_map5,
              "weight_share": selection.weight_share, "hubness": selection.hubness,
-             "whiten": selection.whiten},
+             "whiten": selection.whiten, "local": selection.local},
             pretrained_share=selection.pretrained_share, weight_share=selection.weight_share,
-            hubness=selection.hubness, whiten=selection.whiten))
+            hubness=selection.hubness, whiten=selection.whiten, local=selection.local))
 
 
 def _zero_shot_calibration(config: TrainConfig, vectors: np.ndarray, identities: list[str]):
@@ -786,7 +827,7 @@ def _calibrated_on_all_images(config: TrainConfig, vectors: np.ndarray,
                 calibration.threshold, calibration.hubness, whitening is not None, len(samples),
                 calibration.map5)
     return replace(selection, threshold=calibration.threshold, hubness=calibration.hubness,
-                   whiten=whitening is not None)
+                   whiten=whitening is not None, local=0.0)
 
 
 def _restore(trainer: Trainer, resume: dict) -> None:
