@@ -165,28 +165,22 @@ class ChamferCache:
         return np.array([self._known[key] for key in keys], dtype=np.float32)
 
 
-def write_descriptors(path, parts, order: np.ndarray, chunk: int = 4096) -> None:
+def write_descriptors(path, parts, order: np.ndarray, chunk: int = 1024) -> None:
     """Save normalised descriptors as one float16 ``.npy`` (N, L, C) in ``order``, a chunk at a
     time. ``parts``: arrays, or ``(array, selected rows)`` pairs (what stays of a stored index
-    and the new images), seen as one concatenation."""
-    pieces = [(p, None) if not isinstance(p, tuple) else p for p in parts]
-    pieces = [(array, np.arange(len(array)) if selected is None else np.asarray(selected))
-              for array, selected in pieces]
-    pieces = [(array, selected) for array, selected in pieces if len(selected)]
-    shape = pieces[0][0].shape[1:]
-    if any(array.shape[1:] != shape for array, _ in pieces):
-        raise ValueError(f"descriptors of different shapes {[a.shape[1:] for a, _ in pieces]}")
-    starts = np.concatenate([[0], np.cumsum([len(s) for _, s in pieces])])
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
-                                    shape=(int(starts[-1]), *shape))
-    for begin in range(0, len(order), chunk):
-        wanted = np.asarray(order[begin:begin + chunk], dtype=np.int64)
-        part_of = np.searchsorted(starts, wanted, side="right") - 1
-        block = np.empty((len(wanted), *shape), dtype=np.float16)
-        for p, (array, selected) in enumerate(pieces):
-            mine = np.flatnonzero(part_of == p)
-            if len(mine):
-                block[mine] = array[selected[wanted[mine] - starts[p]]]
-        out[begin:begin + len(wanted)] = block
+    and the new images), seen as one concatenation: ``index.rows.GalleryRows`` over each part
+    viewed as (N, L x C) rows (float16 -> float32 -> float16 is exact)."""
+    from .rows import GalleryRows
+
+    pieces = [part if isinstance(part, tuple) else (part, None) for part in parts]
+    shapes = {array.shape[1:] for array, _ in pieces}
+    if len(shapes) > 1:
+        raise ValueError(f"descriptors of different shapes {sorted(shapes)}")
+    shape = shapes.pop()
+    rows = GalleryRows([(array.reshape(len(array), -1), selected) if selected is not None
+                        else array.reshape(len(array), -1) for array, selected in pieces])
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(rows), *shape))
+    for start, block in rows.chunks(np.asarray(order, dtype=np.int64), size=chunk):
+        out[start:start + len(block)] = block.reshape(len(block), *shape)
     out.flush()
     del out

@@ -2,7 +2,7 @@
 the index and the metrics, shared by training validation and the protocol evaluation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -166,18 +166,27 @@ def evaluate_whitened(model: EmbeddingModel, preprocessing: Preprocessing,
     zero-shot gallery). Embeds the images once."""
     gallery_vectors, query_vectors = _embed(model, preprocessing, gallery, queries,
                                             device=device, progress=progress)
-    fit_vectors = embed_images(model, [s.path for s in fitted_on], preprocessing,
-                               desc="embedding the whitening's images", device=device,
-                               progress=progress)
-    spaces = list(whitened_folds(gallery_vectors, query_vectors, [q.path for q in queries],
-                                 [q.identity for q in queries], fit_vectors, [s.path for s in fitted_on],
-                                 [s.identity for s in fitted_on], seed))
+    spaces = _whitened_spaces(model, preprocessing, gallery_vectors, query_vectors, queries,
+                              fitted_on, seed, device, progress)
     identities = [s.identity for s in gallery]
     results = []
     for weight in weights:
         ranking, rows = search_folds(spaces, identities, k, hubness=weight)
         results.append(_calibrated_result(ranking, [queries[r].identity for r in rows], k))
     return results
+
+
+def _whitened_spaces(model: EmbeddingModel, preprocessing: Preprocessing,
+                     gallery_vectors: np.ndarray, query_vectors: np.ndarray,
+                     queries: Sequence[Sample], fitted_on: Sequence[Sample], seed: int,
+                     device: torch.device | None, progress: bool) -> list:
+    """``whitened_folds`` of these vectors, the maps fitted on ``fitted_on``'s embeddings."""
+    fit_vectors = embed_images(model, [s.path for s in fitted_on], preprocessing,
+                               desc="embedding the whitening's images", device=device,
+                               progress=progress)
+    return list(whitened_folds(gallery_vectors, query_vectors, [q.path for q in queries],
+                               [q.identity for q in queries], fit_vectors,
+                               [s.path for s in fitted_on], [s.identity for s in fitted_on], seed))
 
 
 def evaluate_local(model: EmbeddingModel, preprocessing: Preprocessing,
@@ -195,41 +204,40 @@ def evaluate_local(model: EmbeddingModel, preprocessing: Preprocessing,
     (gallery_vectors, gallery_maps), (query_vectors, query_maps) = _embed(
         model, preprocessing, gallery, queries, device=device, progress=progress, maps=True)
     if fitted_on is not None:
-        fit_vectors = embed_images(model, [s.path for s in fitted_on], preprocessing,
-                                   desc="embedding the whitening's images", device=device,
-                                   progress=progress)
-        spaces = list(whitened_folds(gallery_vectors, query_vectors, [q.path for q in queries],
-                                     [q.identity for q in queries], fit_vectors,
-                                     [s.path for s in fitted_on],
-                                     [s.identity for s in fitted_on], seed))
+        spaces = _whitened_spaces(model, preprocessing, gallery_vectors, query_vectors, queries,
+                                  fitted_on, seed, device, progress)
     else:
         spaces = [(np.arange(len(queries)), gallery_vectors, query_vectors)]
     identities = [s.identity for s in gallery]
-    chamfer = None
+    # the descriptors do not depend on the share: normalised, and each pair compared, once
+    described = local_gallery(gallery_maps, 1.0)
+    chamfer = ChamferCache(described.descriptors)
+    query_descriptors = described.queries(query_maps)
     results = []
     for share in SHARES:
-        local = local_gallery(gallery_maps, share)
-        chamfer = chamfer or ChamferCache(local.descriptors)  # the same descriptors every share
-        described = local.queries(query_maps)
+        local = replace(described, share=share)
         for weight in weights:
-            parts = [(rows, local_index(space, identities, local, weight, chamfer).search(
-                queries_in, k, described[rows])) for rows, space, queries_in in spaces]
-            ranking = IdentityRanking([ids for _, part in parts for ids in part.identities],
-                                      np.concatenate([part.scores for _, part in parts]),
-                                      np.concatenate([part.best_rows for _, part in parts]))
-            rows = np.concatenate([rows for rows, _ in parts])
+            ranking, rows = search_folds(spaces, identities, k, hubness=weight,
+                                         local=(local, query_descriptors, chamfer))
             results.append((share, weight, _calibrated_result(
                 ranking, [queries[r].identity for r in rows], k)))
     return results
 
 
 def search_folds(spaces: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                 identities: Sequence[str], k: int = 5,
-                 hubness: float = 0.0) -> tuple[IdentityRanking, np.ndarray]:
+                 identities: Sequence[str], k: int = 5, hubness: float = 0.0,
+                 local: tuple | None = None) -> tuple[IdentityRanking, np.ndarray]:
     """Each fold's queries searched in its own gallery space (``whitened_folds``' triples):
-    one ranking of every query, fold after fold, and the query rows in that order."""
-    rankings = [GalleryIndex(gallery, identities, hubness=hubness).search(queries, k)
-                for _, gallery, queries in spaces]
+    one ranking of every query, fold after fold, and the query rows in that order. ``local``:
+    (``LocalGallery``, every query's normalised descriptors, a ``ChamferCache``): each fold's
+    index re-scores with them (``local_index``)."""
+    if local is None:
+        rankings = [GalleryIndex(gallery, identities, hubness=hubness).search(queries, k)
+                    for _, gallery, queries in spaces]
+    else:
+        gallery_local, descriptors, chamfer = local
+        rankings = [local_index(gallery, identities, gallery_local, hubness, chamfer).search(
+            queries, k, descriptors[rows]) for rows, gallery, queries in spaces]
     ranking = IdentityRanking([ids for part in rankings for ids in part.identities],
                               np.concatenate([part.scores for part in rankings]),
                               np.concatenate([part.best_rows for part in rankings]))
