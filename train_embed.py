@@ -112,12 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local-match", action=argparse.BooleanOptionalAction,
                        default=DEFAULTS.local_match,
                        help="let validation decide whether an index of the model re-scores each "
-                            "query's 50 nearest gallery images by local matching (the untrained "
-                            "ImageNet backbone's stride-16 descriptors compared location by "
-                            "location, blended with the cosine at a share of 1/4 to 1), kept only "
-                            "where the validation queries score strictly better; the share is "
-                            "stored in the checkpoint and the index keeps the descriptors "
-                            "(models that blend in the untrained features only) "
+                            "query's 50 nearest gallery images by local matching (stride-16 "
+                            "descriptors compared location by location, blended with the cosine "
+                            "at a share of 1/4 to 1: the untrained ImageNet backbone's where the "
+                            "model blends its features in, else the trained backbone's), kept "
+                            "only where the validation queries score strictly better; the share "
+                            "is stored in the checkpoint and the index keeps the descriptors "
                             "(default: %(default)s)")
     train.add_argument("--layer-decay", type=float, default=DEFAULTS.layer_decay,
                        help="layer-wise learning-rate decay: the backbone's last block learns at "

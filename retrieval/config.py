@@ -91,11 +91,11 @@ class TrainConfig:
     # without that fold. At 160 px, seeds 0-4: chosen on 4 of 5 Omniglot seeds (test MAP@5
     # 0.668 -> 0.688), on no ORL or dogs seed (bench/README.md, "Ties go to the correction")
     whiten_output: bool = True
-    # then whether an index re-scores each query's shortlist by local matching (the untrained
-    # reference's stride-16 descriptors, index.local_match) and with which share, chosen on the
-    # validation carve-out; kept only where it scores strictly better. At 160 px on kept runs,
-    # seeds 0-4: Omniglot 0.720 -> 0.733, ORL 0.921 -> 0.928, dogs level (bench/README.md,
-    # "Local matching")
+    # then whether an index re-scores each query's shortlist by local matching (stride-16
+    # descriptors, index.local_match: the untrained reference's where the model blends one in,
+    # else the trained backbone's own) and with which share, chosen on the validation
+    # carve-out; kept only where it scores strictly better (bench/README.md, "Local matching
+    # for every trained model")
     local_match: bool = True
     # after the warm-up only the backbone's last this many blocks learn (timm's fine-grained
     # groups; 0: the whole backbone): partial fine-tuning keeps the early ImageNet features.

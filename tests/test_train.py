@@ -445,22 +445,27 @@ def test_the_chosen_size_is_the_one_trained_and_stored(orl_subset, tmp_path, mon
 def test_a_model_shipping_the_imagenet_features_alone_is_calibrated_on_all_its_images(
         orl_subset, tmp_path, monkeypatch, refit):
     """Selection keeps the blend of share 1 (the untrained features alone): the shipped
-    threshold, hubness weight and whitening are the zero-shot index's leave-one-out calibration
-    over every training image embedded by model.pt itself, not the validation carve-out's; with
-    --no-refit too (model.pt is best.pt, recalibrated)."""
+    threshold, hubness weight, whitening and local matching share are the zero-shot index's
+    leave-one-out calibration over every training image embedded by model.pt itself, not the
+    validation carve-out's; with --no-refit too (model.pt is best.pt, recalibrated)."""
     import retrieval.training.train as train_module
     from index.hubness import WEIGHTS
-    from retrieval.gallery_threshold import choose_gallery_space
+    from retrieval.gallery_threshold import choose_gallery_space, choose_local_share
     from retrieval.models.embed import embed_images
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (1.0,))
     config = TrainConfig(out=str(tmp_path), epochs=1, refit=refit,
-                         **{**TINY, "hubness": True, "whiten_output": True})
+                         **{**TINY, "hubness": True, "whiten_output": True, "local_match": True})
     model, preprocessing, payload = load_model(train(config, orl_subset))
     assert payload["model_config"]["pretrained_share"] == 1.0
-    vectors = embed_images(model, [s.path for s in orl_subset], preprocessing, progress=False)
-    calibration, whitening = choose_gallery_space(vectors, [s.identity for s in orl_subset],
-                                                  weights=WEIGHTS, whiten=True)
+    vectors, maps = embed_images(model, [s.path for s in orl_subset], preprocessing,
+                                 progress=False, maps=True)
+    identities = [s.identity for s in orl_subset]
+    calibration, whitening = choose_gallery_space(vectors, identities, weights=WEIGHTS,
+                                                  whiten=True)
+    calibration, local = choose_local_share(vectors, identities, maps, calibration,
+                                            whitened=whitening is not None, weights=WEIGHTS)
+    assert payload.get("local", 0.0) == (0.0 if local is None else local.share)
     assert payload["threshold"] == pytest.approx(calibration.threshold, abs=1e-5)
     assert payload["hubness"] == calibration.hubness
     assert payload["whiten"] == (whitening is not None)
@@ -784,13 +789,14 @@ def test_a_model_pooling_stages_trains_and_reproduces_its_validation_score(orl_s
     assert result.map5 == pytest.approx(payload["metrics"]["val_map5"])
 
 
+@pytest.mark.parametrize("descriptors", ["reference", "own"])
 def test_local_matching_is_kept_where_validation_scores_it_better_and_reaches_the_index(
-        orl_subset, tmp_path, monkeypatch):
+        orl_subset, tmp_path, monkeypatch, descriptors):
     """``local_match``: best.pt re-scores with the share (and hubness weight) that beats the
     search already chosen on validation, else not at all; model.pt carries it through the
-    refit; an index built from it keeps the untrained reference's descriptors centred on its
-    own gallery, its exported encoder gives them, and query.py answers as ``rank_queries``
-    with that share does."""
+    refit; an index built from it keeps the model's descriptors (the untrained reference's
+    where it blends one in, else its own backbone's) centred on its own gallery, its exported
+    encoder gives them, and query.py answers as ``rank_queries`` with that share does."""
     import retrieval.training.train as train_module
     from index.store import load_index
     from retrieval.answering.indexing import BuildOptions, run
@@ -800,10 +806,13 @@ def test_local_matching_is_kept_where_validation_scores_it_better_and_reaches_th
     from retrieval.models.embed import embed_images
     from retrieval.training.evaluate import evaluate_local, rank_queries
 
-    monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))  # a reference to take maps from
-    config = TrainConfig(out=str(tmp_path), epochs=2, **{**TINY, "local_match": True})
+    if descriptors == "reference":  # a reference to take maps from
+        monkeypatch.setattr(train_module, "BLEND_SHARES", (0.5,))
+    config = TrainConfig(out=str(tmp_path), epochs=2, **{**TINY, "local_match": True,
+                                                         "blend_pretrained": descriptors != "own"})
     payload = load_checkpoint(train(config, orl_subset))
     model, pre, best = load_model(tmp_path / "best.pt")
+    assert (model.reference is not None) == (descriptors == "reference")
     split = validation_split(orl_subset, seed=config.seed, new_fraction=config.val_new_fraction)
     without = evaluate_queries(model, pre, split.gallery, split.queries, progress=False)
     results = evaluate_local(model, pre, split.gallery, split.queries, (0.0,), progress=False)
@@ -824,6 +833,14 @@ def test_local_matching_is_kept_where_validation_scores_it_better_and_reaches_th
     stored = load_index(tmp_path / "index")
     shipped, shipped_pre, _ = load_model(forced)
     _, maps = embed_images(shipped, stored.paths, shipped_pre, progress=False, maps=True)
+    if descriptors == "own":  # the trained backbone's earliest pooled map, location by channel
+        from retrieval.models.transforms import eval_transform
+
+        transform = eval_transform(shipped_pre)
+        batch = torch.stack([transform(image=load_image(p))["image"] for p in stored.paths[:2]])
+        with torch.no_grad():
+            own = shipped.eval().forward_features(batch)[0].flatten(2).transpose(1, 2)
+        np.testing.assert_allclose(maps[:2].astype(np.float32), own.numpy(), atol=2e-2)
     assert stored.manifest.model["local"] == 0.5 and stored.local.share == 0.5
     np.testing.assert_allclose(stored.local.mean, maps.astype(np.float32).mean(axis=(0, 1)),
                                atol=1e-3)

@@ -96,7 +96,7 @@ class Encoder:
 
     @property
     def gives_maps(self) -> bool:
-        """Whether this model gives local descriptors (the untrained zero-shot model)."""
+        """Whether this model gives local descriptors (``local_descriptors.gives_maps``)."""
         from ..models.local_descriptors import gives_maps
 
         return gives_maps(self.model)

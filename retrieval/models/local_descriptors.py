@@ -1,7 +1,11 @@
-"""The untrained backbone's mid-level map as local descriptors (``index.local_match``), from the
-same forward pass as the pooled vector.
+"""A backbone's mid-level map as local descriptors (``index.local_match``), from the same
+forward pass as the pooled vector: the untrained ImageNet backbone's where the model has one
+(the zero-shot model, a trained model blending in its untrained reference), else the trained
+backbone's own. On characters the reference's map re-scores a blended model better than its
+fine-tuned one, and a model without a reference gains from its own (bench/README.md, "Local
+matching for every trained model").
 
-The map is the earliest stage the untrained features pool (``model.stage_indices[0]``: stride
+The map is the earliest stage pooled (``stage_indices[0]``: stride
 16 on EfficientNet-Lite0, 112 channels, 10 x 10 locations at 160 px, 14 x 14 at 224). It is
 fine enough to keep a stroke or an eye apart from the rest of the image and coarse enough that
 comparing two images costs (L x M x C) multiply-adds: 4.3 M at 224 px. ``embed_images(...,
@@ -16,9 +20,8 @@ from .model import EmbeddingModel
 
 def gives_maps(model: EmbeddingModel) -> bool:
     """Whether ``model``'s forward pass holds the maps of a stage before the final one: its
-    untrained reference's where it blends one in (the default recipe: ImageNet maps), else its
-    own (meant for the untrained ``zero_shot_model``; a trained model without a reference is
-    never asked: training offers local matching only with a reference, ``train._choose_local``)."""
+    untrained reference's where it blends one in (ImageNet maps), else its own backbone's (the
+    untrained ``zero_shot_model``'s, or a trained model's fine-tuned ones)."""
     if model.reference is not None:
         return bool(model.reference.stage_indices)
     return bool(model.stage_indices)
@@ -31,8 +34,8 @@ class VectorsAndMaps(torch.nn.Module):
     def __init__(self, model: EmbeddingModel):
         super().__init__()
         if not gives_maps(model):
-            raise ValueError("local descriptors come from an untrained model that pools its "
-                             "stages (zero_shot_model)")
+            raise ValueError("local descriptors come from a model that pools a stage before "
+                             "its final map (pool_stages > 0)")
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

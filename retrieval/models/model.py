@@ -250,9 +250,10 @@ class EmbeddingModel(nn.Module):
         return self.forward_with_maps(images)[0]
 
     def forward_with_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, list | torch.Tensor]:
-        """(``forward``'s vectors, the untrained ImageNet maps of the same pass: this model's
-        own where it is untrained (no reference), else its reference's). The maps are what an
-        index's local descriptors come from (``local_descriptors``)."""
+        """(``forward``'s vectors, the backbone maps of the same pass: the untrained
+        reference's where the model blends one in, else its own backbone's, untrained or
+        trained). The maps are what an index's local descriptors come from
+        (``local_descriptors``)."""
         if self.reference is None:
             maps = self.forward_features(images)
             return self.forward_head(maps), maps

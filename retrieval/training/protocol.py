@@ -106,6 +106,7 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
         "weight_share": payload["metrics"].get("weight_share", 0.0),
         "hubness": payload.get("hubness", 0.0),
         "whitened": payload.get("whiten", False),
+        "local": payload.get("local", 0.0),
         "constant_new_whale": map_at_k([[NEW_WHALE]] * len(truths), truths),
         **zero_shot_scores(replace(run_config, image_size=preprocessing.image_size),
                            split.gallery, split.queries),  # at the size the model trained at

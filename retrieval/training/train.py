@@ -42,6 +42,7 @@ from ..models.checkpoint import (
     state_fingerprint,
 )
 from ..models.embed import ImageDataset
+from ..models.local_descriptors import gives_maps
 from ..models.model import (
     EmbeddingModel,
     ModelConfig,
@@ -571,17 +572,16 @@ def _choose_whitening(split, samples: Sequence[Sample], selection: Selection, be
 def _choose_local(split, samples: Sequence[Sample], selection: Selection, best_path: Path,
                   device: torch.device, hubness: bool, seed: int) -> None:
     """``local_match``: score the validation carve-out searched as an index re-scoring with
-    the untrained reference's local descriptors (``evaluate.evaluate_local``: every share and
-    hubness weight, whitened fold by fold where the model searches whitened), and keep local
-    matching only where it scores strictly better than the search already chosen; rewrites
-    ``best.pt`` then. Only a model blending in the untrained features has their maps in its
-    forward pass (``local_descriptors.gives_maps``); a trained backbone's maps are never used."""
+    the model's local descriptors (``evaluate.evaluate_local``: every share and hubness
+    weight, whitened fold by fold where the model searches whitened), and keep local matching
+    only where it scores strictly better than the search already chosen; rewrites ``best.pt``
+    then. The descriptors are the untrained reference's stride-16 map where the model blends
+    one in, else its own trained backbone's (``EmbeddingModel.forward_with_maps``); a model
+    that pools no stage before its final map has none (``local_descriptors.gives_maps``)."""
     from index.hubness import WEIGHTS
 
-    from ..models.local_descriptors import gives_maps
-
     model, preprocessing, payload = load_model(best_path)
-    if model.reference is None or not gives_maps(model):
+    if not gives_maps(model):
         return
     weights = WEIGHTS if hubness else (0.0,)
     results = evaluate_local(model, preprocessing, split.gallery, split.queries, weights,
@@ -645,16 +645,18 @@ def _untrained_vectors(trainer: Trainer, parts: Sequence[Sequence[Sample]]) -> l
 
 
 def _embed_untrained(backbone: nn.Module, name: str, preprocessing: Preprocessing,
-                     parts: Sequence[Sequence[Sample]], device: torch.device) -> list[np.ndarray]:
-    """Each part embedded by the ImageNet ``backbone`` (named ``name``) + GeM. Outside the
-    run's random stream (embedding draws DataLoader seeds), so blending or not trains the very
-    same model."""
+                     parts: Sequence[Sequence[Sample]], device: torch.device,
+                     maps: bool = False) -> list:
+    """Each part embedded by the ImageNet ``backbone`` (named ``name``) + GeM (``maps``: with
+    its stride-16 descriptors, ``local_descriptors``). Outside the run's random stream
+    (embedding draws DataLoader seeds), so blending or not trains the very same model."""
     from ..models.embed import embed_images
 
     reference = EmbeddingModel(untrained_config(name, backbone), backbone)
+    maps = maps and gives_maps(reference)
     with torch.random.fork_rng(devices=[]):
         return [embed_images(reference, [s.path for s in part], preprocessing,
-                             device=device, progress=False) for part in parts]
+                             device=device, progress=False, maps=maps) for part in parts]
 
 
 def _fit_whitening(trainer: Trainer, vectors: np.ndarray,
@@ -695,12 +697,13 @@ def _keep_selected_model(config: TrainConfig, samples: Sequence[Sample], selecti
     if ships_imagenet_features(selection, config):
         backbone = pretrained_backbone(config.backbone).to(ctx.device).eval()
         _, preprocessing = spec_from_dict(best, f"checkpoint {out / 'best.pt'}")
-        [vectors] = _embed_untrained(backbone, config.backbone, preprocessing, (samples,),
-                                     ctx.device)
-        selection = _calibrated_on_all_images(config, vectors, samples, selection)
+        selection = _calibrated_on_all_images(config, backbone, preprocessing, samples,
+                                              selection, ctx.device)
         best = {**best, "threshold": selection.threshold, "hubness": selection.hubness,
                 "whiten": selection.whiten}
-        best.pop("local", None)  # calibrated without it
+        best.pop("local", None)  # the carve-out's choice, replaced by the leave-one-out's
+        if selection.local:
+            best["local"] = selection.local
     save_checkpoint(out / "model.pt", best)
 
 
@@ -739,8 +742,9 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
                                        new_fraction=config.val_new_fraction).gallery
             _fit_whitening(trainer, *_untrained_vectors(trainer, (gallery,)), gallery)
         if ships_imagenet_features(selection, config):
-            [vectors] = _untrained_vectors(trainer, (samples,))
-            selection = _calibrated_on_all_images(config, vectors, samples, selection)
+            selection = _calibrated_on_all_images(config, trainer.imagenet_backbone,
+                                                  trainer.preprocessing, samples, selection,
+                                                  trainer.ctx.device)
         save_checkpoint(out / "model.pt", checkpoint_payload(
             trainer, selection.threshold, "refit",
             {"val_map5": selection.shipped_map5, "val_map5_trained": selection.best_map5,
@@ -806,28 +810,44 @@ def ships_imagenet_features(selection: Selection, config: TrainConfig) -> bool:
     return selection.pretrained_share >= 1.0 and not config.whiten_pretrained
 
 
-def _calibrated_on_all_images(config: TrainConfig, vectors: np.ndarray,
-                              samples: Sequence[Sample], selection: Selection) -> Selection:
-    """Where the model ships the ImageNet features alone, its threshold, hubness weight and
-    whitening are calibrated as the zero-shot index calibrates them
-    (``retrieval.gallery_threshold``): by leave-one-out over *all* the training images, not on
-    the validation carve-out. The features never learnt these labels, so leave-one-out is
+def _calibrated_on_all_images(config: TrainConfig, backbone: nn.Module,
+                              preprocessing: Preprocessing, samples: Sequence[Sample],
+                              selection: Selection, device: torch.device) -> Selection:
+    """Where the model ships the ImageNet features alone (of ``backbone``, at
+    ``preprocessing``'s size), its threshold, hubness weight, whitening and (with
+    ``local_match``) local matching share are calibrated as the zero-shot index calibrates
+    them (``retrieval.gallery_threshold``): by leave-one-out over *all* the training images,
+    not on the validation carve-out. The features never learnt these labels, so leave-one-out is
     honest, and it asks several times as many queries in the very gallery an index of the
     training images holds. On the share-1 runs on record (dogs 160 and 224 px, ORL 224 px) the
     zero-shot calibration of the same features tested higher on every one (bench/README.md,
     "Training that adds nothing ships the zero-shot calibration")."""
-    calibration, whitening = _zero_shot_calibration(config, vectors, [s.identity for s in samples])
+    [embedded] = _embed_untrained(backbone, config.backbone, preprocessing, (samples,), device,
+                                  maps=config.local_match)
+    vectors, maps = embedded if isinstance(embedded, tuple) else (embedded, None)
+    identities = [s.identity for s in samples]
+    calibration, whitening = _zero_shot_calibration(config, vectors, identities)
     if calibration is None:  # no identity with two images: keep the carve-out's calibration
         return selection
+    local = None
+    if maps is not None:
+        from index.hubness import WEIGHTS
+
+        from ..gallery_threshold import choose_local_share
+
+        calibration, local = choose_local_share(
+            vectors, identities, maps, calibration, whitened=whitening is not None,
+            weights=WEIGHTS if config.hubness else (0.0,))
     log.warning("validation found no gain from training over the ImageNet features, so the model "
                 "ships them alone (untrained share 1): new_whale threshold %.4f, hubness weight "
-                "%s, whitened %s, calibrated by leave-one-out over all %d training images (MAP@5 "
-                "%.3f), as build_index.py calibrates a zero-shot index (which, built without "
-                "--model, also chooses the image size of these features on its gallery)",
-                calibration.threshold, calibration.hubness, whitening is not None, len(samples),
-                calibration.map5)
+                "%s, whitened %s, local matching share %s, calibrated by leave-one-out over "
+                "all %d training images (MAP@5 %.3f), as build_index.py calibrates a zero-shot "
+                "index (which, built without --model, also chooses the image size of these "
+                "features on its gallery)",
+                calibration.threshold, calibration.hubness, whitening is not None,
+                "none" if local is None else local.share, len(samples), calibration.map5)
     return replace(selection, threshold=calibration.threshold, hubness=calibration.hubness,
-                   whiten=whitening is not None, local=0.0)
+                   whiten=whitening is not None, local=0.0 if local is None else local.share)
 
 
 def _restore(trainer: Trainer, resume: dict) -> None:
