@@ -754,15 +754,23 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
             hubness=selection.hubness, whiten=selection.whiten, local=selection.local))
 
 
-def _zero_shot_calibration(config: TrainConfig, vectors: np.ndarray, identities: list[str]):
-    """(calibration, whitening) of untrained ``vectors`` by leave-one-out, exactly as the
-    zero-shot index calibrates its gallery, with the run's hubness and whitening switches."""
+def _zero_shot_calibration(config: TrainConfig, vectors: np.ndarray, identities: list[str],
+                           maps: np.ndarray | None = None):
+    """(calibration, whitening, local) of untrained ``vectors`` by leave-one-out, exactly as
+    the zero-shot index calibrates its gallery, with the run's hubness and whitening switches;
+    with ``maps`` (their local descriptors) the local matching share too, else local None."""
     from index.hubness import WEIGHTS
 
-    from ..gallery_threshold import choose_gallery_space
+    from ..gallery_threshold import choose_gallery_space, choose_local_share
 
-    return choose_gallery_space(vectors, identities, weights=WEIGHTS if config.hubness else (0.0,),
-                                whiten=config.whiten_output)
+    weights = WEIGHTS if config.hubness else (0.0,)
+    calibration, whitening = choose_gallery_space(vectors, identities, weights=weights,
+                                                  whiten=config.whiten_output)
+    local = None
+    if maps is not None:
+        calibration, local = choose_local_share(vectors, identities, maps, calibration,
+                                                whitened=whitening is not None, weights=weights)
+    return calibration, whitening, local
 
 
 def choose_training_size(config: TrainConfig, samples: Sequence[Sample],
@@ -796,7 +804,7 @@ def choose_training_size(config: TrainConfig, samples: Sequence[Sample],
                                 device=ctx.device, progress=False)
 
         def score(vectors: np.ndarray, identities: list[str]) -> tuple[float, None] | None:
-            calibration, _ = _zero_shot_calibration(config, vectors, identities)
+            calibration, _, _ = _zero_shot_calibration(config, vectors, identities)
             return None if calibration is None else (calibration.map5, None)
 
         return choose_image_size(samples, native, score, embed).size
@@ -825,19 +833,10 @@ def _calibrated_on_all_images(config: TrainConfig, backbone: nn.Module,
     [embedded] = _embed_untrained(backbone, config.backbone, preprocessing, (samples,), device,
                                   maps=config.local_match)
     vectors, maps = embedded if isinstance(embedded, tuple) else (embedded, None)
-    identities = [s.identity for s in samples]
-    calibration, whitening = _zero_shot_calibration(config, vectors, identities)
+    calibration, whitening, local = _zero_shot_calibration(
+        config, vectors, [s.identity for s in samples], maps)
     if calibration is None:  # no identity with two images: keep the carve-out's calibration
         return selection
-    local = None
-    if maps is not None:
-        from index.hubness import WEIGHTS
-
-        from ..gallery_threshold import choose_local_share
-
-        calibration, local = choose_local_share(
-            vectors, identities, maps, calibration, whitened=whitening is not None,
-            weights=WEIGHTS if config.hubness else (0.0,))
     log.warning("validation found no gain from training over the ImageNet features, so the model "
                 "ships them alone (untrained share 1): new_whale threshold %.4f, hubness weight "
                 "%s, whitened %s, local matching share %s, calibrated by leave-one-out over "
