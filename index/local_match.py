@@ -93,6 +93,16 @@ class LocalGallery:
         (Q, L, C) and sorted best-first again, padding last at -inf. ``chamfer``: a cache of
         gallery-to-gallery values, for gallery images asked as queries (``queries`` is then the
         (Q,) int array of their rows)."""
+        blended = np.where(rows >= 0, self.blended(queries, similarities, rows, chamfer),
+                           -np.inf).astype(np.float32)
+        order = np.argsort(-blended, axis=1, kind="stable")
+        return np.take_along_axis(blended, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+    def blended(self, queries: np.ndarray, similarities: np.ndarray, rows: np.ndarray,
+                chamfer: "ChamferCache | None" = None) -> np.ndarray:
+        """(Q, n) float32: ``(1 - share) x`` the pooled ``similarities`` of gallery ``rows``
+        (-1: none, left at the pooled value) ``+ share x`` their chamfer similarity to the
+        query's descriptors, in the order given (``rescored`` without the sorting)."""
         local = np.zeros(rows.shape, dtype=np.float32)
         for q in range(len(rows)):
             found = np.flatnonzero(rows[q] >= 0)
@@ -105,10 +115,8 @@ class LocalGallery:
             ascending = np.argsort(wanted, kind="stable")  # sequential reads of a memory map
             gallery = np.asarray(self.descriptors[wanted[ascending]], dtype=np.float32)
             local[q, found[ascending]] = chamfer_similarity(queries[q:q + 1], gallery)[0]
-        blended = (1.0 - self.share) * similarities + self.share * local
-        blended = np.where(rows >= 0, blended, -np.inf).astype(np.float32)
-        order = np.argsort(-blended, axis=1, kind="stable")
-        return np.take_along_axis(blended, order, axis=1), np.take_along_axis(rows, order, axis=1)
+        local = np.where(rows >= 0, local, similarities)
+        return ((1.0 - self.share) * similarities + self.share * local).astype(np.float32)
 
     def hubness(self, vectors: np.ndarray, neighbours, k: int, block: int = 1024,
                 chamfer: "ChamferCache | None" = None) -> np.ndarray:

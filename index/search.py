@@ -151,6 +151,25 @@ class GalleryIndex:
         return fold_asking_again(top, np.arange(len(queries))[:, None], self.identities, k, asks,
                                  penalty=self.penalty)
 
+    def scores_of(self, query: np.ndarray, rows: np.ndarray, raw_vectors: np.ndarray,
+                  local_query: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows),) float32: the score ``search`` gives gallery ``rows`` for one ``query``
+        (D,) in the gallery's space: the cosine to their ``raw_vectors`` (len(rows), D), blended
+        with local matching where the index re-scores with it (``local_query``: the query's
+        normalised descriptors (L, C)), less their hubness correction. What a service shows
+        beside an identity's score, so an image's figure and its identity's agree."""
+        rows = np.asarray(rows, dtype=np.int64)
+        scores = (np.asarray(raw_vectors, dtype=np.float32)
+                  @ np.asarray(query, dtype=np.float32))[None]
+        if self.local is not None:
+            if local_query is None:
+                raise ValueError("this index re-scores with local descriptors: pass the query's "
+                                 "descriptors (local_query)")
+            scores = self.local.blended(local_query[None], scores, rows[None])
+        if self.penalty is not None:
+            scores = scores - self.penalty[rows]
+        return scores[0].astype(np.float32)
+
     def first_ask(self, k: int) -> int:
         """Neighbours asked first: a query's own identity's images come first (at most the
         crowded count), then mostly one image per other identity; ``k`` more spare."""

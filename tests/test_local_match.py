@@ -110,8 +110,13 @@ def test_an_index_with_local_descriptors_answers_as_the_naive_blended_search():
         assert ranking.identities[q] == expected
         best = [scores[q][ids == name].max() for name in expected]
         np.testing.assert_allclose(ranking.scores[q], best, atol=1e-3)
+        rows = np.flatnonzero(ids == expected[0])  # each image's own score, as a service shows it
+        np.testing.assert_allclose(index.scores_of(query_vectors[q], rows, vectors[rows],
+                                                   query_descriptors[q]), scores[q][rows], atol=1e-3)
     with pytest.raises(ValueError, match="local descriptors"):
         index.search(query_vectors, k=4)
+    with pytest.raises(ValueError, match="local descriptors"):
+        index.scores_of(query_vectors[0], np.arange(3), vectors[:3])
 
 
 def test_an_index_keeps_its_local_descriptors_sorted_with_its_rows(tmp_path):

@@ -61,6 +61,10 @@ def test_query_answers_the_identity_with_its_matching_gallery_thumbnails(client,
     assert len(first["images"]) == 3  # s3's three gallery photos, best first
     assert [i["similarity"] for i in first["images"]] == sorted(
         (i["similarity"] for i in first["images"]), reverse=True)
+    for candidate in answer["candidates"]:  # an identity's score is its best image's, as shown
+        if candidate["similarity"] is not None:
+            assert candidate["images"][0]["similarity"] == pytest.approx(candidate["similarity"],
+                                                                         abs=1e-4)
     assert len(answer["candidates"]) == 3 and answer["threshold"] is not None
     thumb = client.get(first["images"][0]["url"])
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"

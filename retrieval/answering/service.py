@@ -216,9 +216,12 @@ class GalleryService:
 
         hits = hits_for(ranking.identities[0], ranking.scores[0],
                         snapshot.stored.best_images(ranking)[0], threshold, k)
+        local_query = None if maps is None or snapshot.stored.local is None else \
+            snapshot.stored.local.queries(maps)[0]
         candidates = [Candidate(hit.identity, None) if hit.similarity is None else
                       Candidate(hit.identity, hit.similarity,
-                                self._matches(snapshot, hit.identity, in_gallery[0])) for hit in hits]
+                                self._matches(snapshot, hit.identity, in_gallery[0], local_query))
+                      for hit in hits]
         return Answer(candidates, threshold)
 
     def embed(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -240,9 +243,15 @@ class GalleryService:
             vectors, maps = self.encoder.encode_arrays(images, device=self.device, maps=True)
             return list(zip(vectors, maps))
 
-    def _matches(self, snapshot: _Snapshot, identity: str, vector: np.ndarray) -> list[GalleryImage]:
+    def _matches(self, snapshot: _Snapshot, identity: str, vector: np.ndarray,
+                 local_query: np.ndarray | None) -> list[GalleryImage]:
+        """The identity's best images for the query, each with the score the search gives it
+        (local matching and hubness correction included, as the identity's own score)."""
         rows = snapshot.rows_of[identity]
-        similarity = np.asarray(snapshot.vectors[rows]) @ vector
+        raw = np.asarray(snapshot.vectors[rows])
+        gallery = snapshot.stored.gallery
+        similarity = gallery.scores_of(vector, np.asarray(rows), raw, local_query) \
+            if hasattr(gallery, "scores_of") else raw @ vector
         order = np.argsort(-similarity, kind="stable")[:IMAGES_PER_CANDIDATE]
         return [GalleryImage(snapshot.image_ids[rows[i]], identity, float(similarity[i]))
                 for i in order]
