@@ -167,6 +167,25 @@ def choose_local_share(vectors: np.ndarray, identities: Sequence[str], maps: np.
     return best, chosen
 
 
+def calibrate_gallery(vectors: np.ndarray, identities: Sequence[str],
+                      maps: np.ndarray | None = None, weights: Sequence[float] = (0.0,),
+                      whiten: bool = True, chosen: tuple | None = None):
+    """(calibration, whitening, local): the whole calibration of a gallery searched with
+    features that never learnt its labels, by honest leave-one-out. The new_whale threshold and
+    hubness weight, the within-identity whitening where it wins (``choose_gallery_space``;
+    ``chosen``: its result for these very rows, where the caller has it), then the local
+    matching share where ``maps`` are given (``choose_local_share``; local None otherwise).
+    The one recipe for a zero-shot index calibrating itself and for a training run whose model
+    ships the ImageNet features alone, so the two always calibrate alike."""
+    calibration, whitening = chosen or choose_gallery_space(vectors, identities, weights=weights,
+                                                            whiten=whiten)
+    local = None
+    if maps is not None:
+        calibration, local = choose_local_share(vectors, identities, maps, calibration,
+                                                whitened=whitening is not None, weights=weights)
+    return calibration, whitening, local
+
+
 def _folds(vectors: np.ndarray, labels: np.ndarray, rows: np.ndarray, seed: int):
     """(gallery whitened without the fold's queries, the fold's query rows) per fold."""
     from index.whitening import fit_within_identity, whiten

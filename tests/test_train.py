@@ -447,13 +447,17 @@ def test_a_model_shipping_the_imagenet_features_alone_is_calibrated_on_all_its_i
     """Selection keeps the blend of share 1 (the untrained features alone): the shipped
     threshold, hubness weight, whitening and local matching share are the zero-shot index's
     leave-one-out calibration over every training image embedded by model.pt itself, not the
-    validation carve-out's; with --no-refit too (model.pt is best.pt, recalibrated)."""
+    validation carve-out's; with --no-refit too (model.pt is best.pt, recalibrated). The
+    carve-out's own search choices, which that calibration replaces, are not made at all."""
     import retrieval.training.train as train_module
     from index.hubness import WEIGHTS
     from retrieval.gallery_threshold import choose_gallery_space, choose_local_share
     from retrieval.models.embed import embed_images
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (1.0,))
+    for choice in ("_choose_hubness", "_choose_whitening", "_choose_local"):  # replaced anyway
+        monkeypatch.setattr(train_module, choice, lambda *a, _c=choice, **k: pytest.fail(
+            f"{_c} ran on the validation carve-out of a model shipping the ImageNet features"))
     config = TrainConfig(out=str(tmp_path), epochs=1, refit=refit,
                          **{**TINY, "hubness": True, "whiten_output": True, "local_match": True})
     model, preprocessing, payload = load_model(train(config, orl_subset))

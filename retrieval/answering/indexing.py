@@ -628,7 +628,7 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
     from index.rows import GalleryRows
     from index.store import hubness_weight
 
-    from ..gallery_threshold import choose_gallery_space, choose_local_share
+    from ..gallery_threshold import calibrate_gallery
 
     own = encoder.hubness if encoder is not None else \
         hubness_weight(manifest.model) if manifest is not None else 0.0
@@ -646,12 +646,9 @@ def _threshold(opts: BuildOptions, manifest: Any, encoder: Encoder | None,
     default_weights, whiten = _gallery_choices(opts)
     weights = default_weights if weights is None else weights
     vectors = GalleryRows.of(rows).array()
-    calibration, whitening = calibrated or choose_gallery_space(
-        vectors, identities, weights=weights, whiten=whiten and manifest is None)
-    local = None
-    if maps is not None:
-        calibration, local = choose_local_share(vectors, identities, maps, calibration,
-                                                whitened=whitening is not None, weights=weights)
+    calibration, whitening, local = calibrate_gallery(
+        vectors, identities, maps, weights=weights, whiten=whiten and manifest is None,
+        chosen=calibrated)
     if calibration is None:
         log.warning("no new_whale threshold: no identity in the gallery has two images to calibrate "
                     "one on, so queries never get new_whale (pass --threshold to set one)")

@@ -442,6 +442,10 @@ def _with_search_choices(config: TrainConfig, samples: Sequence[Sample],
     the others, not a grid searched jointly with them (choosing the weight per depth let a
     small validation gain flip the depth on dogs, seed 0, and test lost 0.02). Outside the
     run's random stream, so the refit trains what it would without them."""
+    if ships_imagenet_features(chosen, config):
+        log.info("the chosen model ships the ImageNet features alone (untrained share 1): its "
+                 "search is calibrated after the refit, by leave-one-out over all the images")
+        return chosen
     if ctx.is_main:
         split = validation_split(samples, seed=config.seed, new_fraction=config.val_new_fraction)
         if split.queries:
@@ -647,16 +651,20 @@ def _untrained_vectors(trainer: Trainer, parts: Sequence[Sequence[Sample]]) -> l
 def _embed_untrained(backbone: nn.Module, name: str, preprocessing: Preprocessing,
                      parts: Sequence[Sequence[Sample]], device: torch.device,
                      maps: bool = False) -> list:
-    """Each part embedded by the ImageNet ``backbone`` (named ``name``) + GeM (``maps``: with
-    its stride-16 descriptors, ``local_descriptors``). Outside the run's random stream
+    """Each part embedded by the ImageNet ``backbone`` (named ``name``) + GeM (``maps``: each
+    part a pair, its vectors and its stride-16 descriptors, ``local_descriptors``, or None where
+    the backbone gives none). Outside the run's random stream
     (embedding draws DataLoader seeds), so blending or not trains the very same model."""
     from ..models.embed import embed_images
 
     reference = EmbeddingModel(untrained_config(name, backbone), backbone)
-    maps = maps and gives_maps(reference)
+    described = maps and gives_maps(reference)
     with torch.random.fork_rng(devices=[]):
-        return [embed_images(reference, [s.path for s in part], preprocessing,
-                             device=device, progress=False, maps=maps) for part in parts]
+        embedded = [embed_images(reference, [s.path for s in part], preprocessing,
+                                 device=device, progress=False, maps=described) for part in parts]
+    if maps and not described:  # a backbone with no stage to describe locations by
+        return [(vectors, None) for vectors in embedded]
+    return embedded
 
 
 def _fit_whitening(trainer: Trainer, vectors: np.ndarray,
@@ -761,16 +769,11 @@ def _zero_shot_calibration(config: TrainConfig, vectors: np.ndarray, identities:
     with ``maps`` (their local descriptors) the local matching share too, else local None."""
     from index.hubness import WEIGHTS
 
-    from ..gallery_threshold import choose_gallery_space, choose_local_share
+    from ..gallery_threshold import calibrate_gallery
 
-    weights = WEIGHTS if config.hubness else (0.0,)
-    calibration, whitening = choose_gallery_space(vectors, identities, weights=weights,
-                                                  whiten=config.whiten_output)
-    local = None
-    if maps is not None:
-        calibration, local = choose_local_share(vectors, identities, maps, calibration,
-                                                whitened=whitening is not None, weights=weights)
-    return calibration, whitening, local
+    return calibrate_gallery(vectors, identities, maps,
+                             weights=WEIGHTS if config.hubness else (0.0,),
+                             whiten=config.whiten_output)
 
 
 def choose_training_size(config: TrainConfig, samples: Sequence[Sample],
@@ -832,7 +835,7 @@ def _calibrated_on_all_images(config: TrainConfig, backbone: nn.Module,
     "Training that adds nothing ships the zero-shot calibration")."""
     [embedded] = _embed_untrained(backbone, config.backbone, preprocessing, (samples,), device,
                                   maps=config.local_match)
-    vectors, maps = embedded if isinstance(embedded, tuple) else (embedded, None)
+    vectors, maps = embedded if config.local_match else (embedded, None)
     calibration, whitening, local = _zero_shot_calibration(
         config, vectors, [s.identity for s in samples], maps)
     if calibration is None:  # no identity with two images: keep the carve-out's calibration
