@@ -12,6 +12,7 @@
   python -m bench rerank --data orl --keep runs/       # k-reciprocal re-ranking on kept runs
   python -m bench local-match --data orl --keep runs/  # pooled + local (chamfer) similarity
   python -m bench zero-shot-index --data omniglot     # build_index + query.py on the protocol
+  python -m bench multi-scale --data omniglot         # zero-shot features of two sizes, concatenated
   python -m bench ablation --data dogfacenet --max-identities 300 --variants base "fbn=freeze_bn:true"
 
 Each suite prints a table and writes bench/results/<name>.json (+ .txt with the table). By default
@@ -27,7 +28,8 @@ import time
 
 def build_parser() -> argparse.ArgumentParser:
     from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept,
-                   local_match, open_set, peers_suite, rerank, speed, zero_shot_index)
+                   local_match, multi_scale, open_set, peers_suite, rerank, speed,
+                   zero_shot_index)
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                          ("peers", peers_suite), ("ablation", ablation), ("audit", audit_bench),
                          ("classification", classification), ("kept", kept),
                          ("blend-ties", blend_ties), ("rerank", rerank),
-                         ("local-match", local_match), ("zero-shot-index", zero_shot_index)):
+                         ("local-match", local_match), ("zero-shot-index", zero_shot_index),
+                         ("multi-scale", multi_scale)):
         sp = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], parents=[common],
                             description=module.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         run_all(args)
         return 0
     from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept,
-                   local_match, open_set, peers_suite, rerank, speed, zero_shot_index)
+                   local_match, multi_scale, open_set, peers_suite, rerank, speed,
+                   zero_shot_index)
 
     module = {"accuracy": accuracy, "open-set": open_set, "speed": speed, "peers": peers_suite,
               "ablation": ablation, "audit": audit_bench,
               "classification": classification, "kept": kept,
               "blend-ties": blend_ties, "rerank": rerank,
-              "local-match": local_match, "zero-shot-index": zero_shot_index}[args.suite]
+              "local-match": local_match, "zero-shot-index": zero_shot_index,
+              "multi-scale": multi_scale}[args.suite]
     started = time.time()
     module.run(args)
     print(f"({args.suite}: {time.time() - started:.0f} s)")
