@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="augmentation strength: scales the ranges of the random scale, shift, "
                             "rotation, brightness and contrast (0 = none, 2 = twice the default "
                             "ranges; default %(default)s)")
+    train.add_argument("--stroke-augment", action="store_true",
+                       help="line drawings or handwriting (characters, signatures, sketches): "
+                            "strokes also thicken or thin and warp elastically while training, "
+                            "as two drawings of one character differ. Not for photos (default: "
+                            "off)")
     train.add_argument("--val-new-fraction", type=float, default=DEFAULTS.val_new_fraction,
                        help="share of training identities held back as pseudo-new validation "
                             "queries (default %(default)s)")

@@ -117,6 +117,9 @@ class TrainConfig:
     # (retrieval.models.identity_transforms): "none", "mirror", "rotations", "mirror+rotations"
     new_identities: Literal["none", "mirror", "rotations", "mirror+rotations"] = "none"
     augment: float = 1.0  # augmentation strength: scales every range (0: none, 2: twice)
+    # line drawings / handwriting, a fact the user states about the domain: strokes also
+    # thicken or thin and warp elastically (retrieval.models.transforms)
+    stroke_augment: bool = False
     val_new_fraction: float = 0.2
     refit: bool = True
     seed: int = 0

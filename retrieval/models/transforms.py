@@ -31,11 +31,15 @@ def eval_transform(pre: Preprocessing) -> A.Compose:
 
 
 def train_transform(pre: Preprocessing, flip: bool = False, seed: int | None = None,
-                    strength: float = 1.0) -> A.Compose:
-    """Mild augmentation; ``flip`` only where a mirror image shows the same identity.
+                    strength: float = 1.0, strokes: bool = False) -> A.Compose:
+    """Mild augmentation; ``flip`` only where a mirror image shows the same identity;
+    ``strokes`` for line drawings and handwriting (``stroke_augment``): the pen's width varies
+    and the hand wobbles between two drawings of one character, so strokes also thicken or thin
+    (erosion / dilation, either polarity) and warp elastically. Meaningless for photos, hence a
+    flag the user sets about the domain, not a default.
 
-    ``strength`` scales every range (scale, shift, rotation, brightness, contrast) and, capped at
-    1, every probability: 0 is no augmentation, 2 twice the default ranges.
+    ``strength`` scales every range (scale, shift, rotation, brightness, contrast, warp) and,
+    capped at 1, every probability: 0 is no augmentation, 2 twice the default ranges.
 
     albumentations keeps its own random state, untouched by ``torch.manual_seed``: ``seed`` fixes
     it (DataLoader workers re-seed their copy with ``seed_worker_transform``), so a training run
@@ -48,9 +52,22 @@ def train_transform(pre: Preprocessing, flip: bool = False, seed: int | None = N
         A.RandomBrightnessContrast(brightness_limit=0.2 * s, contrast_limit=0.2 * s,
                                    p=min(1.0, 0.5 * s)),
     ]
+    if strokes and s > 0:
+        augment += _stroke_augmentation(s)
     if flip:
         augment.append(A.HorizontalFlip(p=0.5))
     return A.Compose(_resize_and_pad(pre) + augment + _normalise(pre), seed=seed)
+
+
+def _stroke_augmentation(s: float) -> list:
+    """Stroke width (a 2-3 px kernel either way: about 1 px thicker or thinner at 160 px) and a
+    smooth elastic warp (displacements of a few pixels), each on half the images at strength 1."""
+    return [
+        A.OneOf([A.Morphological(scale=(2, 3), operation="erosion"),
+                 A.Morphological(scale=(2, 3), operation="dilation")], p=min(1.0, 0.5 * s)),
+        A.ElasticTransform(alpha=60 * s, sigma=7, border_mode=cv2.BORDER_REPLICATE,
+                           p=min(1.0, 0.5 * s)),
+    ]
 
 
 def seed_worker_transform(worker_id: int) -> None:

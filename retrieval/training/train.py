@@ -145,7 +145,8 @@ class Trainer:
         dataset = ImageDataset([s.path for s in samples],
                                train_transform(self.preprocessing, cfg.flip,
                                                seed=cfg.seed * 1009 + ctx.rank,
-                                               strength=cfg.augment), labels, ops)
+                                               strength=cfg.augment,
+                                               strokes=cfg.stroke_augment), labels, ops)
         per_rank = max(1, min(cfg.batch_size, len(samples) // ctx.world_size))
         if self.spec.pair_based:
             m = cfg.m_per_identity
