@@ -26,11 +26,21 @@ import sys
 import time
 
 
-def build_parser() -> argparse.ArgumentParser:
+def suites() -> dict:
+    """Each suite's command name and its module (``add_arguments`` and ``run``): the one list
+    the parser and ``main`` both read."""
     from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept,
                    local_match, multi_scale, open_set, peers_suite, rerank, speed,
                    zero_shot_index)
 
+    return {"accuracy": accuracy, "open-set": open_set, "speed": speed, "peers": peers_suite,
+            "ablation": ablation, "audit": audit_bench, "classification": classification,
+            "kept": kept, "blend-ties": blend_ties, "rerank": rerank,
+            "local-match": local_match, "zero-shot-index": zero_shot_index,
+            "multi-scale": multi_scale}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
@@ -42,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: cuda where torch sees a GPU, else cpu)")
     common.add_argument("--progress", action="store_true", help="show tqdm progress bars")
     sub = p.add_subparsers(dest="suite", required=True)
-    for name, module in (("accuracy", accuracy), ("open-set", open_set), ("speed", speed),
-                         ("peers", peers_suite), ("ablation", ablation), ("audit", audit_bench),
-                         ("classification", classification), ("kept", kept),
-                         ("blend-ties", blend_ties), ("rerank", rerank),
-                         ("local-match", local_match), ("zero-shot-index", zero_shot_index),
-                         ("multi-scale", multi_scale)):
+    for name, module in suites().items():
         sp = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], parents=[common],
                             description=module.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,16 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         from .suite import run_all
         run_all(args)
         return 0
-    from . import (ablation, accuracy, audit_bench, blend_ties, classification, kept,
-                   local_match, multi_scale, open_set, peers_suite, rerank, speed,
-                   zero_shot_index)
-
-    module = {"accuracy": accuracy, "open-set": open_set, "speed": speed, "peers": peers_suite,
-              "ablation": ablation, "audit": audit_bench,
-              "classification": classification, "kept": kept,
-              "blend-ties": blend_ties, "rerank": rerank,
-              "local-match": local_match, "zero-shot-index": zero_shot_index,
-              "multi-scale": multi_scale}[args.suite]
+    module = suites()[args.suite]
     started = time.time()
     module.run(args)
     print(f"({args.suite}: {time.time() - started:.0f} s)")

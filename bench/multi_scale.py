@@ -102,8 +102,10 @@ def render_table(data: str, seeds, sizes, per_seed: list[dict]) -> str:
                 " ".join(f"{t:.3f}" for t in tests),
                 "-" if loos is None else f"{np.mean(loos):.3f}"]
 
-    rows = [row(f"w = {w} ({'only ' + str(sizes[1]) if w == 0 else 'only ' + str(sizes[0]) if w == 1 else 'both'})",
-                [r["weights"][str(w)]["test"] for r in per_seed],
+    def features(w: float) -> str:
+        return f"only {sizes[1]}" if w == 0 else f"only {sizes[0]}" if w == 1 else "both"
+
+    rows = [row(f"w = {w} ({features(w)})", [r["weights"][str(w)]["test"] for r in per_seed],
                 [r["weights"][str(w)]["loo"] for r in per_seed]) for w in WEIGHTS]
     rows.append(row("chosen by leave-one-out (w " +
                     " ".join(f"{r['chosen_weight']:g}" for r in per_seed) + ")",
