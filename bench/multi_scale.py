@@ -11,6 +11,10 @@ the two sizes see different detail. Per seed, each weight's leave-one-out MAP@5 
 (what a build could choose by, it never sees the queries) and test MAP@5; "chosen" is the test
 MAP@5 of the weight the leave-one-out picks (the first listed among equals: w = 0, the second
 size alone, wins ties).
+
+``--second-backbone`` puts a different network on the second side (``--backbone
+tf_efficientnet_lite0 --second-backbone tf_efficientnet_lite2 --sizes 224 224``): two networks'
+features side by side instead of one network at two sizes.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs=2, default=[160, 224], metavar=("FIRST", "SECOND"),
                    help="the two image sizes (default: 160 224); w weighs the first")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--second-backbone",
+                   help="the backbone of the second size's features (default: --backbone): two "
+                        "different networks side by side instead of one at two sizes")
 
 
 def concatenated(first: np.ndarray, second: np.ndarray, weight: float) -> np.ndarray:
@@ -41,7 +48,7 @@ def concatenated(first: np.ndarray, second: np.ndarray, weight: float) -> np.nda
                           axis=1).astype(np.float32)
 
 
-def seed_rows(samples, seed: int, sizes, embed) -> dict:
+def seed_rows(samples, seed: int, views, embed) -> dict:
     from retrieval.data import whale_split
 
     from .postprocess import gallery_rows
@@ -49,11 +56,11 @@ def seed_rows(samples, seed: int, sizes, embed) -> dict:
     split = whale_split(samples, seed)
     gallery_ids = [s.identity for s in split.gallery]
     query_ids = [s.identity for s in split.queries]
-    vectors = {size: (embed(size, split.gallery), embed(size, split.queries)) for size in sizes}
+    first, second = [(embed(view, split.gallery), embed(view, split.queries)) for view in views]
     rows = {}
     for weight in WEIGHTS:
-        gallery = concatenated(vectors[sizes[0]][0], vectors[sizes[1]][0], weight)
-        queries = concatenated(vectors[sizes[0]][1], vectors[sizes[1]][1], weight)
+        gallery = concatenated(first[0], second[0], weight)
+        queries = concatenated(first[1], second[1], weight)
         result = gallery_rows(gallery, gallery_ids, queries, query_ids)["gallery+hub+white"]
         rows[str(weight)] = {"loo": result["val"], "test": result["test"]}
     chosen = max(WEIGHTS, key=lambda w: rows[str(w)]["loo"])
@@ -67,29 +74,35 @@ def run(args) -> dict:
     from .ablation import _samples
 
     samples = _samples(args)
-    model = zero_shot_model(args.backbone)
+    backbones = (args.backbone, args.second_backbone or args.backbone)
+    views = list(zip(backbones, args.sizes))  # (backbone, size) of each side
+    models = {name: zero_shot_model(name) for name in set(backbones)}
     cache: dict = {}
 
-    def embed(size: int, part) -> np.ndarray:
-        missing = [s.path for s in part if (size, s.path) not in cache]
+    def embed(view: tuple[str, int], part) -> np.ndarray:
+        missing = [s.path for s in part if (view, s.path) not in cache]
         if missing:
-            found = embed_images(model, missing, preprocessing_for(model, size), progress=False)
-            cache.update({(size, path): vector for path, vector in zip(missing, found)})
-        return np.stack([cache[(size, s.path)] for s in part])
+            model = models[view[0]]
+            found = embed_images(model, missing, preprocessing_for(model, view[1]), progress=False)
+            cache.update({(view, path): vector for path, vector in zip(missing, found)})
+        return np.stack([cache[(view, s.path)] for s in part])
 
     report = Report("multi_scale", args, args.seeds)
     per_seed = []
     for seed in args.seeds:
         started = time.time()
-        rows = seed_rows(samples, seed, args.sizes, embed)
+        rows = seed_rows(samples, seed, views, embed)
         per_seed.append({"seed": seed, **rows, "seconds": round(time.time() - started, 1)})
         print(f"seed {seed}: " + "  ".join(f"w{w}: {r['loo']:.3f}/{r['test']:.3f}"
                                            for w, r in rows["weights"].items())
               + f"  chosen w{rows['chosen_weight']}: {rows['chosen_test']:.3f}", flush=True)
-    table = render_table(args.data, args.seeds, args.sizes, per_seed)
+    labels = [f"{size}" if backbones[0] == backbones[1] else f"{name.split('_')[-1]}@{size}"
+              for name, size in views]
+    table = render_table(args.data, args.seeds, labels, per_seed)
     print(table)
     tag = f"_{args.max_identities}ids" if args.max_identities else ""
-    report.write(f"multi_scale_{Path(str(args.data)).name}{tag}_{args.sizes[0]}_{args.sizes[1]}",
+    names = "_".join(labels)
+    report.write(f"multi_scale_{Path(str(args.data)).name}{tag}_{names}",
                  getattr(args, "out", None), rows=per_seed, table=table)
     return {"multi_scale": per_seed}
 
