@@ -56,6 +56,14 @@ def identity_sample(samples: Sequence[Sample], max_images: int = SAMPLE_IMAGES,
     return [s for s in samples if s.identity in chosen]
 
 
+def readable_sample(samples: Sequence[Sample]) -> list[Sample]:
+    """``identity_sample`` of ``samples`` less the images that cannot be read (without a
+    warning: the gallery's own pass warns about them): what a gallery choice is made on."""
+    sample = identity_sample(samples)
+    unreadable = find_unreadable([s.path for s in sample], False)
+    return [s for i, s in enumerate(sample) if i not in unreadable]
+
+
 @dataclass
 class SizeChoice:
     size: int  # the chosen image size
@@ -75,9 +83,7 @@ def choose_image_size(samples: Sequence[Sample], native: int,
     sample that is the whole gallery is neither embedded nor calibrated twice. Used by the
     zero-shot index (``indexing``) and by training without ``--image-size``."""
     sizes = candidate_sizes(native)
-    sample = identity_sample(samples)
-    unreadable = find_unreadable([s.path for s in sample], False)  # the gallery's pass warns
-    sample = [s for i, s in enumerate(sample) if i not in unreadable]
+    sample = readable_sample(samples)
     unchosen = SizeChoice(native, sample, None)
     if len(sizes) < 2 or not sample:
         return unchosen

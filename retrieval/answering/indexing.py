@@ -282,8 +282,8 @@ def _plan(opts: BuildOptions, current: Current, loaded: list[Loaded], device=Non
         encoder, embedded, calibrated = _zero_shot_companion(opts, samples, encoder, embedded,
                                                              calibrated, device)
         config = encoder.model.config
-        spec = replace(spec, image_size=encoder.preprocessing.image_size,
-                       companion=config.companion or None, companion_share=config.companion_share)
+        spec = replace(spec, companion=config.companion or None,
+                       companion_share=config.companion_share)
     if current.manifest is not None:
         check_index_model(current.manifest, Path(opts.out), encoder.fingerprint,
                           "append with the model the index was built with (drop --model, or pass "
@@ -368,9 +368,8 @@ def _zero_shot_companion(opts: BuildOptions, samples: Sequence[Sample], own: Enc
     equals; the companion embeds the sample at the size already chosen. Returns what
     ``_zero_shot_size`` returns: the encoder, and where the sample is the whole gallery its
     (samples, vectors) and their calibration."""
-    from ..data import find_unreadable
     from ..gallery_threshold import choose_gallery_space
-    from ..image_size import identity_sample
+    from ..image_size import readable_sample
     from ..models.checkpoint import state_fingerprint
     from ..models.embed import embed_images
     from ..models.model import blend, with_companion, zero_shot_model
@@ -378,9 +377,7 @@ def _zero_shot_companion(opts: BuildOptions, samples: Sequence[Sample], own: Enc
     if embedded is not None:
         sample, vectors = embedded
     else:
-        sample = identity_sample(samples)
-        unreadable = find_unreadable([s.path for s in sample], False)
-        sample = [s for i, s in enumerate(sample) if i not in unreadable]
+        sample = readable_sample(samples)
         vectors = own.encode([s.path for s in sample], batch_size=opts.batch_size, device=device,
                              progress=opts.progress, desc="choosing the companion (own features)")
     if not sample:
@@ -394,8 +391,11 @@ def _zero_shot_companion(opts: BuildOptions, samples: Sequence[Sample], own: Enc
     scored = []
     for share in COMPANION_SHARES:
         joined = blend(vectors, other, share).astype(np.float32) if share else vectors
-        calibration, whitening = choose_gallery_space(joined, identities, weights=weights,
-                                                      whiten=whiten)
+        if share == 0 and calibrated is not None:  # the size choice calibrated these very vectors
+            calibration, whitening = calibrated
+        else:
+            calibration, whitening = choose_gallery_space(joined, identities, weights=weights,
+                                                          whiten=whiten)
         if calibration is None:  # the sample cannot be calibrated: keep the model as it is
             return own, embedded, calibrated
         scored.append((calibration.map5, share, joined, (calibration, whitening)))
