@@ -70,13 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "drawings most; --no-local searches the pooled vectors alone "
                             "(default: %(default)s)")
     model.add_argument("--companion", nargs="?", const=COMPANION_BACKBONE, metavar="BACKBONE",
-                       help="zero-shot model: add the untrained ImageNet features of a second "
-                            f"network (default {COMPANION_BACKBONE}, whose weights ship with the "
-                            "package; any timm name with weights) beside the first, its share of "
-                            "the cosine (0, 1/4, 1/2, 3/4) chosen by leave-one-out MAP@5 on the "
-                            "gallery, 0 on ties; costs that network's time on every image. On dog "
-                            "photos it lifted MAP@5 0.782 -> 0.806, characters and faces level "
-                            "(bench/README.md, \"Two networks side by side\"); default: off")
+                       help="zero-shot model: the second network whose untrained ImageNet "
+                            "features go beside the first's (default "
+                            f"{COMPANION_BACKBONE}, whose weights ship with the package; any "
+                            "timm name with weights), at the share of the cosine (0, 1/4, 1/2, "
+                            "3/4) chosen by leave-one-out MAP@5 on the gallery, 0 on ties; where "
+                            "a share is kept, every image also goes through that network (about "
+                            "2.5x the embedding time). On dog photos it lifted MAP@5 0.782 -> "
+                            "0.806, characters and faces level (bench/README.md, \"Two networks "
+                            "side by side\"). On by default for a fresh zero-shot index")
+    model.add_argument("--no-companion", dest="companion", action="store_const", const="",
+                       help="zero-shot model: one network only (no second one tried)")
     index = p.add_argument_group("index")
     index.add_argument("--out", default=DEFAULT_INDEX_DIR,
                        help="index folder to write, replaced atomically (default %(default)s)")

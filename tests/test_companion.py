@@ -69,9 +69,10 @@ def gallery(tmp_path_factory, orl_samples):
 
 
 def build(out, gallery, **options):
+    """A fresh zero-shot build as the default makes it (a companion tried), at one size."""
     return run(BuildOptions(out=str(out), gallery=str(gallery), workers=0, batch_size=16,
                             progress=False, image_size=SIZE, whiten=False, local=False,
-                            companion=COMPANION_BACKBONE, **options))
+                            **options))
 
 
 def shares_of(gallery, networks):
@@ -126,6 +127,54 @@ def test_the_chosen_share_reaches_the_manifest_the_vectors_and_the_queries(galle
 
 
 @pytest.mark.parametrize("options", [{"model": "runs/model.pt"}, {"threshold": 0.5}])
-def test_a_companion_goes_with_a_fresh_zero_shot_build_only(gallery, tmp_path, options):
+def test_a_companion_named_goes_with_a_fresh_zero_shot_build_only(gallery, tmp_path, options):
     with pytest.raises(UserError, match="--companion adds a second network"):
-        build(tmp_path / "index", gallery, **options)
+        build(tmp_path / "index", gallery, companion=COMPANION_BACKBONE, **options)
+
+
+def test_no_companion_tries_one_network_only(gallery, tmp_path, monkeypatch):
+    """``--no-companion`` (""): the second network is never built, the index is the first's;
+    ``--threshold`` without a named companion is no error either (nothing to choose)."""
+    import retrieval.models.model as model_module
+
+    built = []
+    original = model_module.zero_shot_model
+    monkeypatch.setattr(model_module, "zero_shot_model",
+                        lambda *a, **k: built.append((a, k)) or original(*a, **k))
+    build(tmp_path / "index", gallery, companion="")
+    build(tmp_path / "fixed", gallery, threshold=0.5)
+    assert not any(COMPANION_BACKBONE in (*a, *k.values()) for a, k in built)
+    for out in ("index", "fixed"):
+        config = load_index(tmp_path / out).manifest.model["model_config"]
+        assert (config["companion"], config["companion_share"]) == ("", 0.0)
+
+
+def test_the_cli_turns_the_companion_off_or_names_another():
+    import build_index
+
+    parser = build_index.build_parser()
+    assert parser.parse_args(["--gallery", "g"]).companion is None  # the default network
+    assert parser.parse_args(["--gallery", "g", "--no-companion"]).companion == ""
+    assert parser.parse_args(["--gallery", "g", "--companion"]).companion == COMPANION_BACKBONE
+    assert parser.parse_args(["--gallery", "g", "--companion", "x"]).companion == "x"
+
+
+def test_a_gallery_larger_than_the_sample_reuses_the_size_choices_vectors(gallery, tmp_path,
+                                                                         monkeypatch):
+    """Where the choices are made on a sample (galleries above image_size.SAMPLE_IMAGES), the
+    companion's choice starts from the vectors the size choice made of that sample: the first
+    network embeds the sample once per size, then the whole gallery once for the index."""
+    from retrieval import image_size
+    from retrieval.answering.encoder import Encoder
+
+    original_sample = image_size.identity_sample
+    monkeypatch.setattr(image_size, "identity_sample",
+                        lambda samples, *a, **k: original_sample(samples, max_images=12))
+    calls = []
+    original_encode = Encoder.encode
+    monkeypatch.setattr(Encoder, "encode", lambda self, paths, *a, **k:
+                        calls.append((len(paths), k.get("desc"))) or original_encode(self, paths, *a, **k))
+    run(BuildOptions(out=str(tmp_path / "index"), gallery=str(gallery), workers=0, batch_size=16,
+                     progress=False, whiten=False, local=False))
+    assert [n for n, _ in calls] == [12, 12, 24]  # two sizes on the sample, then the gallery
+    assert len(load_index(tmp_path / "index").paths) == 24

@@ -51,6 +51,9 @@ def gallery(tmp_path_factory, orl_samples):
 
 
 def build(out, gallery, **options):
+    """A zero-shot build; one network unless a test says otherwise (the size choice is tested
+    here, the companion's in test_companion.py)."""
+    options.setdefault("companion", "")
     return run(BuildOptions(out=str(out), gallery=str(gallery), workers=0, batch_size=16,
                             progress=False, **options))
 

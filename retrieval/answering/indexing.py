@@ -26,7 +26,7 @@ import numpy as np
 
 from index.errors import GalleryIndexError
 
-from ..config import COMPANION_SHARES
+from ..config import COMPANION_BACKBONE, COMPANION_SHARES
 from ..data import Sample
 from ..errors import UserError, as_user_error
 from .encoder import (
@@ -66,7 +66,10 @@ class BuildOptions:
     hubness: bool = True  # zero-shot: choose the hubness correction weight with the threshold
     whiten: bool = True  # zero-shot: whiten gallery and queries where the gallery calibrates better
     local: bool = True  # zero-shot: re-score with local descriptors where the gallery calibrates better
-    companion: str | None = None  # zero-shot: a second network beside, where the gallery prefers it
+    # zero-shot: a second network beside, where the gallery prefers it; None: COMPANION_BACKBONE
+    # (where the build is a fresh zero-shot one), "": none; a name given explicitly is refused
+    # where it cannot apply (--model, --append, --threshold)
+    companion: str | None = None
     strict: bool = False
     allow_outside: bool = False  # CSV rows may name images outside --gallery
     device: str | None = None
@@ -84,6 +87,20 @@ class Plan:
     new: list[Sample]
     index_type: str
     maps: bool = False  # embed the local descriptors too (index.local_match)
+
+
+@dataclass
+class SampleVectors:
+    """A gallery choice's sample (readable whole identities, ``image_size.readable_sample``),
+    its vectors by the chosen encoder and their (calibration, whitening): what the next choice
+    starts from, and, where the sample is the whole gallery, the index's own vectors."""
+
+    sample: list[Sample]
+    vectors: np.ndarray
+    calibrated: tuple[Any, Any] | None = None
+
+    def covers(self, samples: Sequence[Sample]) -> bool:
+        return self.sample == list(samples)
 
 
 @dataclass
@@ -273,13 +290,12 @@ def _plan(opts: BuildOptions, current: Current, loaded: list[Loaded], device=Non
         indexed = dict(zip(current.paths, current.identities))
     samples = _new_samples(listed, indexed)
     spec = _encoder_spec(opts, current)
-    encoder, embedded, calibrated = load_encoder(spec), None, None
+    encoder, chosen = load_encoder(spec), None
     if _chooses_size(opts, current):
-        encoder, embedded, calibrated = _zero_shot_size(opts, samples, spec, encoder, device)
+        encoder, chosen = _zero_shot_size(opts, samples, spec, encoder, device)
         spec = replace(spec, image_size=encoder.preprocessing.image_size)
     if _chooses_companion(opts, current):
-        encoder, embedded, calibrated = _zero_shot_companion(opts, samples, encoder, embedded,
-                                                             calibrated, device)
+        encoder, chosen = _zero_shot_companion(opts, samples, encoder, chosen, device)
         config = encoder.model.config
         spec = replace(spec, companion=config.companion or None,
                        companion_share=config.companion_share)
@@ -287,7 +303,10 @@ def _plan(opts: BuildOptions, current: Current, loaded: list[Loaded], device=Non
         check_index_model(current.manifest, Path(opts.out), encoder.fingerprint,
                           "append with the model the index was built with (drop --model, or pass "
                           "that checkpoint), or rebuild the index without --append")
-    loaded.append(Loaded(encoder, embedded, calibrated))
+    if chosen is not None and chosen.covers(samples):  # the gallery is embedded already
+        loaded.append(Loaded(encoder, (chosen.sample, chosen.vectors), chosen.calibrated))
+    else:
+        loaded.append(Loaded(encoder))
     index_type = opts.index_type or (current.manifest.index["requested"] if current.manifest else "flat")
     return Plan(spec, samples, index_type, _wants_maps(opts, current, encoder, len(samples)))
 
@@ -315,12 +334,11 @@ def _chooses_size(opts: BuildOptions, current: Current) -> bool:
 
 
 def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: EncoderSpec,
-                    native: Encoder, device
-                    ) -> tuple[Encoder, tuple[list[Sample], np.ndarray] | None, tuple | None]:
+                    native: Encoder, device) -> tuple[Encoder, SampleVectors | None]:
     """The zero-shot encoder at the size whose leave-one-out MAP@5 on a sample of the gallery,
     calibrated as the index will be (hubness weight, whitening), is best (``zero_shot_size``);
-    and, where that sample was all of the gallery, its (readable samples, vectors) and their
-    (calibration, whitening), which the index then records as they are."""
+    and that sample's vectors at that size with their calibration (None where no choice was
+    made): where the sample is all of the gallery, the index records them as they are."""
     from ..gallery_threshold import choose_gallery_space
     from ..image_size import choose_image_size
 
@@ -345,72 +363,75 @@ def _zero_shot_size(opts: BuildOptions, samples: Sequence[Sample], spec: Encoder
                                      desc=f"choosing the image size ({size} px)")
 
     choice = choose_image_size(samples, native.preprocessing.image_size, score, embed)
-    # the sample was the whole gallery, every image readable (else it is embedded as usual)
-    if choice.vectors is None or choice.sample != list(samples):
-        return encoders[choice.size], None, None
-    return encoders[choice.size], (choice.sample, choice.vectors), choice.scored
+    if choice.vectors is None:
+        return encoders[choice.size], None
+    return encoders[choice.size], SampleVectors(choice.sample, choice.vectors, choice.scored)
 
 
 def _chooses_companion(opts: BuildOptions, current: Current) -> bool:
-    """A fresh zero-shot build with ``--companion`` (and no ``--threshold``, which was set for
-    one model) lets the gallery choose how much of the second network to add."""
-    return (bool(opts.companion) and current.manifest is None and opts.model is None
+    """A fresh zero-shot build (without ``--no-companion``, and without ``--threshold``, which
+    was set for one model) lets the gallery choose how much of a second network to add."""
+    return (opts.companion != "" and current.manifest is None and opts.model is None
             and opts.threshold is None)
 
 
+def _companion_name(opts: BuildOptions) -> str:
+    """The second network of a zero-shot build: the one named, else ``COMPANION_BACKBONE``."""
+    return opts.companion or COMPANION_BACKBONE
+
+
 def _zero_shot_companion(opts: BuildOptions, samples: Sequence[Sample], own: Encoder,
-                         embedded: tuple[list[Sample], np.ndarray] | None, calibrated: tuple | None,
-                         device) -> tuple[Encoder, tuple[list[Sample], np.ndarray] | None, tuple | None]:
+                         chosen: SampleVectors | None, device
+                         ) -> tuple[Encoder, SampleVectors | None]:
     """The zero-shot encoder with the share of ``opts.companion``'s untrained features
     (``COMPANION_SHARES``) whose leave-one-out MAP@5 on a sample of the gallery, calibrated as
     the index will be (hubness weight, whitening), is best, the encoder alone (share 0) among
-    equals; the companion embeds the sample at the size already chosen. Returns what
-    ``_zero_shot_size`` returns: the encoder, and where the sample is the whole gallery its
-    (samples, vectors) and their calibration."""
+    equals; the companion embeds the sample at the size already chosen (``chosen``: that
+    choice's sample, vectors and calibration, reused; None: a sample embedded here). Returns
+    the encoder and the sample's vectors by it with their calibration."""
     from ..gallery_threshold import choose_gallery_space
     from ..image_size import readable_sample
     from ..models.checkpoint import state_fingerprint
     from ..models.embed import embed_images
     from ..models.model import blend, with_companion, zero_shot_model
 
-    if embedded is not None:
-        sample, vectors = embedded
-    else:
+    if chosen is None:
         sample = readable_sample(samples)
-        vectors = own.encode([s.path for s in sample], batch_size=opts.batch_size, device=device,
-                             progress=opts.progress, desc="choosing the companion (own features)")
-    if not sample:
-        return own, embedded, calibrated
-    companion = zero_shot_model(opts.companion).eval()
-    other = embed_images(companion, [s.path for s in sample], own.preprocessing,
+        if not sample:
+            return own, None
+        chosen = SampleVectors(sample, own.encode(
+            [s.path for s in sample], batch_size=opts.batch_size, device=device,
+            progress=opts.progress, desc="choosing the companion (own features)"))
+    name = _companion_name(opts)
+    companion = zero_shot_model(name).eval()
+    other = embed_images(companion, [s.path for s in chosen.sample], own.preprocessing,
                          batch_size=opts.batch_size, device=device, tta_flip=own.tta == "flip",
-                         progress=opts.progress, desc=f"choosing the companion ({opts.companion})")
+                         progress=opts.progress, desc=f"choosing the companion ({name})")
     weights, whiten = _gallery_choices(opts)
-    identities = [s.identity for s in sample]
+    identities = [s.identity for s in chosen.sample]
     scored = []
     for share in COMPANION_SHARES:
-        joined = blend(vectors, other, share).astype(np.float32) if share else vectors
-        if share == 0 and calibrated is not None:  # the size choice calibrated these very vectors
-            calibration, whitening = calibrated
-        else:
-            calibration, whitening = choose_gallery_space(joined, identities, weights=weights,
-                                                          whiten=whiten)
+        if share == 0 and chosen.calibrated is not None:  # the size choice calibrated these
+            scored.append(chosen)
+            continue
+        joined = blend(chosen.vectors, other, share).astype(np.float32) if share else chosen.vectors
+        calibration, whitening = choose_gallery_space(joined, identities, weights=weights,
+                                                      whiten=whiten)
         if calibration is None:  # the sample cannot be calibrated: keep the model as it is
-            return own, embedded, calibrated
-        scored.append((calibration.map5, share, joined, (calibration, whitening)))
-    best = max(range(len(scored)), key=lambda i: (scored[i][0], -i))
-    map5, share, joined, chosen = scored[best]
+            return own, chosen
+        scored.append(SampleVectors(chosen.sample, joined, (calibration, whitening)))
+    map5 = [option.calibrated[0].map5 for option in scored]
+    best = max(range(len(scored)), key=lambda i: (map5[i], -i))
+    share = COMPANION_SHARES[best]
     log.info("companion %s: leave-one-out MAP@5 on %d gallery images %s; share %g chosen",
-             opts.companion, len(sample), ", ".join(f"share {s:g} {m:.3f}" for m, s, *_ in scored),
-             share)
+             name, len(chosen.sample),
+             ", ".join(f"share {s:g} {m:.3f}" for s, m in zip(COMPANION_SHARES, map5)), share)
     if share == 0:
-        return own, embedded, calibrated
-    model = with_companion(own.model, share, companion.backbone, opts.companion).eval()
+        return own, scored[0]
+    model = with_companion(own.model, share, companion.backbone, name).eval()
     encoder = Encoder(model, own.preprocessing, state_fingerprint(model.state_dict()), None, None,
                       own.tta)
-    if sample != list(samples):  # a sample of the gallery: it is embedded as usual
-        return encoder, None, None
-    return encoder, (sample, joined), chosen
+    return encoder, scored[best]
 
 
 def _encoder_spec(opts: BuildOptions, current: Current) -> EncoderSpec:

@@ -52,7 +52,8 @@ class ModelConfig:
     companion_share * companion``. Two networks trained apart make different mistakes: on dog
     photos EfficientNet-Lite0 and Lite2 together beat either alone (bench/README.md, "Two
     networks side by side"). The zero-shot index adds one where the gallery's own
-    leave-one-out prefers it (``build_index.py --companion``)."""
+    leave-one-out prefers it (by default; ``build_index.py --no-companion``), training where
+    its validation carve-out does (``train_embed.py --companion``)."""
 
     backbone: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_BACKBONE
     embedding_dim: Annotated[int, Field(ge=0, le=MAX_EMBEDDING_DIM)] = 512

@@ -906,7 +906,7 @@ def _calibrated_on_all_images(config: TrainConfig, backbone: nn.Module,
 
     With ``companion`` (the ImageNet backbone of ``config.companion``), the share of its
     untrained features beside them is chosen first, by the same leave-one-out, as
-    ``build_index.py --companion`` chooses it for a zero-shot index (``_companion_on_all``)."""
+    a zero-shot index chooses it (``_companion_on_all``)."""
     [embedded] = _embed_untrained(backbone, config.backbone, preprocessing, (samples,), device,
                                   maps=config.local_match)
     vectors, maps = embedded if config.local_match else (embedded, None)
