@@ -127,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "name with weights), at the share of the cosine (0, 1/4, 1/2, 3/4) "
                             "that scores strictly best on the validation carve-out (where the "
                             "model ships the ImageNet features alone: by leave-one-out over the "
-                            "training images, as build_index.py --companion); costs that "
+                            "training images, as the zero-shot index chooses it); costs that "
                             "network's time on every image where a share is kept "
-                            "(default: off)")
+                            "(default: on, %(default)s)")
+    train.add_argument("--no-companion", dest="companion", action="store_const", const="",
+                       help="ship the model without a second network (none tried)")
     train.add_argument("--layer-decay", type=float, default=DEFAULTS.layer_decay,
                        help="layer-wise learning-rate decay: the backbone's last block learns at "
                             "--lr, each block below at this factor times the one above, so early, "

@@ -31,10 +31,11 @@ from retrieval.training.train import Trainer, train
 from .conftest import OMNIGLOT, ROOT
 from .index_helpers import make_checkpoint
 
-# one depth (the whole backbone) and plain cosine search: the tests of the mechanics train one
-# selection, not the default's two, and score it as evaluate_queries does
+# one depth (the whole backbone), plain cosine search and no companion network: the tests of the
+# mechanics train one selection, not the default's two, and score it as evaluate_queries does
 TINY = dict(image_size=48, embedding_dim=64, batch_size=16, num_workers=0, warmup_epochs=1,
-            trainable_blocks=0, hubness=False, whiten_output=False, local_match=False)
+            trainable_blocks=0, hubness=False, whiten_output=False, local_match=False,
+            companion="")
 
 
 def read_log(out: Path) -> list[dict]:

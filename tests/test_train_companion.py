@@ -113,8 +113,8 @@ def test_a_model_shipping_the_imagenet_features_alone_takes_the_companion_its_im
     from retrieval.gallery_threshold import calibrate_gallery
 
     monkeypatch.setattr(train_module, "BLEND_SHARES", (1.0,))
-    config = TrainConfig(out=str(tmp_path), epochs=1, refit=refit, companion=COMPANION_BACKBONE,
-                         **TINY)
+    config = TrainConfig(out=str(tmp_path), epochs=1, refit=refit,
+                         **{**TINY, "companion": COMPANION_BACKBONE})
     model, pre, payload = load_model(train(config, orl_subset))
     assert payload["model_config"]["pretrained_share"] == 1.0
     paths, identities = [s.path for s in orl_subset], [s.identity for s in orl_subset]
@@ -128,3 +128,14 @@ def test_a_model_shipping_the_imagenet_features_alone_takes_the_companion_its_im
     vectors = embed_images(model, paths, pre, progress=False)
     calibration, _, _ = calibrate_gallery(vectors, identities, None, weights=(0.0,), whiten=False)
     assert payload["threshold"] == pytest.approx(calibration.threshold, abs=1e-5)
+
+
+def test_the_cli_turns_the_companion_off_or_names_another():
+    import train_embed
+
+    parser = train_embed.build_parser()
+    gallery = ["--gallery", "g"]
+    assert parser.parse_args(gallery).companion == COMPANION_BACKBONE == TrainConfig().companion
+    assert parser.parse_args([*gallery, "--no-companion"]).companion == ""
+    assert parser.parse_args([*gallery, "--companion"]).companion == COMPANION_BACKBONE
+    assert parser.parse_args([*gallery, "--companion", "x"]).companion == "x"

@@ -1004,8 +1004,10 @@ def train(config: TrainConfig, samples: Sequence[Sample], resume: str | Path | N
     out.mkdir(parents=True, exist_ok=True)
     epoch_log = EpochLog(out / "log.csv", ctx.is_main, append=state is not None)
     if state is not None:
-        config = TrainConfig.from_dict({**state["train_config"], "out": config.out,
-                                        "num_workers": config.num_workers, "device": config.device})
+        # a run saved before the companion existed had none
+        config = TrainConfig.from_dict({"companion": "", **state["train_config"],
+                                        "out": config.out, "num_workers": config.num_workers,
+                                        "device": config.device})
         if ctx.is_main:
             log.info("resuming %s at stage %s, epoch %d", resume, state["stage"], state["epoch"])
     if ctx.is_main:
