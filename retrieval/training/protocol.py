@@ -107,6 +107,7 @@ def run_seed(config: TrainConfig, samples: Sequence[Sample], seed: int,
         "hubness": payload.get("hubness", 0.0),
         "whitened": payload.get("whiten", False),
         "local": payload.get("local", 0.0),
+        "companion_share": payload["model_config"].get("companion_share", 0.0),
         "constant_new_whale": map_at_k([[NEW_WHALE]] * len(truths), truths),
         **zero_shot_scores(replace(run_config, image_size=preprocessing.image_size),
                            split.gallery, split.queries),  # at the size the model trained at
