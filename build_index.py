@@ -17,7 +17,7 @@ import argparse
 
 from index.store import DEFAULT_INDEX_DIR
 from index.types import CHOICES as INDEX_TYPES
-from retrieval.cli import add_gallery_arguments
+from retrieval.cli import add_companion_arguments, add_gallery_arguments
 from retrieval.config import COMPANION_BACKBONE
 from retrieval.errors import run_cli
 
@@ -69,18 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "per image (up to 20,000 images; FAISS backend). It lifts line "
                             "drawings most; --no-local searches the pooled vectors alone "
                             "(default: %(default)s)")
-    model.add_argument("--companion", nargs="?", const=COMPANION_BACKBONE, metavar="BACKBONE",
-                       help="zero-shot model: the second network whose untrained ImageNet "
-                            "features go beside the first's (default "
-                            f"{COMPANION_BACKBONE}, whose weights ship with the package; any "
-                            "timm name with weights), at the share of the cosine (0, 1/4, 1/2, "
-                            "3/4) chosen by leave-one-out MAP@5 on the gallery, 0 on ties; where "
-                            "a share is kept, every image also goes through that network (about "
-                            "2.5x the embedding time). On dog photos it lifted MAP@5 0.782 -> "
-                            "0.806, characters and faces level (bench/README.md, \"Two networks "
-                            "side by side\"). On by default for a fresh zero-shot index")
-    model.add_argument("--no-companion", dest="companion", action="store_const", const="",
-                       help="zero-shot model: one network only (no second one tried)")
+    add_companion_arguments(
+        model, None,
+        help="zero-shot model: the second network whose untrained ImageNet "
+             f"features go beside the first's (default {COMPANION_BACKBONE}, whose weights ship "
+             "with the package; any timm name with weights), at the share of the cosine (0, 1/4, "
+             "1/2, 3/4) chosen by leave-one-out MAP@5 on the gallery, 0 on ties; where a share is "
+             "kept, every image also goes through that network (about 2.5x the embedding time). "
+             "On dog photos it lifted MAP@5 0.782 -> 0.806, characters and faces level "
+             "(bench/README.md, \"Two networks side by side\"). On by default for a fresh "
+             "zero-shot index",
+        off_help="zero-shot model: one network only (no second one tried)")
     index = p.add_argument_group("index")
     index.add_argument("--out", default=DEFAULT_INDEX_DIR,
                        help="index folder to write, replaced atomically (default %(default)s)")

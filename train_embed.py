@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from retrieval.cli import add_gallery_arguments
+from retrieval.cli import add_companion_arguments, add_gallery_arguments
 from retrieval.config import (COMPANION_BACKBONE, DEFAULT_BACKBONE, LOSS_NAMES,
                               NEW_IDENTITY_CHOICES, TrainConfig, read_config_file)
 from retrieval.errors import run_cli
@@ -119,19 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "only where the validation queries score strictly better; the share "
                             "is stored in the checkpoint and the index keeps the descriptors "
                             "(default: %(default)s)")
-    train.add_argument("--companion", nargs="?", const=COMPANION_BACKBONE, default=DEFAULTS.companion,
-                       metavar="BACKBONE",
-                       help="let validation decide whether the shipped model carries a second "
-                            "network's untrained ImageNet features beside its vector (default "
-                            f"{COMPANION_BACKBONE}, whose weights ship with the package; any timm "
-                            "name with weights), at the share of the cosine (0, 1/4, 1/2, 3/4) "
-                            "that scores strictly best on the validation carve-out (where the "
-                            "model ships the ImageNet features alone: by leave-one-out over the "
-                            "training images, as the zero-shot index chooses it); costs that "
-                            "network's time on every image where a share is kept "
-                            "(default: on, %(default)s)")
-    train.add_argument("--no-companion", dest="companion", action="store_const", const="",
-                       help="ship the model without a second network (none tried)")
+    add_companion_arguments(
+        train, DEFAULTS.companion,
+        help="let validation decide whether the shipped model carries a second network's "
+             f"untrained ImageNet features beside its vector (default {COMPANION_BACKBONE}, whose "
+             "weights ship with the package; any timm name with weights), at the share of the "
+             "cosine (0, 1/4, 1/2, 3/4) that scores strictly best on the validation carve-out "
+             "(where the model ships the ImageNet features alone: by leave-one-out over the "
+             "training images, as the zero-shot index chooses it); costs that network's time on "
+             "every image where a share is kept (default: on, %(default)s)",
+        off_help="ship the model without a second network (none tried)")
     train.add_argument("--layer-decay", type=float, default=DEFAULTS.layer_decay,
                        help="layer-wise learning-rate decay: the backbone's last block learns at "
                             "--lr, each block below at this factor times the one above, so early, "

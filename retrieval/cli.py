@@ -22,6 +22,18 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
                              "this full model instead of the index's exported ONNX encoder")
 
 
+def add_companion_arguments(group: argparse._ArgumentGroup, default: str | None, help: str,
+                            off_help: str) -> None:
+    """--companion [BACKBONE] / --no-companion (build_index.py, train_embed.py): a second
+    network beside the first, ``COMPANION_BACKBONE`` where no name follows; off is ""."""
+    from .config import COMPANION_BACKBONE
+
+    group.add_argument("--companion", nargs="?", const=COMPANION_BACKBONE, default=default,
+                       metavar="BACKBONE", help=help)
+    group.add_argument("--no-companion", dest="companion", action="store_const", const="",
+                       help=off_help)
+
+
 def add_gallery_arguments(parser: argparse.ArgumentParser, required: bool) -> argparse._ArgumentGroup:
     """--gallery, --labels, --strict, --allow-outside: how a labelled gallery is read."""
     group = parser.add_argument_group("gallery")
