@@ -11,9 +11,9 @@ import torch
 
 from index import load_index
 from index.hubness import WEIGHTS
-from retrieval.answering.indexing import COMPANION_SHARES, BuildOptions, run
+from retrieval.answering.indexing import BuildOptions, run
 from retrieval.answering.query import run_query
-from retrieval.config import COMPANION_BACKBONE
+from retrieval.config import COMPANION_BACKBONE, COMPANION_SHARES
 from retrieval.data import read_folder_gallery
 from retrieval.errors import UserError
 from retrieval.gallery_threshold import choose_gallery_space

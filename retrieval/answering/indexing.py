@@ -26,7 +26,7 @@ import numpy as np
 
 from index.errors import GalleryIndexError
 
-from ..config import COMPANION_BACKBONE, COMPANION_SHARES
+from ..config import COMPANION_BACKBONE
 from ..data import Sample
 from ..errors import UserError, as_user_error
 from .encoder import (
@@ -393,7 +393,7 @@ def _zero_shot_companion(opts: BuildOptions, samples: Sequence[Sample], own: Enc
     from ..image_size import readable_sample
     from ..models.checkpoint import state_fingerprint
     from ..models.embed import embed_images
-    from ..models.model import blend, with_companion, zero_shot_model
+    from ..models.model import choose_companion_share, with_companion, zero_shot_model
 
     if chosen is None:
         sample = readable_sample(samples)
@@ -408,30 +408,28 @@ def _zero_shot_companion(opts: BuildOptions, samples: Sequence[Sample], own: Enc
                          batch_size=opts.batch_size, device=device, tta_flip=own.tta == "flip",
                          progress=opts.progress, desc=f"choosing the companion ({name})")
     weights, whiten = _gallery_choices(opts)
-    identities = [s.identity for s in chosen.sample]
-    scored = []
-    for share in COMPANION_SHARES:
-        if share == 0 and chosen.calibrated is not None:  # the size choice calibrated these
-            scored.append(chosen)
-            continue
-        joined = blend(chosen.vectors, other, share).astype(np.float32) if share else chosen.vectors
-        calibration, whitening = choose_gallery_space(joined, identities, weights=weights,
+
+    def score(vectors: np.ndarray, identities: list[str]) -> tuple[float, tuple] | None:
+        calibration, whitening = choose_gallery_space(vectors, identities, weights=weights,
                                                       whiten=whiten)
-        if calibration is None:  # the sample cannot be calibrated: keep the model as it is
-            return own, chosen
-        scored.append(SampleVectors(chosen.sample, joined, (calibration, whitening)))
-    map5 = [option.calibrated[0].map5 for option in scored]
-    best = max(range(len(scored)), key=lambda i: (map5[i], -i))
-    share = COMPANION_SHARES[best]
+        return None if calibration is None else (calibration.map5, (calibration, whitening))
+
+    known = None if chosen.calibrated is None else (chosen.calibrated[0].map5, chosen.calibrated)
+    choice = choose_companion_share(chosen.vectors, other, [s.identity for s in chosen.sample],
+                                    score, known)  # the size choice calibrated own already
+    if choice is None:  # the sample cannot be calibrated: keep the model as it is
+        return own, chosen
+    share = choice.share
     log.info("companion %s: leave-one-out MAP@5 on %d gallery images %s; share %g chosen",
              name, len(chosen.sample),
-             ", ".join(f"share {s:g} {m:.3f}" for s, m in zip(COMPANION_SHARES, map5)), share)
+             ", ".join(f"share {s:g} {m:.3f}" for s, m in choice.map5.items()), share)
+    scored = SampleVectors(chosen.sample, choice.vectors, choice.scored)
     if share == 0:
-        return own, scored[0]
+        return own, scored
     model = with_companion(own.model, share, companion.backbone, name).eval()
     encoder = Encoder(model, own.preprocessing, state_fingerprint(model.state_dict()), None, None,
                       own.tta)
-    return encoder, scored[best]
+    return encoder, scored
 
 
 def _encoder_spec(opts: BuildOptions, current: Current) -> EncoderSpec:

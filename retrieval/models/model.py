@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Annotated, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
-from ..config import DEFAULT_BACKBONE, UNTRAINED_POOL_STAGES
+from ..config import COMPANION_SHARES, DEFAULT_BACKBONE, UNTRAINED_POOL_STAGES
 from ..errors import UserError
 from .pretrained import load_offline_weights
 from .whitening import Whitening
@@ -213,8 +214,6 @@ def blend(trained: torch.Tensor, untrained: torch.Tensor, share: float) -> torch
     scale_trained, scale_untrained = math.sqrt(1.0 - share), math.sqrt(share)
     if isinstance(trained, torch.Tensor):
         return torch.cat([scale_trained * trained, scale_untrained * untrained], dim=1)
-    import numpy as np
-
     return np.concatenate([scale_trained * trained, scale_untrained * untrained], axis=1)
 
 
@@ -343,6 +342,34 @@ def with_companion(model: EmbeddingModel, share: float, companion: nn.Module,
                                 companion)
     joined.pool, joined.neck, joined.reference = model.pool, model.neck, model.reference
     return joined.to(next(model.parameters()).device).train(model.training)
+
+
+@dataclass
+class CompanionChoice:
+    share: float  # of the companion's cosine (``config.COMPANION_SHARES``)
+    vectors: np.ndarray  # the joined vectors at that share (the own ones at 0)
+    scored: Any  # what ``score`` found besides the number for them (the calibration it made)
+    map5: dict[float, float]  # the leave-one-out MAP@5 of every share tried
+
+
+def choose_companion_share(own: np.ndarray, other: np.ndarray, identities: Sequence[str],
+                           score: Callable[[np.ndarray, list[str]], tuple[float, Any] | None],
+                           own_scored: tuple[float, Any] | None = None) -> CompanionChoice | None:
+    """The share of ``COMPANION_SHARES`` at which ``own`` and a second network's ``other``
+    vectors side by side (``blend``) ``score`` best by leave-one-out, 0 (``own`` alone)
+    among equals: the zero-shot index's choice, and training's where it ships the ImageNet
+    features alone. ``score``: (MAP@5, the calibration behind it), None where the images cannot
+    be calibrated (then None: keep ``own``); ``own_scored``: its result for ``own``, already
+    made."""
+    options = []
+    for share in COMPANION_SHARES:
+        joined = blend(own, other, share).astype(np.float32) if share else own
+        scored = own_scored if not share and own_scored is not None else score(joined, list(identities))
+        if scored is None:
+            return None
+        options.append((scored[0], share, joined, scored[1]))
+    map5, share, joined, extra = max(options, key=lambda o: (o[0], -o[1]))
+    return CompanionChoice(share, joined, extra, {o[1]: o[0] for o in options})
 
 
 def with_pretrained_share(model: EmbeddingModel, share: float,

@@ -934,21 +934,20 @@ def _calibrated_on_all_images(config: TrainConfig, backbone: nn.Module,
 def _companion_on_all(config: TrainConfig, own: np.ndarray, other: np.ndarray,
                       identities: list[str]) -> tuple[np.ndarray, float]:
     """(the vectors, the share) of the companion's untrained features ``other`` beside
-    ``own`` at the share of ``COMPANION_SHARES`` whose leave-one-out MAP@5 over these images,
-    calibrated as the zero-shot index is, is best; 0 (``own`` alone) among equals."""
-    from ..models.model import blend
+    ``own`` at the share whose leave-one-out MAP@5 over these images, calibrated as the
+    zero-shot index is, is best (``model.choose_companion_share``)."""
+    from ..models.model import choose_companion_share
 
-    best = (-1.0, 0.0, own)
-    for share in COMPANION_SHARES:
-        joined = blend(own, other, share).astype(np.float32) if share else own
-        calibration, _, _ = _zero_shot_calibration(config, joined, identities)
-        if calibration is None:
-            return own, 0.0
-        if calibration.map5 > best[0]:
-            best = (calibration.map5, share, joined)
+    def score(vectors: np.ndarray, ids: list[str]) -> tuple[float, None] | None:
+        calibration, _, _ = _zero_shot_calibration(config, vectors, ids)
+        return None if calibration is None else (calibration.map5, None)
+
+    choice = choose_companion_share(own, other, identities, score)
+    if choice is None:
+        return own, 0.0
     log.info("companion %s: leave-one-out MAP@5 over the training images %.3f with share %g",
-             config.companion, best[0], best[1])
-    return best[2], best[1]
+             config.companion, choice.map5[choice.share], choice.share)
+    return choice.vectors, choice.share
 
 
 def _restore(trainer: Trainer, resume: dict) -> None:
