@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="layer-wise learning-rate decay: the backbone's last block learns at "
                             "--lr, each block below at this factor times the one above, so early, "
                             "generic features move least (default %(default)s = off)")
+    train.add_argument("--l2-sp", type=float, default=DEFAULTS.l2_sp, metavar="STRENGTH",
+                       help="L2-SP: the backbone's weight decay pulls towards its ImageNet weights "
+                            "at this strength instead of towards zero (each step moves a weight "
+                            "by lr x STRENGTH x its distance from the start; e.g. 10-1000), so "
+                            "fine-tuning on few images keeps more of the pretrained features "
+                            "(default %(default)s = off)")
     train.add_argument("--trainable-blocks", type=int, nargs="+", metavar="N",
                        default=DEFAULTS.trainable_blocks,
                        help="after the frozen warm-up, train only the backbone's last N blocks "

@@ -83,6 +83,9 @@ class TrainConfig:
     # (0, 1/4, 1/2, 3/4 or 1) that selection finds best on validation (WiSE-FT; one network)
     interpolate_pretrained: bool = False
     layer_decay: float = 1.0  # backbone lr x this per block below the last one (1: off)
+    # L2-SP: the backbone's decay pulls towards its ImageNet weights at this strength instead of
+    # towards zero (training.recipe.StartingPointPull); 0 = off
+    l2_sp: float = 0.0
     # search with the hubness correction (index.hubness) at the weight (0, 1/4, 1/2) that scores
     # best on validation, chosen for the shipped model after its epoch and depth (0: plain
     # cosine). On the untrained backbone at 160 px it lifted test MAP@5 on every seed of all
@@ -140,6 +143,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         depths = self.depth_choices()  # a bad value is one line here, not a traceback later
+        if self.l2_sp < 0:
+            raise UserError(f"l2_sp must be >= 0 (0: off), not {self.l2_sp}")
         if len(depths) == 1:
             self.trainable_blocks = depths[0]  # "--trainable-blocks 1" is the number, not a choice
 

@@ -256,3 +256,38 @@ def test_several_depths_are_a_choice_one_depth_is_the_number(tmp_path):
             TrainConfig(trainable_blocks=bad)
     with pytest.raises(ValueError, match="one recipe per depth"):
         recipe.Recipe.from_config(TrainConfig(trainable_blocks=[0, 1]))
+
+
+def test_l2_sp_pull_matches_the_naive_formula_and_replaces_the_backbone_decay():
+    """L2-SP, decoupled: after each AdamW step a backbone weight moves by -lr * strength * (w -
+    w_start) at its group's current rate; the head is not pulled; the backbone's decay towards zero
+    is off (the pull replaces it), the other groups keep theirs."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(embedding_dim=8), pretrained=False)
+    plan = recipe.Recipe(lr=0.1, head_lr=0.2, l2_sp=3.0)
+    groups = recipe.param_groups(model, plan)
+    assert [g.get("weight_decay") for g in recipe.backbone_groups(groups)] == [0.0]
+    assert "weight_decay" not in groups["neck"]
+    optimizer = recipe.create_optimizer(groups.values(), plan)
+    pull = recipe.StartingPointPull(optimizer, model.backbone.parameters(), plan.l2_sp)
+    start = [p.detach().clone() for p in model.parameters()]
+    backbone = {id(p) for p in model.backbone.parameters()}
+    for _ in range(2):
+        model(torch.randn(2, 3, 32, 32)).square().sum().backward()
+        optimizer.step()
+        stepped = [p.detach().clone() for p in model.parameters()]
+        optimizer.param_groups[0]["lr"] *= 0.5  # a scheduler moving the rate between steps
+        pull.step()
+        rate = optimizer.param_groups[0]["lr"] * 3.0
+        for p, s, w0 in zip(model.parameters(), stepped, start):
+            expected = s - rate * (s - w0) if id(p) in backbone else s
+            assert torch.allclose(p, expected, atol=1e-7)
+        optimizer.zero_grad()
+
+
+def test_l2_sp_is_a_config_field_with_a_flag_and_refuses_a_negative_strength():
+    args = train_embed.build_parser().parse_args(["--gallery", "x", "--l2-sp", "30"])
+    assert TrainConfig.from_dict(vars(args)).l2_sp == 30.0
+    assert TrainConfig().l2_sp == 0.0
+    with pytest.raises(UserError, match="l2_sp"):
+        TrainConfig(l2_sp=-1.0)

@@ -862,3 +862,21 @@ def test_local_matching_is_kept_where_validation_scores_it_better_and_reaches_th
                           [Sample(p, p.parent.name) for p in images], progress=False, local=0.5,
                           hubness=payload["hubness"], whiten=payload["whiten"])
     assert [a.labels for a in answered.answers] == direct.identities
+
+
+def test_l2_sp_keeps_the_trained_backbone_nearer_its_imagenet_weights(orl_subset):
+    """The same run with and without L2-SP (same seed, same batches): the backbone is released
+    after the warm-up in both and moves in both, and the pull leaves it nearer its pretrained
+    start."""
+    def distance(l2_sp: float) -> float:
+        torch.manual_seed(0)
+        config = TrainConfig(epochs=2, l2_sp=l2_sp, **TINY)
+        trainer = Trainer(config, orl_subset, config.epochs, distributed.setup("cpu"))
+        start = [p.detach().clone() for p in trainer.model.backbone.parameters()]
+        for _ in range(config.epochs):
+            trainer.train_epoch()
+        moved = [(p.detach() - s).norm() for p, s in zip(trainer.model.backbone.parameters(), start)]
+        return float(torch.stack(moved).norm())
+
+    free, pulled = distance(0.0), distance(300.0)
+    assert 0 < pulled < 0.8 * free

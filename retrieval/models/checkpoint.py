@@ -138,9 +138,15 @@ def _damaged(path: str | Path, detail: str) -> UserError:
 
 def load_model(path: str | Path):
     """Rebuild the model and its preprocessing from a checkpoint: (model, preprocessing, payload)."""
+    return model_from_payload(load_checkpoint(path), path)
+
+
+def model_from_payload(payload: dict[str, Any], path: str | Path):
+    """(model, preprocessing, payload) from a checkpoint already read (``load_checkpoint``), so
+    a caller that has the payload in hand does not read the file twice; ``path`` names it in
+    errors."""
     from .model import create_model, spec_from_dict
 
-    payload = load_checkpoint(path)
     config, preprocessing = spec_from_dict(payload, f"checkpoint {path}")
     model = create_model(config, pretrained=False)
     try:

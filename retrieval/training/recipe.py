@@ -22,6 +22,9 @@ as a plain setup does), that is a ``Recipe`` parameter, not a copy of the code.
   learns (gradual unfreezing): selection keeps the best epoch on validation, so a gallery whose
   features only need their top adapted ships a partial epoch, and one that needs every layer
   (line drawings) a later one.
+* ``l2_sp`` > 0: L2-SP (Li, Grandvalet & Davoine, ICML 2018): the backbone's weight decay pulls
+  towards its ImageNet weights instead of towards zero (``StartingPointPull``), so fine-tuning
+  on a few images per identity may move the features only as far as the data pays for.
 * ``freeze_bn`` (default on): the backbone's BatchNorm statistics stay ImageNet's after the warm-up
   too. Re-estimating them from batches of 16 new-domain images is what made fine-tuning destroy
   the features on colour photos: even at a backbone rate of 1e-5 validation MAP@5 fell from 0.58
@@ -30,7 +33,7 @@ as a plain setup does), that is a ``Recipe`` parameter, not a copy of the code.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterable, Literal
 
 import torch
@@ -55,6 +58,7 @@ class Recipe:
     layer_decay: float = 1.0  # backbone learning rate x this per block below the last (1: off)
     trainable_blocks: int = 0  # after the warm-up, only the backbone's last this many blocks learn (0: all)
     partial_epochs: int = 0  # ... for this many epochs, then all of it (0: to the end)
+    l2_sp: float = 0.0  # pull of the backbone towards its pretrained weights (0: decay to zero)
 
     @classmethod
     def from_config(cls, config: "TrainConfig") -> "Recipe":
@@ -67,7 +71,8 @@ class Recipe:
         return cls(lr=config.lr, head_lr=config.head_lr, loss_lr=config.loss_lr,
                    weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
                    freeze_bn=config.freeze_bn, layer_decay=config.layer_decay,
-                   trainable_blocks=depths[0], partial_epochs=config.partial_epochs)
+                   trainable_blocks=depths[0], partial_epochs=config.partial_epochs,
+                   l2_sp=config.l2_sp)
 
 
 def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None,
@@ -88,6 +93,9 @@ def param_groups(model: nn.Module, recipe: Recipe, loss: nn.Module | None = None
 
 
 def _backbone_groups(backbone: nn.Module, recipe: Recipe) -> dict[str, dict]:
+    if recipe.l2_sp > 0:  # the pull towards the start replaces the decay towards zero
+        return {name: {**group, "weight_decay": 0.0}
+                for name, group in _backbone_groups(backbone, replace(recipe, l2_sp=0.0)).items()}
     if recipe.layer_decay >= 1.0:
         return {"backbone": {"params": list(backbone.parameters()), "lr": recipe.lr}}
     from timm.optim import param_groups_layer_decay
@@ -107,6 +115,32 @@ def backbone_groups(groups: dict[str, dict]) -> list[dict]:
 
 def create_optimizer(groups: Iterable[dict], recipe: Recipe) -> torch.optim.AdamW:
     return torch.optim.AdamW(list(groups), weight_decay=recipe.weight_decay)
+
+
+class StartingPointPull:
+    """L2-SP's penalty ``strength / 2 * |w - w_start|^2`` on the ``params`` (the backbone), applied
+    decoupled as AdamW applies its weight decay (Loshchilov & Hutter, ICLR 2019): after each
+    optimiser step every weight moves by ``-lr * strength * (w - w_start)`` at its group's current
+    learning rate. Added to the loss instead, Adam would divide the pull by the gradients' running
+    scale and it would no longer be a pull of a known strength. ``w_start`` is taken when this is
+    built (before any step: the pretrained weights); a frozen weight sits at its start, so it
+    feels nothing."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
+                 strength: float):
+        wanted = {id(p) for p in params}
+        self.strength = strength
+        self.groups = [(group, [p for p in group["params"] if id(p) in wanted])
+                       for group in optimizer.param_groups]
+        self.groups = [(group, mine) for group, mine in self.groups if mine]
+        self.start = {id(p): p.detach().clone() for _, mine in self.groups for p in mine}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group, params in self.groups:
+            rate = group["lr"] * self.strength
+            for p in params:
+                p.sub_(p - self.start[id(p)], alpha=rate)
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, recipe: Recipe) -> float:

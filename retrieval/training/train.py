@@ -38,6 +38,7 @@ from ..models import identity_transforms
 from ..models.checkpoint import (
     load_checkpoint,
     load_model,
+    model_from_payload,
     save_checkpoint,
     state_fingerprint,
 )
@@ -132,6 +133,8 @@ class Trainer:
                                                  self.recipe)
         self.scaler = torch.amp.GradScaler(enabled=ctx.device.type == "cuda")
         self.ema = _create_ema(self.model, config.ema_decay)
+        self.pull = recipe.StartingPointPull(self.optimizer, self.model.backbone.parameters(),
+                                             config.l2_sp) if config.l2_sp > 0 else None
         # the within-identity whitening of the blended-in untrained features, once fitted
         # (``_reference_vectors``): every checkpoint with a blend carries it
         self.reference_whitening: Whitening | None = None
@@ -203,6 +206,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.pull is not None:
+                self.pull.step()  # at this step's rate, before the scheduler moves it
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.model, step=self.scheduler.last_epoch)
@@ -771,7 +776,7 @@ def _keep_selected_model(config: TrainConfig, samples: Sequence[Sample], selecti
         selection = _calibrated_on_all_images(config, backbone, preprocessing, samples,
                                               selection, ctx.device, companion)
         if selection.companion_share:
-            model, _, _ = load_model(out / "best.pt")
+            model, _, _ = model_from_payload(best, out / "best.pt")
             best = _with_companion_payload(model, preprocessing, best, selection.companion_share,
                                            companion, config.companion)
         best = {**best, "threshold": selection.threshold, "hubness": selection.hubness,
