@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="L2-SP: the backbone's weight decay pulls towards its ImageNet weights "
                             "at this strength instead of towards zero (each step moves a weight "
                             "by lr x STRENGTH x its distance from the start; e.g. 10-1000), so "
-                            "fine-tuning on few images keeps more of the pretrained features "
-                            "(default %(default)s = off)")
+                            "fine-tuning on few images keeps more of the pretrained features; "
+                            "at 100 it lost on line drawings and was mixed on faces and dog "
+                            "photos (bench/README.md, \"L2-SP\") (default %(default)s = off)")
     train.add_argument("--trainable-blocks", type=int, nargs="+", metavar="N",
                        default=DEFAULTS.trainable_blocks,
                        help="after the frozen warm-up, train only the backbone's last N blocks "
