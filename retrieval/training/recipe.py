@@ -130,9 +130,8 @@ class StartingPointPull:
                  strength: float):
         wanted = {id(p) for p in params}
         self.strength = strength
-        self.groups = [(group, [p for p in group["params"] if id(p) in wanted])
-                       for group in optimizer.param_groups]
-        self.groups = [(group, mine) for group, mine in self.groups if mine]
+        self.groups = [(group, mine) for group in optimizer.param_groups
+                       if (mine := [p for p in group["params"] if id(p) in wanted])]
         self.start = {id(p): p.detach().clone() for _, mine in self.groups for p in mine}
 
     @torch.no_grad()
