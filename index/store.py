@@ -57,7 +57,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Literal, Sequence, TypeVar
 
 import faiss
 import numpy as np
@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from .milvus import MilvusGallery
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT = "whale-gallery-index/2"
 FORMAT_V1 = "whale-gallery-index/1"  # files beside the manifest; read, and upgraded on write
@@ -774,17 +775,26 @@ def _read_valid_manifest(directory: Path) -> Manifest | None:
 def load_index(directory: str | Path, attempts: int = 3,
                backends: Sequence[str] = ("faiss", "milvus")) -> StoredIndex:
     """Read and check an index folder (``backends``: those the caller can use; another is
-    refused before any connection is made).
+    refused before any connection is made). A writer swapping the manifest meanwhile makes it
+    read again (``read_while_unchanged``)."""
+    directory = Path(directory)
+    return read_while_unchanged(directory, lambda: _load_once(directory, backends), attempts)
 
-    A writer may swap the manifest while this reads, after which the old data folder goes away:
-    when a file turns out missing or different and the manifest has changed meanwhile, the read
-    starts again from the new manifest.
-    """
+
+def read_while_unchanged(directory: str | Path, read: Callable[[], T], attempts: int = 3) -> T:
+    """``read()``, which reads files of the index in ``directory``, run again when it fails on a
+    missing or different file and the manifest has changed meanwhile.
+
+    Readers take no lock: a writer may swap the manifest while they read, after which the old
+    data folder goes away. A file of the old folder then turns out missing, which says "the
+    index moved on", not "the index is damaged": the read starts again from the new manifest.
+    A long-lived reader (the server's snapshot reading its vectors on first use) needs this as
+    much as ``load_index`` does."""
     directory = Path(directory)
     for attempt in range(attempts):
         before = _manifest_bytes(directory)
         try:
-            return _load_once(directory, backends)
+            return read()
         except (IndexCorrupt, IndexNotFound, NotAnIndex):
             if attempt + 1 == attempts or _manifest_bytes(directory) == before:
                 raise

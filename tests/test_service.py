@@ -186,6 +186,55 @@ def test_appends_from_two_threads_while_queries_run_lose_and_duplicate_nothing(i
     np.testing.assert_allclose(np.linalg.norm(stored.vectors(), axis=1), 1.0, atol=1e-5)
 
 
+def test_a_query_whose_snapshot_lost_its_files_to_an_append_is_answered_from_the_new_index(
+        index_dir, monkeypatch):
+    """The race CI once hit: a query takes the snapshot, another writer's append commits and
+    deletes that snapshot's data folder, then the query reads its vectors (on first use)."""
+    service, writer = GalleryService(index_dir), GalleryService(index_dir)
+    taken = service.current()
+    real_current, real_embed = service.current, service.embed
+    steps: list[str] = []
+
+    def embed_then_answer(image):
+        embedded = real_embed(image)
+        steps.append("embedded")
+        return embedded
+
+    def current_then_an_append_commits():
+        if steps == ["embedded"]:  # the query takes its snapshot; then the writer commits
+            writer.add(photo("s20", 1), "new_s20", new_identity=True)
+            steps.append("appended")
+            return taken  # its data folder gone now, its vectors never read
+        return real_current()
+
+    monkeypatch.setattr(service, "embed", embed_then_answer)
+    monkeypatch.setattr(service, "current", current_then_an_append_commits)
+    answer = service.query(photo("s20", 2), k=3)
+    assert steps == ["embedded", "appended"]
+    assert not (index_dir / taken.stored.manifest.data_dir).exists()
+    assert answer.candidates[0].identity == "new_s20"  # answered from the appended index
+    assert answer.candidates[0].images[0].similarity == pytest.approx(answer.candidates[0].similarity,
+                                                                      abs=1e-4)
+
+
+def test_query_py_reads_the_new_index_when_an_append_replaced_it_while_photos_were_checked(
+        index_dir, monkeypatch):
+    """run_query loads the index, checks the query photos, then opens the encoder file: an append
+    in between deletes the old files, which must not read as "encoder.onnx is missing"."""
+    from retrieval.answering import query
+
+    assert load_index(index_dir).attachment("encoder.onnx") is not None
+    checked = query._readable_queries
+
+    def check_while_an_append_commits(*args, **kwargs):
+        GalleryService(index_dir).add(photo("s20", 1), "new_s20", new_identity=True)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(query, "_readable_queries", check_while_an_append_commits)
+    result = query.run_query(ORL / "s20" / "2.pgm", index_dir, k=3, progress=False)
+    assert result.answers[0].hits[0].identity == "new_s20"
+
+
 def test_photos_arriving_together_share_a_forward_pass_and_get_their_own_vectors(index_dir):
     from concurrent.futures import ThreadPoolExecutor
 

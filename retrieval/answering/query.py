@@ -159,9 +159,9 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     images = list_query_images(target)
     truths, truth_source = read_truths(target, images, truth)
     stored = load_index(index_dir)  # cheap checks first: all of them before any model loads
-    k = _clamp_k(k, stored.gallery.num_identities)
     images = _readable_queries(images, folder=Path(target).is_dir(), strict=strict)
-    encoder = encoder_for(stored, model, device)
+    stored, encoder = _with_encoder(stored, index_dir, model, device)
+    k = _clamp_k(k, stored.gallery.num_identities)
     check_index_model(stored.manifest, Path(index_dir), encoder.fingerprint,
                       "pass --model with the checkpoint the index was built from, or rebuild the "
                       "index with build_index.py --model for this one")
@@ -182,6 +182,27 @@ def run_query(target: str | Path, index_dir: str | Path, k: int = 5, threshold: 
     if truths is not None:
         result.evaluation = evaluate(result)
     return result
+
+
+def _with_encoder(stored, index_dir: str | Path, model: str | None, device: str | None):
+    """(index, its encoder). The encoder's file is read only now, after the queries were checked:
+    where an append replaced the index meanwhile (deleting the files ``stored`` came from), the
+    new index and its encoder instead of a false "missing file" error."""
+    from index.errors import IndexCorrupt
+    from index.store import load_index, read_manifest, read_while_unchanged
+
+    try:
+        return stored, encoder_for(stored, model, device)
+    except IndexCorrupt:
+        if read_manifest(index_dir) == stored.manifest:
+            raise
+    log.info("index %s changed since it was loaded: loading it again", index_dir)
+
+    def load_both():
+        fresh = load_index(index_dir)
+        return fresh, encoder_for(fresh, model, device)
+
+    return read_while_unchanged(index_dir, load_both)
 
 
 def encoder_for(stored, model: str | None = None, device: str | None = None):

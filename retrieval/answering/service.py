@@ -166,7 +166,7 @@ class GalleryService:
         from index.store import load_index, read_manifest, real_path
 
         from .encoder import check_index_model
-        from .query import _device, encoder_for
+        from .query import _device, _with_encoder
 
         self.index_dir = real_path(index_dir)
         self._model_path = model
@@ -174,8 +174,9 @@ class GalleryService:
             raise UserError(f"index {self.index_dir} keeps its gallery in Milvus: serve.py serves "
                             "FAISS index folders for now; query it with query.py, or build a FAISS "
                             "index for the server")
-        snapshot = _Snapshot(load_index(self.index_dir), self._stamp())
-        self.encoder = encoder_for(snapshot.stored, model, device)
+        stamp = self._stamp()  # taken first: a change meanwhile only makes the next request re-read
+        stored, self.encoder = _with_encoder(load_index(self.index_dir), self.index_dir, model, device)
+        snapshot = _Snapshot(stored, stamp)
         check_index_model(snapshot.stored.manifest, self.index_dir, self.encoder.fingerprint,
                           "pass --model with the checkpoint the index was built from")
         self.device = _device(device)
@@ -207,7 +208,15 @@ class GalleryService:
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
         vector, maps = self.embed(decode_upload(data, name))
-        snapshot = self.current()
+        from index.store import read_while_unchanged
+
+        # the snapshot reads its vectors on first use: an append committed meanwhile (this
+        # process or another) may have deleted them, and the answer then comes from the new one
+        return read_while_unchanged(self.index_dir,
+                                    lambda: self._answer(self.current(), vector, maps, k))
+
+    def _answer(self, snapshot: _Snapshot, vector: np.ndarray, maps: np.ndarray | None,
+                k: int) -> Answer:
         k = min(k, len(snapshot.rows_of) + 1)
         ranking = snapshot.stored.search(vector, k, maps)
         in_gallery = snapshot.stored.to_gallery_space(vector)
