@@ -291,3 +291,22 @@ def test_l2_sp_is_a_config_field_with_a_flag_and_refuses_a_negative_strength():
     assert TrainConfig().l2_sp == 0.0
     with pytest.raises(UserError, match="l2_sp"):
         TrainConfig(l2_sp=-1.0)
+
+
+def test_a_step_the_grad_scaler_skips_is_not_followed_by_the_pull():
+    """GradScaler skips an optimiser step on inf gradients and lowers its scale; the L2-SP pull
+    that follows each step must see that (``recipe.scaler_stepped``), on CPU's scaler too."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    stepped = []
+    for gradient in (torch.full((3,), float("inf")), torch.ones(3)):
+        before, scale = weight.detach().clone(), scaler.get_scale()
+        optimizer.zero_grad()
+        scaler.scale((weight * gradient).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        stepped.append(recipe.scaler_stepped(scaler, scale))
+        assert stepped[-1] == (not torch.equal(weight.detach(), before))  # agrees with the weights
+    assert stepped == [False, True]
+    assert recipe.scaler_stepped(torch.amp.GradScaler("cpu", enabled=False), 1.0)

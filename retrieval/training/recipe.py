@@ -142,6 +142,13 @@ class StartingPointPull:
                 p.sub_(p - self.start[id(p)], alpha=rate)
 
 
+def scaler_stepped(scaler: torch.amp.GradScaler, scale_before: float) -> bool:
+    """Whether the optimiser step just taken through ``scaler`` happened: on inf/NaN gradients
+    GradScaler skips it and lowers its scale. What follows a step (the L2-SP pull) must skip
+    with it. A disabled scaler (CPU) always steps."""
+    return not scaler.is_enabled() or scaler.get_scale() >= scale_before
+
+
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, recipe: Recipe) -> float:
     """Multiplier of every group's rate at ``step``: 1 while the backbone is frozen, then cosine
     decay to ``FINAL_LR_FRACTION`` over the remaining steps (or 1 throughout: constant)."""

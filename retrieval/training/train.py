@@ -204,9 +204,10 @@ class Trainer:
                 loss = module(images, labels)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            scale = self.scaler.get_scale() if self.pull is not None else 1.0
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.pull is not None:
+            if self.pull is not None and recipe.scaler_stepped(self.scaler, scale):
                 self.pull.step()  # at this step's rate, before the scheduler moves it
             self.scheduler.step()
             if self.ema is not None:
