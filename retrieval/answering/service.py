@@ -4,7 +4,9 @@
 and tested on its own. It is safe to call from many threads at once:
 
 * **queries** read an immutable snapshot of the index (swapped in by one reference assignment), so
-  they keep being answered while a photo is appended;
+  they keep being answered while a photo is appended; a snapshot reads its vectors on first use,
+  and should an append have deleted them by then, the query is answered again from the new
+  snapshot (``index.store.read_while_unchanged``);
 * **edits** (append a photo, remove an identity) are read-modify-write under a thread lock and the
   index folder's writer lock (``index.store.writer_lock``, which also serialises other processes
   such as ``build_index.py --append``). They read the index from disk, not from memory, so nothing
